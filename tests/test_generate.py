@@ -1,0 +1,108 @@
+"""Generator behaviour on tiny random models: cached decode vs uncached forward, batch rows, compile once, buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zmzoo
+from tests.conftest import TINY
+
+SMALL = {**TINY, "max_position_embeddings": 256}
+
+
+def tiny_gen(method=None, compile=False, max_batch_size=1, max_seq_len=96, name="llama2-7b", **kw):
+    return zmzoo.load(name, weights="random", args_overrides=SMALL, device="cpu", dtype=torch.float32,
+                      compile=compile, max_batch_size=max_batch_size, max_seq_len=max_seq_len, method=method, **kw)
+
+
+@pytest.mark.parametrize("name", ["llama2-7b", "qwen3-0.6b", "qwen2.5-0.5b"])
+def test_cached_decode_equals_uncached_forward(name):
+    gen = tiny_gen(name=name)
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = gen.model.prefill(ids, row=0, all_logits=True)[0]  # uncached: one causal pass over everything
+    got = gen.score(ids[0, :7].tolist(), ids[0, 7:].tolist())
+    torch.testing.assert_close(got, full[6:29], rtol=1e-4, atol=1e-5)
+
+
+def test_batch_rows_match_single_runs():
+    prompts = [[5, 9, 11, 3, 7, 1, 2], [8, 8, 1], list(range(20, 45))]
+    single = tiny_gen()
+    want = [single.generate(p, max_new_tokens=12, return_ids=True) for p in prompts]
+    want_scores = [single.score(p, [4, 5, 6]) for p in prompts]
+    batched = tiny_gen(max_batch_size=4)
+    got = batched.generate(prompts, max_new_tokens=12, return_ids=True)
+    assert got == want
+    # logits of a row inside a batch equal its single run (fp32 tolerance)
+    ids = [batched.encode_prompt(p) for p in prompts]
+    batched._check_lengths(ids, 3)
+    with torch.inference_mode():
+        first = batched._prefill(ids, 0.0, None, None, None)
+        logits = batched.decode_step(first, batched.pos)
+    for r, p in enumerate(prompts):
+        single.generate(p, max_new_tokens=1, return_ids=True)
+        with torch.inference_mode():
+            tok = torch.tensor([first[r].item()])
+            one = single.decode_step(tok, single.pos)
+        torch.testing.assert_close(logits[r], one[0], rtol=1e-5, atol=1e-5)
+    assert all(s.shape == (3, 128) for s in want_scores)
+
+
+@pytest.mark.parametrize("method", ["full", "zeromerge"])
+def test_compiled_decode_compiles_once(method):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    kw = {"kv_budget": 16} if method == "zeromerge" else {}
+    gen = tiny_gen(method=method, compile=counter, max_batch_size=2, **kw)
+    ptrs = {n: b.data_ptr() for n, b in gen.model.named_buffers()}
+    out = gen.generate([[1, 2, 3], list(range(10, 30))], max_new_tokens=40, return_ids=True)
+    assert len(out[0]) == 40 and len(out[1]) == 40
+    gen.score(list(range(3, 25)), list(range(40, 50)))
+    assert counter.frame_count == 1, f"decode compiled {counter.frame_count} times"
+    assert {n: b.data_ptr() for n, b in gen.model.named_buffers()} == ptrs
+
+
+def test_compiled_equals_eager():
+    torch._dynamo.reset()
+    eager = tiny_gen(method="zeromerge", kv_budget=12)
+    comp = tiny_gen(method="zeromerge", kv_budget=12, compile="aot_eager")
+    p, c = list(range(3, 20)), list(range(30, 66))
+    torch.testing.assert_close(comp.score(p, c), eager.score(p, c), rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_too_long_is_refused():
+    gen = tiny_gen(max_seq_len=32)
+    with pytest.raises(ValueError, match="max_seq_len 32"):
+        gen.generate(list(range(30)), max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.generate([1, 2], max_new_tokens=0)
+    with pytest.raises(ValueError, match="token #1"):
+        gen.generate([1, 100000], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        gen.generate([[1], [2]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        gen.generate("hello")
+
+
+def test_sampling_seeded_and_filtered():
+    gen = tiny_gen()
+    a = gen.generate([1, 2, 3], max_new_tokens=8, temperature=1.0, seed=3, return_ids=True)
+    b = gen.generate([1, 2, 3], max_new_tokens=8, temperature=1.0, seed=3, return_ids=True)
+    assert a == b
+    # top_k=1 is greedy
+    g = gen.generate([1, 2, 3], max_new_tokens=8, return_ids=True)
+    assert gen.generate([1, 2, 3], max_new_tokens=8, temperature=0.7, top_k=1, seed=0, return_ids=True) == g
+    assert gen.generate([1, 2, 3], max_new_tokens=8, temperature=0.7, top_p=1e-6, seed=0, return_ids=True) == g
+
+
+def test_max_seq_len_beyond_context_warns():
+    with pytest.warns(UserWarning, match="context window"):
+        tiny_gen(max_seq_len=300)
+
+
+def test_unknown_name_lists_known():
+    with pytest.raises(KeyError, match="llama2-7b"):
+        zmzoo.load("llama9-7b", weights="random")

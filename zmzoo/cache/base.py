@@ -1,0 +1,83 @@
+"""The cache protocol: one ``nn.Module`` per layer that owns attention.
+
+The model hands each layer's cache q, k, v after RoPE and gets the attention output back:
+
+- ``prefill(q, k, v, row)``: q (1, H, T, D), k/v (1, Hkv, T, D) of one prompt at positions 0..T-1, stored into batch
+  row ``row``; returns the causal attention output (1, H, T, D). Runs eagerly, once per prompt.
+- ``decode(q, k, v, pos)``: q (B, H, 1, D), k/v (B, Hkv, 1, D) of one new token per row at absolute positions
+  ``pos`` (B,) (= tokens the row has seen before it); returns (B, H, 1, D). Static shapes, no host syncs, no Python
+  branches on tensor values: ``torch.compile(fullgraph=True)`` and CUDA graphs capture it once.
+
+Buffers are allocated once in ``__init__`` (``persistent=False``) and only ever written in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None = None) -> Tensor:
+    """Causal (optionally sliding-window) attention of a prompt: q (1, H, T, D), k/v (1, Hkv, T, D)."""
+    t = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if sliding_window is None or t <= sliding_window:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    i = torch.arange(t, device=q.device)
+    mask = (i.view(-1, 1) >= i.view(1, -1)) & (i.view(-1, 1) - i.view(1, -1) < sliding_window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class KVCache(nn.Module):
+    """Base class; subclasses set ``method`` and implement ``prefill`` and ``decode``."""
+
+    method = "base"
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        sliding_window: int | None = None,
+        backend: str = "torch",
+    ):
+        super().__init__()
+        self.batch_size = batch_size
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.dtype = dtype
+        self.sliding_window = sliding_window
+        self.backend = backend
+        self.sm_scale = 1.0 / math.sqrt(head_dim)
+
+    def _check_prefill(self, q: Tensor, k: Tensor, row: int) -> int:
+        if not 0 <= row < self.batch_size:
+            raise IndexError(f"{self.method} cache: batch row {row} outside 0..{self.batch_size - 1}")
+        t = k.shape[2]
+        if t > self.max_seq_len:
+            raise ValueError(f"{self.method} cache: prompt of {t} tokens exceeds max_seq_len {self.max_seq_len}")
+        return t
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        for buf in self.buffers():
+            buf.zero_()
+
+    def nbytes(self) -> int:
+        """Bytes held by this cache's buffers."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())

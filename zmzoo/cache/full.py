@@ -1,0 +1,40 @@
+"""The full static KV cache: every token of every row, slot index = absolute position."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from zmzoo.cache.base import KVCache, causal_attention
+from zmzoo.ops.decode_attention import decode_attention
+
+
+class FullCache(KVCache):
+    method = "full"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        shape = (self.batch_size, self.n_kv_heads, self.max_seq_len, self.head_dim)
+        dev = kw["device"]
+        self.register_buffer("k", torch.zeros(shape, dtype=self.dtype, device=dev), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=self.dtype, device=dev), persistent=False)
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
+        t = self._check_prefill(q, k, row)
+        self.k[row, :, :t] = k[0]
+        self.v[row, :, :t] = v[0]
+        return causal_attention(q, k, v, self.sliding_window)
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        bsz = q.shape[0]
+        index = pos.view(bsz, 1, 1, 1).expand(bsz, self.n_kv_heads, 1, self.head_dim)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        end = pos + 1
+        if self.sliding_window is not None:
+            start = (end - self.sliding_window).clamp(min=0)
+        else:
+            start = torch.zeros_like(pos)
+        out, _ = decode_attention(q[:, :, 0], self.k, self.v, start, end, sm_scale=self.sm_scale,
+                                  backend=self.backend)
+        return out.unsqueeze(2)

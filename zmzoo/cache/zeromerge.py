@@ -1,0 +1,169 @@
+"""ZeroMerge (arXiv 2503.10714): a fixed budget of slots per layer, row and KV head, merging instead of evicting.
+
+Slot layout per (row, KV head): ``[dense D | top | ring R = tail - 1]``. Every slot holds a key, a value, a weight
+``w`` (tokens it stands for) and a score ``s`` (decayed attention it received). ../shared/ZEROMERGE.md states the
+method; this module follows it step by step:
+
+- prefill: full causal attention for the outputs; scores = decayed column sums over the last W queries
+  (``ops.prefill_scores``); if the prompt exceeds the budget, ``[dense chunks | top-scored | last tail]`` are kept.
+- decode: compensated attention over the kept slots plus the new token with scores folded in
+  (``ops.decode_attention``), then the insert (``ops.slot_insert``: append, or ring + demote + merge).
+
+The eviction baselines (``zmzoo.cache.eviction``) reuse this frame with another ``policy``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from zmzoo.cache.base import KVCache, causal_attention
+from zmzoo.ops.decode_attention import decode_attention
+from zmzoo.ops.prefill_scores import decay_window, pool_scores, prefill_scores
+from zmzoo.ops.slot_insert import slot_insert
+
+
+def chunk_ids(n: int, n_chunks: int, device) -> Tensor:
+    """Chunk index of each of ``n`` ordered items cut into ``n_chunks`` consecutive chunks as equal as possible,
+    the first ``n % n_chunks`` one longer."""
+    q, r = divmod(n, n_chunks)
+    m = torch.arange(n, device=device)
+    long_span = r * (q + 1)
+    return torch.where(m < long_span, m // (q + 1), r + (m - long_span) // max(q, 1))
+
+
+class ZeroMergeCache(KVCache):
+    """Fixed-budget slot cache. ``policy``: "merge" (ZeroMerge), "evict" (H2O), "ring" (StreamingLLM, SnapKV)."""
+
+    method = "zeromerge"
+    policy = "merge"
+    compensate = True  # add logw_scale * log(w) to the logits
+    decode_scores = True  # fold decode attention into the scores
+
+    def __init__(
+        self,
+        *,
+        budget: int,
+        tail: int,
+        dense: int,
+        decay: float = 0.98,
+        logw_scale: float = 1.0,
+        metric: str = "dot",
+        score_merge: str = "max",
+        score_window: int | None = None,
+        score_pool: int | None = None,
+        **kw,
+    ):
+        super().__init__(**kw)
+        self.budget, self.tail, self.dense = budget, tail, dense
+        self.ring = self._ring_size()
+        self.decay, self.logw_scale = decay, logw_scale
+        self.metric, self.score_merge = metric, score_merge
+        self.score_window, self.score_pool = score_window, score_pool
+        dev = kw["device"]
+        shape = (self.batch_size, self.n_kv_heads, budget)
+        self.register_buffer("k", torch.zeros(shape + (self.head_dim,), dtype=self.dtype, device=dev),
+                             persistent=False)
+        self.register_buffer("v", torch.zeros(shape + (self.head_dim,), dtype=self.dtype, device=dev),
+                             persistent=False)
+        self.register_buffer("w", torch.zeros(shape, dtype=torch.float32, device=dev), persistent=False)
+        self.register_buffer("s", torch.zeros(shape, dtype=torch.float32, device=dev), persistent=False)
+        # max(prompt length, budget): the ring pointer of row b is (pos - base[b]) mod ring once full
+        self.register_buffer("base", torch.full((self.batch_size,), budget, dtype=torch.int64, device=dev),
+                             persistent=False)
+
+    def _ring_size(self) -> int:
+        return self.tail - 1
+
+    # ---------------------------------------------------------------- prefill
+    def prompt_scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """(Hkv, T) fp32 scores of the prompt's tokens from q (1, H, T, D), k (1, Hkv, T, D)."""
+        t = k.shape[2]
+        if self.score_window:
+            w = min(t, self.score_window)
+            sc = prefill_scores(q[0, :, t - w :], k[0], decay=1.0, sm_scale=self.sm_scale, backend=self.backend)
+            return pool_scores(sc, self.score_pool)
+        w = decay_window(self.decay, t)
+        sc = prefill_scores(q[0, :, t - w :], k[0], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
+        return pool_scores(sc, self.score_pool)
+
+    def select(self, k: Tensor, v: Tensor, scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Compress a prompt longer than the budget: k, v (Hkv, T, D), scores (Hkv, T) ->
+        k, v (Hkv, B, D), w, s (Hkv, B) laid out ``[dense chunks | top (ascending position) | last tail]``."""
+        n_kv, t, d = k.shape
+        b, tail, dense = self.budget, self.tail, (self.dense if self.policy == "merge" else 0)
+        n_top = b - dense - tail
+        head = scores[:, : t - tail]
+        top = torch.topk(head, n_top, dim=-1).indices.sort(dim=-1).values  # (Hkv, n_top)
+        tail_idx = torch.arange(t - tail, t, device=k.device).expand(n_kv, tail)
+        keep = torch.cat([top, tail_idx], dim=-1)  # (Hkv, B - dense)
+        kk = k.gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
+        vv = v.gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
+        ww = torch.ones(n_kv, b - dense, dtype=torch.float32, device=k.device)
+        ss = scores.gather(1, keep)
+        if dense == 0:
+            return kk, vv, ww, ss
+        # the remaining tokens, in sequence order, cut into `dense` consecutive chunks -> one dense slot each
+        kept = torch.zeros(n_kv, t, dtype=torch.bool, device=k.device)
+        kept.scatter_(1, keep, True)
+        n_rest = t - (b - dense)
+        rest = torch.argsort(kept.to(torch.int8), dim=-1, stable=True)[:, :n_rest]  # unkept positions, ascending
+        cid = chunk_ids(n_rest, dense, k.device).expand(n_kv, n_rest)
+        cnt = torch.zeros(n_kv, dense, dtype=torch.float32, device=k.device).scatter_add_(
+            1, cid, torch.ones(n_kv, n_rest, device=k.device))
+        kd = torch.zeros(n_kv, dense, d, dtype=torch.float32, device=k.device).scatter_add_(
+            1, cid.unsqueeze(-1).expand(-1, -1, d), k.gather(1, rest.unsqueeze(-1).expand(-1, -1, d)).float())
+        vd = torch.zeros(n_kv, dense, d, dtype=torch.float32, device=k.device).scatter_add_(
+            1, cid.unsqueeze(-1).expand(-1, -1, d), v.gather(1, rest.unsqueeze(-1).expand(-1, -1, d)).float())
+        rest_s = scores.gather(1, rest)
+        if self.score_merge == "max":
+            sd = torch.full((n_kv, dense), float("-inf"), device=k.device).scatter_reduce(
+                1, cid, rest_s, reduce="amax", include_self=True)
+        else:
+            sd = torch.zeros(n_kv, dense, device=k.device).scatter_add_(1, cid, rest_s)
+        kd = (kd / cnt.unsqueeze(-1)).to(k.dtype)
+        vd = (vd / cnt.unsqueeze(-1)).to(v.dtype)
+        return (torch.cat([kd, kk], 1), torch.cat([vd, vv], 1), torch.cat([cnt, ww], 1), torch.cat([sd, ss], 1))
+
+    def _needs_prompt_scores(self, t: int) -> bool:
+        return self.decode_scores or t > self.budget
+
+    @torch.no_grad()
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
+        t = self._check_prefill(q, k, row)
+        out = causal_attention(q, k, v, self.sliding_window)
+        scores = self.prompt_scores(q, k) if self._needs_prompt_scores(t) else None
+        self.w[row].zero_()
+        self.s[row].zero_()
+        if t <= self.budget:
+            self.k[row, :, :t] = k[0]
+            self.v[row, :, :t] = v[0]
+            self.w[row, :, :t] = 1.0
+            if scores is not None:
+                self.s[row, :, :t] = scores
+        else:
+            kc, vc, wc, sc = self.select(k[0], v[0], scores)
+            self.k[row].copy_(kc)
+            self.v[row].copy_(vc)
+            self.w[row].copy_(wc)
+            self.s[row].copy_(sc)
+        self.base[row] = max(t, self.budget)
+        return out
+
+    # ---------------------------------------------------------------- decode
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        end = pos.clamp(max=self.budget)
+        start = torch.zeros_like(pos)
+        k_new, v_new = k[:, :, 0], v[:, :, 0]
+        out, s_new = decode_attention(
+            q[:, :, 0], self.k, self.v, start, end, k_new, v_new,
+            w=self.w if self.compensate else None,
+            scores=self.s if self.decode_scores else None,
+            logw_scale=self.logw_scale, decay=self.decay, sm_scale=self.sm_scale, backend=self.backend,
+        )
+        slot_insert(
+            self.k, self.v, self.w, self.s, k_new, v_new, s_new, pos, self.base,
+            dense=self.dense, ring=self.ring, policy=self.policy, metric=self.metric,
+            score_merge=self.score_merge, backend=self.backend,
+        )
+        return out.unsqueeze(2)

@@ -1,0 +1,219 @@
+"""The one decoder-only transformer (LLaMA-2, Mistral, Qwen2/2.5, Qwen3, SmolLM2).
+
+The model computes q, k, v and RoPE and hands them to its layer's KV cache, which owns attention (see
+``zmzoo/cache/base.py``). It never knows which cache it has. Two entry points:
+
+- ``prefill(tokens, row)``: one prompt (batch 1) written into batch row ``row`` of every cache;
+- ``decode(tokens, pos)``: one new token for every batch row at absolute positions ``pos`` (a device tensor);
+  static shapes, no host syncs, so ``torch.compile(fullgraph=True)`` and CUDA graphs capture it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zmzoo.models.config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # statistics in fp32, scale in the input dtype (as HF LlamaRMSNorm)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> tuple[Tensor, float]:
+    """Inverse frequencies (fp32) and the cos/sin attention factor, with ``rope_scaling`` applied."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = args.rope_scaling
+    if not rs:
+        return inv_freq, 1.0
+    rtype = rs.get("rope_type", rs.get("type"))
+    if rtype == "linear":
+        return inv_freq / float(rs["factor"]), 1.0
+    if rtype == "llama3":
+        factor, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old_ctx = float(rs["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if rtype == "yarn":
+        factor = float(rs["factor"])
+        old_ctx = float(rs.get("original_max_position_embeddings") or args.max_position_embeddings)
+        beta_fast, beta_slow = float(rs.get("beta_fast") or 32), float(rs.get("beta_slow") or 1)
+        attn_factor = rs.get("attention_factor")
+        if attn_factor is None:
+            attn_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+        def corr_dim(n_rot):
+            return (d * math.log(old_ctx / (n_rot * 2 * math.pi))) / (2 * math.log(args.rope_theta))
+
+        low = max(math.floor(corr_dim(beta_fast)), 0)
+        high = min(math.ceil(corr_dim(beta_slow)), d - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrap = 1 - ramp
+        inv = (inv_freq / factor) * (1 - extrap) + inv_freq * extrap
+        return inv, float(attn_factor)
+    raise ValueError(f"rope_scaling type {rtype!r} of model {args.name!r} is not supported (linear, llama3, yarn)")
+
+
+def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim) in fp32, HF ``rotate_half`` layout."""
+    inv_freq, attn_factor = rope_inv_freq(args)
+    t = torch.arange(max_seq_len, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)  # (S, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, d)
+    return emb.cos() * attn_factor, emb.sin() * attn_factor
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, h, T, d); cos/sin: (B, 1, T, d) fp32. Rotation in fp32, result in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rot = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rot * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        hd = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * hd, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(hd, args.norm_eps)
+            self.k_norm = RMSNorm(hd, args.norm_eps)
+        self.kv_cache = None  # a zmzoo.cache.KVCache, set by Transformer.setup_caches
+
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        bsz, t, _ = x.shape
+        hd = self.args.head_dim
+        q = self.wq(x).view(bsz, t, self.args.n_heads, hd)
+        k = self.wk(x).view(bsz, t, self.args.n_kv_heads, hd)
+        v = self.wv(x).view(bsz, t, self.args.n_kv_heads, hd)
+        if self.args.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int) -> Tensor:
+        q, k, v = self._qkv(x, cos, sin)
+        y = self.kv_cache.prefill(q, k, v, row)  # (1, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
+        q, k, v = self._qkv(x, cos, sin)
+        y = self.kv_cache.decode(q, k, v, pos)  # (B, H, 1, hd)
+        return self.wo(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def _mlp(self, h: Tensor) -> Tensor:
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int) -> Tensor:
+        return self._mlp(x + self.attention.prefill(self.attention_norm(x), cos, sin, row))
+
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
+        return self._mlp(x + self.attention.decode(self.attention_norm(x), cos, sin, pos))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_seq_len = 0
+
+    def tie_weights(self) -> None:
+        """Re-tie the output projection to the embedding (after ``load_state_dict(assign=True)``)."""
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def setup_caches(self, caches: list[nn.Module], max_seq_len: int) -> None:
+        """Attach one cache module per layer and build RoPE tables for positions < max_seq_len."""
+        if len(caches) != len(self.layers):
+            raise ValueError(f"setup_caches: got {len(caches)} caches for {len(self.layers)} layers")
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.kv_cache = cache
+        device = self.tok_embeddings.weight.device
+        cos, sin = rope_tables(self.args, max_seq_len)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    @property
+    def caches(self) -> list[nn.Module]:
+        return [layer.attention.kv_cache for layer in self.layers]
+
+    def prefill(self, tokens: Tensor, row: int = 0, all_logits: bool = False) -> Tensor:
+        """Run a prompt ``tokens`` (1, T) at positions 0..T-1 into batch row ``row`` of the caches.
+
+        Returns the logits (1, V) of the last position, or (1, T, V) with ``all_logits``.
+        """
+        if tokens.dim() != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"prefill takes one prompt of shape (1, T), got {tuple(tokens.shape)}")
+        t = tokens.shape[1]
+        if t > self.max_seq_len:
+            raise ValueError(f"prompt of {t} tokens exceeds max_seq_len {self.max_seq_len}")
+        cos = self.rope_cos[:t].view(1, 1, t, -1)
+        sin = self.rope_sin[:t].view(1, 1, t, -1)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer.prefill(x, cos, sin, row)
+        x = x if all_logits else x[:, -1:]
+        logits = self.output(self.norm(x))
+        return logits if all_logits else logits[:, 0]
+
+    def decode(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        """One token per batch row: tokens (B,) at absolute positions pos (B,) -> logits (B, V)."""
+        bsz = tokens.shape[0]
+        cos = self.rope_cos[pos].view(bsz, 1, 1, -1)
+        sin = self.rope_sin[pos].view(bsz, 1, 1, -1)
+        x = self.tok_embeddings(tokens.view(bsz, 1))
+        for layer in self.layers:
+            x = layer.decode(x, cos, sin, pos)
+        return self.output(self.norm(x))[:, 0]
