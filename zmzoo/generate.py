@@ -159,8 +159,9 @@ class Generator:
 
     @torch.inference_mode()
     def _token_iter(self, ids: list[list[int]], max_new_tokens: int, temperature: float, top_k, top_p, seed,
-                    sync_every: int) -> Iterator[Tensor]:
-        """Yields blocks of new tokens (B, n) on the host; stops early once every row hit a stop token."""
+                    sync_every: int, stop: list[str] | None = None) -> Iterator[Tensor]:
+        """Yields blocks of new tokens (B, n) on the host every ``sync_every`` steps (the only host syncs); stops
+        early once every row has hit an eos token or a stop string."""
         generator = None
         if temperature > 0 and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -173,8 +174,7 @@ class Generator:
             torch.cuda.synchronize(self.device)
         stats.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        stop = self._stop_ids()
-        done = [False] * len(ids)
+        rows: list[list[int]] = [[] for _ in ids]
         n_out = 1
         for step in range(1, max_new_tokens + 1):
             if len(block) >= sync_every or step == max_new_tokens:
@@ -184,8 +184,8 @@ class Generator:
                 stats.new_tokens = [n_out] * len(ids)
                 yield host
                 for r in range(len(ids)):
-                    done[r] = done[r] or any(int(t) in stop for t in host[r])
-                if all(done) or step == max_new_tokens:
+                    rows[r].extend(host[r].tolist())
+                if step == max_new_tokens or all(self._finish(seq, stop)[2] for seq in rows):
                     return
             logits = self.decode_step(cur, self.pos)
             self.pos += 1
@@ -232,14 +232,12 @@ class Generator:
         ids = [self.encode_prompt(p, chat) for p in batch]
         self._check_lengths(ids, max_new_tokens)
         rows: list[list[int]] = [[] for _ in ids]
-        for host in self._token_iter(ids, max_new_tokens, temperature, top_k, top_p, seed, sync_every=16):
+        for host in self._token_iter(ids, max_new_tokens, temperature, top_k, top_p, seed, sync_every=16, stop=stop):
             for r in range(len(ids)):
                 rows[r].extend(host[r].tolist())
-                # stop strings are checked once per block: end early when every row is finished
         results = []
-        for r, seq in enumerate(rows):
-            seq = seq[:max_new_tokens]
-            cut, text, _ = self._finish(seq, stop)
+        for seq in rows:
+            cut, text, _ = self._finish(seq[:max_new_tokens], stop)
             results.append(cut if return_ids else text)
         return results if is_batch else results[0]
 
@@ -253,7 +251,7 @@ class Generator:
         tok = self._need_tokenizer("text streaming")
         seq: list[int] = []
         emitted = ""
-        for host in self._token_iter(ids, max_new_tokens, temperature, top_k, top_p, seed, sync_every=1):
+        for host in self._token_iter(ids, max_new_tokens, temperature, top_k, top_p, seed, sync_every=1, stop=stop):
             seq.extend(host[0].tolist())
             cut, text, stopped = self._finish(seq, stop)
             # hold back an incomplete UTF-8 piece and anything that may be the start of a stop string

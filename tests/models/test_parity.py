@@ -9,7 +9,7 @@ import zmzoo
 
 pytest.importorskip("transformers")
 
-from tests.conftest import hf_model  # noqa: E402
+from tests.conftest import hf_model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

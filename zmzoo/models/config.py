@@ -85,7 +85,8 @@ class ModelArgs:
             raise ValueError(
                 f"config.json of {name!r} has model_type {mt!r}; zmzoo supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in config]
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [k for k in required if k not in config]
         if missing:
             raise ValueError(f"config.json of {name!r} lacks {', '.join(missing)}")
         sliding = config.get("sliding_window")

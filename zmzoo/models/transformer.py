@@ -149,8 +149,12 @@ class TransformerBlock(nn.Module):
     def _mlp(self, h: Tensor) -> Tensor:
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int) -> Tensor:
-        return self._mlp(x + self.attention.prefill(self.attention_norm(x), cos, sin, row))
+    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, mlp_chunk: int = 8192) -> Tensor:
+        h = x + self.attention.prefill(self.attention_norm(x), cos, sin, row)
+        if h.shape[1] <= mlp_chunk:
+            return self._mlp(h)
+        # long prompts: the MLP's (T, intermediate) activations in chunks bound prefill's peak memory
+        return torch.cat([self._mlp(c) for c in h.split(mlp_chunk, dim=1)], dim=1)
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
         return self._mlp(x + self.attention.decode(self.attention_norm(x), cos, sin, pos))

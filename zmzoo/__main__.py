@@ -1,0 +1,5 @@
+import sys
+
+from zmzoo.cli import main
+
+sys.exit(main())
