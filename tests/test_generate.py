@@ -106,3 +106,12 @@ def test_max_seq_len_beyond_context_warns():
 def test_unknown_name_lists_known():
     with pytest.raises(KeyError, match="llama2-7b"):
         zmzoo.load("llama9-7b", weights="random")
+
+
+def test_inductor_compiled_decode_matches_eager():
+    """The default compile path (inductor on CPU) gives the eager logits, ZeroMerge cache, past the budget."""
+    torch._dynamo.reset()
+    comp = tiny_gen(method="zeromerge", kv_budget=12, compile=True)
+    eager = tiny_gen(method="zeromerge", kv_budget=12)
+    p, c = list(range(3, 20)), list(range(30, 70))
+    torch.testing.assert_close(comp.score(p, c), eager.score(p, c), rtol=1e-4, atol=1e-4)
