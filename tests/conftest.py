@@ -12,6 +12,10 @@ import torch
 from zmzoo.models.config import ModelArgs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without CUDA the Triton kernels (tests/ops) run in Triton's interpreter. Triton reads this when it is first imported
+# (zmzoo.ops imports it, so any test module importing zmzoo.cache does), so it is set here, before collection.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY = {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 96, "vocab_size": 128}

@@ -1,0 +1,144 @@
+"""Triton decode attention against ``decode_attention_ref`` (Triton's interpreter on CPU, see conftest.py).
+
+Whole tensors are compared: ``out``, ``new_score`` and the in-place ``scores``. In fp32 the kernel must match the
+reference to rounding; in bf16/fp16 its error against the fp32 reference of the same inputs must be at most twice the
+error of the reference run on the low-precision inputs (flash-attn's criterion).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zmzoo.ops.decode_attention import _decode_attention_launch, decode_attention, decode_attention_ref
+
+LOW = (torch.bfloat16, torch.float16)
+
+
+def make_inputs(bsz, n_heads, n_kv, s_len, d, dtype, *, seed=0, w=True, scores=True, new=True, rows=None):
+    """Random, non-contiguous inputs: K/V are (B, S, Hkv, D) buffers seen as (B, Hkv, S, D), q, k_new, v_new, w,
+    scores and start/end are slices of larger buffers. ``rows``: (start, end) per row."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    q = randn(bsz, n_heads, d + 8)[..., 3 : 3 + d]
+    k = randn(bsz, s_len, n_kv, d).transpose(1, 2)
+    v = randn(bsz, s_len, n_kv, d).transpose(1, 2)
+    if rows is None:
+        rows = [(0, s_len), (min(3, s_len - 1), max(1, s_len - 2))][:bsz]
+    se = torch.tensor([x for r in rows for x in (r[0], -1, r[1], -1)], dtype=torch.int64)
+    start, end = se[0::4], se[2::4]  # stride-4 views
+    inp = dict(q=q, k=k, v=v, start=start, end=end, k_new=None, v_new=None, w=None, scores=None)
+    if new:
+        inp["k_new"] = randn(bsz, 1, n_kv, d)[:, 0]
+        inp["v_new"] = randn(bsz, n_kv, 2, d)[:, :, 1]
+    if w:
+        inp["w"] = (torch.rand(bsz, n_kv, s_len + 3, generator=gen) * 4 + 0.25)[..., 2 : 2 + s_len]
+    if scores:
+        inp["scores"] = torch.rand(bsz, n_kv, s_len + 1, generator=gen)[..., 1:]
+    return inp
+
+
+def clone(inp, dtype=None):
+    out = {}
+    for key, t in inp.items():
+        if t is None or key in ("start", "end", "w", "scores"):
+            out[key] = t.clone() if t is not None else None
+        else:
+            out[key] = t.to(dtype) if dtype is not None else t.clone()
+    return out
+
+
+def run(fn, inp, **kw):
+    out, new_score = fn(**inp, **kw)
+    return out, new_score, inp["scores"]
+
+
+def check(inp, *, backend_kw=None, **kw):
+    """Run the kernel and the reference on copies of ``inp`` and compare out, new_score and scores."""
+    dtype = inp["q"].dtype
+    got = run(lambda **a: decode_attention(**a, backend="triton", **kw) if backend_kw is None
+              else _decode_attention_launch(**a, **backend_kw, **kw), clone(inp))
+    want = run(lambda **a: decode_attention_ref(**a, **kw), clone(inp))
+    assert got[0].dtype == dtype and got[0].shape == inp["q"].shape
+    if dtype in LOW:
+        exact = run(lambda **a: decode_attention_ref(**a, **kw), clone(inp, torch.float32))
+        err_ref = (want[0].float() - exact[0]).abs().max().item()
+        err = (got[0].float() - exact[0]).abs().max().item()
+        assert err <= 2 * err_ref + 1e-6, f"kernel error {err} > 2 x reference error {err_ref}"
+    else:
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for g, r in zip(got[1:], want[1:]):
+        if r is None:
+            assert g is None or g.numel() == 0
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+# (slots, head_dim, group, kv heads): odd slot counts, both head dims, GQA groups 1, 3, 4, 8
+SHAPES = [(1, 64, 1, 2), (7, 128, 3, 1), (129, 64, 4, 2), (2049, 128, 8, 1), (2049, 64, 1, 2), (129, 128, 1, 1),
+          (7, 64, 8, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("s_len,d,group,n_kv", SHAPES)
+def test_compressed_cache_call(s_len, d, group, n_kv, dtype):
+    """The ZeroMerge call: w, scores and the new token, two rows with different valid ranges."""
+    inp = make_inputs(2, group * n_kv, n_kv, s_len, d, dtype, seed=s_len + d + group)
+    check(inp, logw_scale=0.6, decay=0.98)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w,scores,new", [(False, True, True), (True, False, True), (True, True, False),
+                                          (False, False, True), (False, False, False)])
+def test_optional_inputs(w, scores, new, dtype):
+    """w=None (no compensation), scores=None, k_new=None; all three None is the full cache's call."""
+    inp = make_inputs(3, 8, 2, 300, 64, dtype, w=w, scores=scores, new=new, seed=7,
+                      rows=[(0, 300), (40, 257), (5, 6)])
+    check(inp, decay=0.9, sm_scale=0.2)
+
+
+def test_empty_rows_attend_to_the_new_token_only():
+    """A row with no valid slot (start == end) gives the new token all the mass; its scores stay untouched."""
+    inp = make_inputs(3, 4, 2, 65, 64, torch.float32, rows=[(0, 0), (10, 10), (0, 65)], seed=3)
+    check(inp, decay=0.5)
+    out, new_score = decode_attention(**clone(inp), backend="triton")
+    torch.testing.assert_close(out[:2], inp["v_new"][:2].repeat_interleave(2, dim=1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(new_score[:2], torch.full((2, 2), 2.0), rtol=0, atol=1e-6)
+
+
+def test_range_past_the_cache_end_is_clamped():
+    inp = make_inputs(2, 6, 3, 70, 64, torch.float32, rows=[(0, 1000), (69, 500)], seed=4)
+    check(inp, decay=0.98)
+
+
+@pytest.mark.parametrize("block_n,n_splits", [(16, 64), (32, 1), (16, 7)])
+def test_split_counts(block_n, n_splits):
+    """More splits than valid tiles (empty splits), a single split, and an odd count."""
+    inp = make_inputs(2, 8, 2, 200, 64, torch.bfloat16, seed=5, rows=[(0, 37), (11, 200)])
+    check(inp, backend_kw=dict(block_n=block_n, n_splits=n_splits), logw_scale=1.0, decay=0.98, sm_scale=0.125)
+
+
+def test_op_is_registered_with_its_mutation():
+    schema = torch.ops.zmzoo.decode_attention.default._schema
+    mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert mutated == ["scores"], str(schema)
+
+
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces through the op. Under the interpreter only backend='eager' can run it
+    (AOTAutograd would have to trace the interpreter); inductor and CUDA graphs are exercised by bench/ops.py."""
+    inp = make_inputs(2, 4, 2, 33, 64, torch.float32, seed=6)
+
+    def step(q, k, v, start, end, k_new, v_new, w, scores):
+        out, new_score = decode_attention(q, k, v, start, end, k_new, v_new, w, scores, logw_scale=0.6, decay=0.98,
+                                          backend="triton")
+        return out * 2, new_score + 1
+
+    a, b = clone(inp), clone(inp)
+    want = step(**a)
+    got = torch.compile(step, fullgraph=True, backend="eager")(**b)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=0)
