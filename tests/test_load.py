@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import zmzoo
 from zmzoo.models.weights import bundled_smollm2_gguf
@@ -61,8 +60,9 @@ def test_cli_errors(tmp_path):
 
 def test_load_time_errors(tmp_path):
     with pytest.raises(ValueError, match="must exceed tail"):
-        zmzoo.load("llama2-7b", weights="random", kv_budget=10, tail=9, args_overrides={"n_layers": 1, "dim": 32,
-                   "n_heads": 2, "n_kv_heads": 2, "intermediate_size": 32, "vocab_size": 64}, max_seq_len=64, compile=False)
+        tiny = {"n_layers": 1, "dim": 32, "n_heads": 2, "n_kv_heads": 2, "intermediate_size": 32, "vocab_size": 64}
+        zmzoo.load("llama2-7b", weights="random", kv_budget=10, tail=9, args_overrides=tiny, max_seq_len=64,
+                   compile=False)
     with pytest.raises(ValueError, match="weights="):
         zmzoo.load("llama2-7b", weights="zeros")
     with pytest.raises(ValueError, match="dtype="):
