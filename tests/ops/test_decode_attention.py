@@ -142,3 +142,21 @@ def test_compile_fullgraph():
     got = torch.compile(step, fullgraph=True, backend="eager")(**b)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_slots_outside_the_range_are_never_read(backend):
+    """Non-finite garbage outside [start, end) (an uninitialised buffer) changes nothing, in either backend."""
+    inp = make_inputs(2, 4, 2, 40, 64, torch.float32, seed=6, rows=[(0, 17), (3, 29)])
+    dirty = clone(inp)
+    for b, (lo, hi) in enumerate([(0, 17), (3, 29)]):
+        for name in ("k", "v"):
+            dirty[name][b, :, :lo] = float("nan")
+            dirty[name][b, :, hi:] = float("inf")
+        dirty["w"][b, :, hi:] = float("nan")
+    clean = clone(inp)
+    want_out, want_new = decode_attention(**clean, backend=backend)
+    got_out, got_new = decode_attention(**dirty, backend=backend)
+    torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(got_new, want_new, rtol=0, atol=0)
+    torch.testing.assert_close(dirty["scores"], clean["scores"], rtol=0, atol=0)

@@ -69,7 +69,9 @@ def decode_attention_ref(
         logit_new = (qf * k_new.float().view(bsz, n_kv, 1, d)).sum(-1, keepdim=True) * sm_scale  # (B, Hkv, G, 1)
         logits = torch.cat([logits, logit_new], dim=-1)
     p = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bhgs,bhsd->bhgd", p[..., :s_len], v.float())
+    # slots outside [start, end) are never read, whatever they hold (as in the kernel's masked loads)
+    vf = v.float().masked_fill(~valid.view(bsz, 1, s_len, 1), 0.0)
+    out = torch.einsum("bhgs,bhsd->bhgd", p[..., :s_len], vf)
     if k_new is not None:
         out = out + p[..., s_len:] * v_new.float().view(bsz, n_kv, 1, d)
     new_score = None
