@@ -49,13 +49,14 @@ def test_batch_rows_match_single_runs():
     assert all(s.shape == (3, 128) for s in want_scores)
 
 
-@pytest.mark.parametrize("method", ["full", "zeromerge"])
+@pytest.mark.parametrize("method", ["full", "zeromerge", "zeromerge:retrieval"])
 def test_compiled_decode_compiles_once(method):
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    kw = {"kv_budget": 16} if method == "zeromerge" else {}
+    method, _, preset = method.partition(":")
+    kw = {"kv_budget": 16, "preset": preset or None} if method == "zeromerge" else {}
     gen = tiny_gen(method=method, compile=counter, max_batch_size=2, **kw)
     ptrs = {n: b.data_ptr() for n, b in gen.model.named_buffers()}
     out = gen.generate([[1, 2, 3], list(range(10, 30))], max_new_tokens=40, return_ids=True)
@@ -119,6 +120,7 @@ def test_inductor_compiled_decode_matches_eager():
 
 @pytest.mark.parametrize("method,kw", [("zeromerge", {"kv_budget": 24}),
                                        ("zeromerge", {"kv_budget": 24, "preset": "paper-v2", "metric": "l2"}),
+                                       ("zeromerge", {"kv_budget": 24, "preset": "retrieval"}),
                                        ("full", {}), ("h2o", {"kv_budget": 24}), ("snapkv", {"kv_budget": 24})])
 def test_triton_generator_equals_torch(method, kw):
     """The whole generator through the Triton kernels (interpreted on CPU) equals the plain-torch path: greedy tokens
@@ -126,7 +128,7 @@ def test_triton_generator_equals_torch(method, kw):
     and the cache buffers (keys, values, weights, scores) equal at the end."""
     torch._dynamo.reset()
     prompts = [list(range(3, 43)), [7, 1, 9, 4, 4, 2, 30, 31]]  # 40 tokens > budget 24; 8 < budget (append, then ring)
-    gens = {ops: tiny_gen(method=method, ops=ops, max_batch_size=2, max_seq_len=128, **kw) for ops in ("torch", "triton")}
+    gens = {o: tiny_gen(method=method, ops=o, max_batch_size=2, max_seq_len=128, **kw) for o in ("torch", "triton")}
     assert gens["triton"].model.caches[0].backend == "triton"
     out = {ops: g.generate(prompts, max_new_tokens=64, return_ids=True) for ops, g in gens.items()}
     assert out["triton"] == out["torch"]

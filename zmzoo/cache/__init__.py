@@ -30,7 +30,8 @@ CACHE_CLASSES: dict[str, type[KVCache]] = {
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "full": {},
     "zeromerge": dict(tail=0.1, dense=1, decay=0.98, logw_scale=1.0, metric="dot", score_merge="max",
-                      score_window=None, score_pool=None),
+                      score_window=None, score_pool=None, lookahead=0,
+                      lookahead_prompt_weight=1.0),
     "h2o": dict(tail=0.1, decay=0.98, score_window=None, score_pool=None),
     "snapkv": dict(tail=0.1, score_window=32, score_pool=5),
     "streaming": dict(sinks=4),
@@ -41,6 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # the later version of the paper: tail 0.5 B, dense 2 % of B - tail, logw scale 1
     "paper-v2": dict(tail=0.5, dense=0.02, logw_scale=1.0),
+    # keeps what the answer will read: before the prompt is compressed, 32 greedy draft tokens are decoded over the
+    # full prompt and their attention joins the prompt's scores (docs/retrieval.md: diagnosis and measurements)
+    "retrieval": dict(lookahead=32),
 }
 
 DEFAULT_KV_RATIO = 0.2
@@ -60,6 +64,8 @@ class CacheConfig:
     score_merge: str = "max"
     score_window: int | None = None
     score_pool: int | None = None
+    lookahead: int = 0
+    lookahead_prompt_weight: float = 1.0
     sinks: int | None = None
     preset: str | None = None
 
@@ -157,8 +163,14 @@ def resolve_cache_config(
             raise ValueError(f"cache setting metric={vals['metric']!r} must be 'dot' or 'l2'")
         if vals["score_merge"] not in ("max", "sum"):
             raise ValueError(f"cache setting score_merge={vals['score_merge']!r} must be 'max' or 'sum'")
+        la = vals["lookahead"]
+        if isinstance(la, bool) or not isinstance(la, int) or la < 0:
+            raise ValueError(f"cache setting lookahead={la!r} must be a whole number of draft tokens >= 0")
+        lpw = vals["lookahead_prompt_weight"]
+        if isinstance(lpw, bool) or not isinstance(lpw, (int, float)) or lpw < 0:
+            raise ValueError(f"cache setting lookahead_prompt_weight={lpw!r} must be a number >= 0")
         cfg.update(dense=dense, logw_scale=float(vals["logw_scale"]), metric=vals["metric"],
-                   score_merge=vals["score_merge"])
+                   score_merge=vals["score_merge"], lookahead=la, lookahead_prompt_weight=float(lpw))
     else:
         if budget <= tail:
             raise ValueError(f"kv budget {budget} must exceed tail {tail} (max_seq_len {max_seq_len})")

@@ -52,6 +52,8 @@ class ZeroMergeCache(KVCache):
         score_merge: str = "max",
         score_window: int | None = None,
         score_pool: int | None = None,
+        lookahead: int = 0,
+        lookahead_prompt_weight: float = 1.0,
         **kw,
     ):
         super().__init__(**kw)
@@ -60,6 +62,8 @@ class ZeroMergeCache(KVCache):
         self.decay, self.logw_scale = decay, logw_scale
         self.metric, self.score_merge = metric, score_merge
         self.score_window, self.score_pool = score_window, score_pool
+        self.lookahead, self.lookahead_prompt_weight = lookahead, lookahead_prompt_weight
+        self._pending: dict | None = None  # a prompt waiting for its lookahead draft before compression
         dev = kw["device"]
         shape = (self.batch_size, self.n_kv_heads, budget)
         self.register_buffer("k", torch.zeros(shape + (self.head_dim,), dtype=self.dtype, device=dev),
@@ -77,15 +81,13 @@ class ZeroMergeCache(KVCache):
 
     # ---------------------------------------------------------------- prefill
     def prompt_scores(self, q: Tensor, k: Tensor) -> Tensor:
-        """(Hkv, T) fp32 scores of the prompt's tokens from q (1, H, T, D), k (1, Hkv, T, D)."""
+        """(Hkv, T) fp32 scores of the prompt's tokens from q (1, H, T, D), k (1, Hkv, T, D), before pooling."""
         t = k.shape[2]
         if self.score_window:
             w = min(t, self.score_window)
-            sc = prefill_scores(q[0, :, t - w :], k[0], decay=1.0, sm_scale=self.sm_scale, backend=self.backend)
-            return pool_scores(sc, self.score_pool)
+            return prefill_scores(q[0, :, t - w :], k[0], decay=1.0, sm_scale=self.sm_scale, backend=self.backend)
         w = decay_window(self.decay, t)
-        sc = prefill_scores(q[0, :, t - w :], k[0], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
-        return pool_scores(sc, self.score_pool)
+        return prefill_scores(q[0, :, t - w :], k[0], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
 
     def select(self, k: Tensor, v: Tensor, scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Compress a prompt longer than the budget: k, v (Hkv, T, D), scores (Hkv, T) ->
@@ -93,6 +95,7 @@ class ZeroMergeCache(KVCache):
         n_kv, t, d = k.shape
         b, tail, dense = self.budget, self.tail, (self.dense if self.policy == "merge" else 0)
         n_top = b - dense - tail
+        scores = pool_scores(scores, self.score_pool)  # SnapKV-style max over neighbours (identity when None)
         head = scores[:, : t - tail]
         # highest scores, ties to the earlier position (a stable sort; topk's tie order is unspecified)
         top = torch.sort(head, dim=-1, descending=True, stable=True).indices[:, :n_top].sort(dim=-1).values
@@ -136,20 +139,61 @@ class ZeroMergeCache(KVCache):
         scores = self.prompt_scores(q, k) if self._needs_prompt_scores(t) else None
         self.w[row].zero_()
         self.s[row].zero_()
+        self.base[row] = max(t, self.budget)
         if t <= self.budget:
             self.k[row, :, :t] = k[0]
             self.v[row, :, :t] = v[0]
             self.w[row, :, :t] = 1.0
             if scores is not None:
                 self.s[row, :, :t] = scores
+        elif self.lookahead:
+            # keep the whole prompt until the model has drafted `lookahead` tokens (draft / finish_prefill)
+            n = self.lookahead
+            pk = k.new_zeros(1, self.n_kv_heads, t + n, self.head_dim)
+            pv = v.new_zeros(1, self.n_kv_heads, t + n, self.head_dim)
+            ps = torch.zeros(1, self.n_kv_heads, t + n, dtype=torch.float32, device=k.device)
+            pk[:, :, :t], pv[:, :, :t] = k, v
+            ps[:, :, :t] = scores * self.lookahead_prompt_weight
+            self._pending = dict(k=pk, v=pv, s=ps, t=t, row=row, steps=0)
         else:
-            kc, vc, wc, sc = self.select(k[0], v[0], scores)
-            self.k[row].copy_(kc)
-            self.v[row].copy_(vc)
-            self.w[row].copy_(wc)
-            self.s[row].copy_(sc)
-        self.base[row] = max(t, self.budget)
+            self._write_selection(row, k[0], v[0], scores)
         return out
+
+    def _write_selection(self, row: int, k: Tensor, v: Tensor, scores: Tensor | None) -> None:
+        kc, vc, wc, sc = self.select(k, v, scores)
+        self.k[row].copy_(kc)
+        self.v[row].copy_(vc)
+        self.w[row].copy_(wc)
+        self.s[row].copy_(sc)
+
+    # ------------------------------------------------------- lookahead (prefill only)
+    def pending_lookahead(self) -> int:
+        """Draft tokens this cache still wants before it compresses the prompt just prefilled (0: none)."""
+        return self.lookahead if self._pending is not None else 0
+
+    @torch.no_grad()
+    def draft(self, q: Tensor, k: Tensor, v: Tensor, step: int) -> Tensor:
+        """Draft token ``step`` (position T + step) of the pending prompt: full attention over the prompt and the
+        earlier draft tokens, its probabilities folded into the prompt's scores as a decode step would
+        (``s = decay * s + p``). q (1, H, 1, D), k/v (1, Hkv, 1, D) -> (1, H, 1, D)."""
+        p = self._pending
+        if p is None or step != p["steps"] or step >= self.lookahead:
+            raise RuntimeError(f"{self.method} cache: draft step {step} without a pending prompt at that step")
+        end = torch.full((1,), p["t"] + step, dtype=torch.int64, device=k.device)
+        out, _ = decode_attention(q[:, :, 0], p["k"], p["v"], torch.zeros_like(end), end, k[:, :, 0], v[:, :, 0],
+                                  scores=p["s"], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
+        p["k"][:, :, p["t"] + step] = k[:, :, 0]
+        p["v"][:, :, p["t"] + step] = v[:, :, 0]
+        p["steps"] = step + 1
+        return out.unsqueeze(2)
+
+    @torch.no_grad()
+    def finish_prefill(self) -> None:
+        """Compress the pending prompt with the scores its draft tokens added (the draft itself is not kept)."""
+        p, self._pending = self._pending, None
+        if p is not None:
+            t = p["t"]
+            self._write_selection(p["row"], p["k"][0, :, :t], p["v"][0, :, :t], p["s"][0, :, :t])
 
     # ---------------------------------------------------------------- decode
     def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:

@@ -126,6 +126,11 @@ class Attention(nn.Module):
         y = self.kv_cache.decode(q, k, v, pos)  # (B, H, 1, hd)
         return self.wo(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
+    def draft(self, x: Tensor, cos: Tensor, sin: Tensor, step: int) -> Tensor:
+        q, k, v = self._qkv(x, cos, sin)
+        y = self.kv_cache.draft(q, k, v, step)  # (1, H, 1, hd)
+        return self.wo(y.transpose(1, 2).reshape(1, 1, -1))
+
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -159,6 +164,9 @@ class TransformerBlock(nn.Module):
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
         return self._mlp(x + self.attention.decode(self.attention_norm(x), cos, sin, pos))
 
+    def draft(self, x: Tensor, cos: Tensor, sin: Tensor, step: int) -> Tensor:
+        return self._mlp(x + self.attention.draft(self.attention_norm(x), cos, sin, step))
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -184,7 +192,9 @@ class Transformer(nn.Module):
         for layer, cache in zip(self.layers, caches):
             layer.attention.kv_cache = cache
         device = self.tok_embeddings.weight.device
-        cos, sin = rope_tables(self.args, max_seq_len)
+        # positions past max_seq_len only for the lookahead draft of caches that score the prompt with one
+        extra = max((getattr(c, "lookahead", 0) for c in caches), default=0)
+        cos, sin = rope_tables(self.args, max_seq_len + extra)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
         self.max_seq_len = max_seq_len
@@ -210,7 +220,26 @@ class Transformer(nn.Module):
             x = layer.prefill(x, cos, sin, row)
         x = x if all_logits else x[:, -1:]
         logits = self.output(self.norm(x))
+        self._lookahead(logits[:, -1], t)
         return logits if all_logits else logits[:, 0]
+
+    def _lookahead(self, last_logits: Tensor, t: int) -> None:
+        """Caches that score the prompt with a lookahead (ZeroMerge's ``lookahead`` setting) hold the whole prompt
+        after prefill: draft that many greedy tokens through full attention over it (their probabilities join the
+        prompt's scores), then let every cache compress. The draft is discarded; decoding starts at position T."""
+        n = max((c.pending_lookahead() for c in self.caches if hasattr(c, "pending_lookahead")), default=0)
+        tok = last_logits.argmax(-1)  # (1,)
+        for step in range(n):
+            p = t + step
+            cos = self.rope_cos[p : p + 1].view(1, 1, 1, -1)
+            sin = self.rope_sin[p : p + 1].view(1, 1, 1, -1)
+            x = self.tok_embeddings(tok.view(1, 1))
+            for layer in self.layers:
+                x = layer.draft(x, cos, sin, step)
+            tok = self.output(self.norm(x))[:, 0].argmax(-1)
+        for c in self.caches:
+            if hasattr(c, "finish_prefill"):
+                c.finish_prefill()
 
     def decode(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """One token per batch row: tokens (B,) at absolute positions pos (B,) -> logits (B, V)."""
