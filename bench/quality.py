@@ -497,20 +497,21 @@ def passkey_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_tables(results: dict[str, Any], labels: list[str]) -> None:
+    lw = max([18] + [len(lab) + 2 for lab in labels])  # label column width
     pk = results.get("passkey")
     if pk:
         summ = pk["summary"]
         lengths = sorted({c["length"] for c in summ["cells"]})
         fillers = sorted({c["filler"] for c in summ["cells"]})
         print("\npasskey accuracy (mean over depths, trials and needle styles)")
-        head = f"{'config':<18}" + "".join(f"{f[:6] + '/' + str(n):>13}" for f in fillers for n in lengths) + \
+        head = f"{'config':<{lw}}" + "".join(f"{f[:6] + '/' + str(n):>13}" for f in fillers for n in lengths) + \
             f"{'overall':>9}"
         print(head)
         print("-" * len(head))
         for lab in labels:
             if lab not in summ["overall"]:
                 continue
-            line = f"{lab:<18}"
+            line = f"{lab:<{lw}}"
             for f in fillers:
                 for n in lengths:
                     cs = [c for c in summ["cells"] if c["label"] == lab and c["filler"] == f and c["length"] == n]
@@ -520,7 +521,7 @@ def print_tables(results: dict[str, Any], labels: list[str]) -> None:
     nl = results.get("nll")
     if nl:
         print(f"\nteacher-forced continuation ({len(nl['samples'])} samples; NLL over decode positions)")
-        head = f"{'config':<18}{'NLL':>8}{'ppl':>9}{'top-1 agree':>12}{'attn rel err':>13}"
+        head = f"{'config':<{lw}}{'NLL':>8}{'ppl':>9}{'top-1 agree':>12}{'attn rel err':>13}"
         print(head)
         print("-" * len(head))
         for lab in labels:
@@ -528,17 +529,17 @@ def print_tables(results: dict[str, Any], labels: list[str]) -> None:
             if r is None:
                 continue
             if "skipped" in r:
-                print(f"{lab:<18} skipped: {r['skipped'][:80]}")
+                print(f"{lab:<{lw}} skipped: {r['skipped'][:80]}")
                 continue
             agree = f"{r['top1_agreement']:.3f}" if r.get("top1_agreement") is not None else "-"
             err = f"{r['attn_rel_err_mean']:.2e}" if r.get("attn_rel_err_mean") is not None else "-"
-            print(f"{lab:<18}{r['nll']:>8.3f}{r['ppl']:>9.2f}{agree:>12}{err:>13}")
+            print(f"{lab:<{lw}}{r['nll']:>8.3f}{r['ppl']:>9.2f}{agree:>12}{err:>13}")
         if any(r.get("attn_rel_err_per_layer") for r in nl["results"].values()):
             print("\nattention-output relative error per layer (rows: config; columns: layer)")
             for lab in labels:
                 r = nl["results"].get(lab)
                 if r and r.get("attn_rel_err_per_layer"):
-                    print(f"{lab:<18}" + " ".join(f"{x:.1e}" for x in r["attn_rel_err_per_layer"]))
+                    print(f"{lab:<{lw}}" + " ".join(f"{x:.1e}" for x in r["attn_rel_err_per_layer"]))
 
 
 def plot(results: dict[str, Any], out: Path, labels: list[str]) -> list[str]:

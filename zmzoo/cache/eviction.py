@@ -49,6 +49,9 @@ class StreamingCache(ZeroMergeCache):
         kw["tail"] = kw["budget"] - sinks + 1  # ring = budget - sinks
         super().__init__(**kw)
 
+    def _needs_prompt_scores(self, t: int) -> bool:
+        return False  # sinks + the most recent tokens: no scores needed
+
     def select(self, k: Tensor, v: Tensor, scores: Tensor | None):
         n_kv, t, d = k.shape
         keep = torch.cat([torch.arange(self.sinks), torch.arange(t - self.ring, t)]).to(k.device)
