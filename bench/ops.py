@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from zmzoo.ops._interpreter import fix_interpreter_bf16
 from zmzoo.ops.decode_attention import (
     NUM_STAGES,
     NUM_WARPS,
@@ -66,40 +67,6 @@ T0 = time.perf_counter()
 
 def log(msg: str) -> None:
     print(f"[ops {time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
-
-
-def fix_interpreter_bf16() -> None:
-    """Triton's interpreter (seen in 3.9) multiplies raw bf16 bits in tl.dot and truncates fp32 -> bf16 casts; make it
-    do what the GPU does (same fix as tests/ops/conftest.py)."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder, "_zmzoo_bf16", False):
-        return
-    orig_dot, orig_cast = builder.create_dot, builder.cast_impl
-
-    def scalar(dtype):
-        return getattr(dtype, "scalar", dtype)
-
-    def widen(h):
-        if scalar(h.dtype) == tl.bfloat16:
-            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    def create_dot(self, a, b, d, *args):
-        return orig_dot(self, widen(a), widen(b), d, *args)
-
-    def cast_impl(self, src, dst_type):
-        if scalar(src.dtype) == tl.float32 and scalar(dst_type) == tl.bfloat16:
-            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded).astype(np.uint16)
-            return interpreter.TensorHandle(rounded.reshape(np.shape(src.data)), tl.bfloat16)
-        return orig_cast(self, src, dst_type)
-
-    builder.create_dot, builder.cast_impl, builder._zmzoo_bf16 = create_dot, cast_impl, True
 
 
 # ---------------------------------------------------------------------------------------------------- inputs

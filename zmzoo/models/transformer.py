@@ -228,6 +228,8 @@ class Transformer(nn.Module):
         after prefill: draft that many greedy tokens through full attention over it (their probabilities join the
         prompt's scores), then let every cache compress. The draft is discarded; decoding starts at position T."""
         n = max((c.pending_lookahead() for c in self.caches if hasattr(c, "pending_lookahead")), default=0)
+        if n == 0:
+            return
         tok = last_logits.argmax(-1)  # (1,)
         for step in range(n):
             p = t + step
