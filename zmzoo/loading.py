@@ -150,6 +150,7 @@ def load(
         state_dict = {k: t.to(device=dev, dtype=dt) for k, t in state_dict.items()}
         load_weights_into(model, state_dict)
     model.eval().requires_grad_(False)
+    model.fuse_projections()
     caches = build_caches(cache_config, n_layers=args.n_layers, batch_size=max_batch_size, n_heads=args.n_heads,
                           n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, max_seq_len=max_seq_len, dtype=dt,
                           device=dev, sliding_window=args.sliding_window, backend=backend)

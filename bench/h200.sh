@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The GPU runs behind the README's H200 figures, in stages that each fit one 10-minute call of a leased machine:
+#
+#   bash bench/h200.sh OUTDIR STAGE...     (stages run in order; a failing stage does not stop the next)
+#
+#   env      GPU, driver, versions
+#   tests    the generator tests on CUDA (Triton kernels compiled, CUDA graphs): ZMZOO_TEST_DEVICE=cuda pytest
+#   ops      bench/ops.py: kernel parity against the torch references at LLaMA-2-7B sizes, bandwidth fractions
+#   main     bench/decode.py: LLaMA-2-7B, random bf16 weights, batch 1: full and ZeroMerge (kv_budget 2048) at
+#            4K, 16K, 40K (issues 2 and 4)
+#   more     h2o and streaming (kv_budget 2048) at 4K..54K
+#   more54   full and ZeroMerge at 54K
+#   peers    HF transformers (static cache + compile) at 4K and 40K
+#   maxbatch the largest batch that fits at 40K (full, ZeroMerge) and its total tokens/s
+#   profile  bench/profile_decode.py: kernel-by-kernel profile of the step, 2 layers at 7B widths, 16K
+#
+# DEADLINE (seconds, default 570) bounds the whole script: each stage gets the time left. Everything lands in OUTDIR
+# (logs, results.json, PNGs) and is packed into OUTDIR/h200.tar.gz at the end.
+set -u
+out=${1:?usage: bash bench/h200.sh OUTDIR STAGE...}
+shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+deadline=$((SECONDS + ${DEADLINE:-570}))
+py=${PYTHON:-python3}
+decode=(bench/decode.py --model llama2-7b --weights random --batch 1 --kv-budget 2048 --ops triton -v)
+
+run() {  # run NAME CMD...: the command under the time left, its output in OUTDIR/NAME.log
+    local name=$1 left=$((deadline - SECONDS))
+    shift
+    if ((left < 20)); then
+        echo "=== $name skipped: deadline" | tee -a "$out/summary.log"
+        return
+    fi
+    echo "=== $name ($left s left): $*" | tee -a "$out/summary.log"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$left" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 60 "$out/$name.log"
+    echo "=== $name rc=$rc in $((SECONDS - t0)) s" | tee -a "$out/summary.log"
+}
+
+for stage in "$@"; do
+    case $stage in
+    env)
+        run env bash -c "nvidia-smi; $py -c 'import torch, triton; print(torch.__version__, triton.__version__, \
+torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformers\", transformers.__version__)'"
+        ;;
+    tests)
+        run tests env ZMZOO_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider tests/test_generate.py \
+            -k "cuda_graph or triton_generator or inductor or batch_rows"
+        ;;
+    ops)
+        run ops "$py" bench/ops.py --out "$out/ops" --no-sweep --budget-s 120
+        ;;
+    main)
+        run main "$py" "${decode[@]}" --contexts 4096,16384,40960 --methods zeromerge,full --peers none \
+            --out "$out/main"
+        ;;
+    more)
+        run more "$py" "${decode[@]}" --contexts 4096,16384,40960,54000 --methods h2o,streaming --peers none \
+            --out "$out/more"
+        ;;
+    more54)
+        run more54 "$py" "${decode[@]}" --contexts 54000 --methods zeromerge,full --peers none --out "$out/more54"
+        ;;
+    peers)
+        run peers "$py" "${decode[@]}" --contexts 4096,40960 --methods "" --peers hf --out "$out/peers"
+        ;;
+    maxbatch)
+        run maxbatch "$py" "${decode[@]}" --contexts 40960 --methods full,zeromerge --max-batch \
+            --max-batch-time 45 --peers none --out "$out/maxbatch"
+        ;;
+    profile)
+        for m in ${PROFILE_METHODS:-full zeromerge}; do
+            run "profile_$m" "$py" bench/profile_decode.py --method $m --context 16384 --layers 2 --out "$out/profile"
+        done
+        ;;
+    *)
+        echo "unknown stage $stage" | tee -a "$out/summary.log"
+        ;;
+    esac
+done
+tar -czf "$out/h200.tar.gz" --exclude=h200.tar.gz -C "$out" . 2>/dev/null
+cat "$out/summary.log"

@@ -1,0 +1,90 @@
+"""Where the decode step's time goes: a kernel-by-kernel profile of the compiled step (no CUDA graphs, so every
+kernel shows), beside the CUDA-graph step time of the same configuration.
+
+    python bench/profile_decode.py --method full --context 16384 --layers 2 --out OUT
+
+Per-layer kernels are the same at any depth, so a few layers of the real widths compile in seconds. Prints the
+profiler's table (CUDA time per kernel, summed over ``--steps`` steps, divided per step) and writes it with a Chrome
+trace to OUT; set ``TORCH_LOGS=output_code TORCH_LOGS_OUT=OUT/code.txt`` to keep inductor's generated code as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import zmzoo
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama2-7b")
+    p.add_argument("--method", default="full")
+    p.add_argument("--context", type=int, default=16384)
+    p.add_argument("--kv-budget", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--ops", default="triton")
+    p.add_argument("--out", type=Path, default=Path("out/profile"))
+    ns = p.parse_args()
+    ns.out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    kw = {} if ns.method == "full" else {"kv_budget": ns.kv_budget}
+    max_seq_len = ns.context + 4 * ns.steps + 64
+    gen = zmzoo.load(ns.model, weights="random", device=dev, dtype=torch.bfloat16, compile=True, method=ns.method,
+                     max_seq_len=max_seq_len, ops=ns.ops, args_overrides={"n_layers": ns.layers,
+                                                                          "max_position_embeddings": max_seq_len},
+                     **kw)
+    step_plain = torch.compile(gen.model.decode, fullgraph=True, dynamic=False)  # same graph, no CUDA graphs
+    ids = torch.randint(0, gen.args.vocab_size, (1, ns.context), device=dev)
+
+    def run(fn, n):
+        nonlocal tok
+        for _ in range(n):
+            tok = fn(tok, gen.pos).argmax(-1)
+            gen.pos += 1
+
+    results = {}
+    for name, fn in (("cudagraph", gen.decode_step), ("plain", step_plain)):
+        with torch.inference_mode():
+            gen.pos.zero_()
+            tok = gen.model.prefill(ids, row=0).argmax(-1)
+            gen.pos[0] = ns.context
+            run(fn, 5)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0.record()
+                run(fn, ns.steps)
+                t1.record()
+                t1.synchronize()
+                times.append(t0.elapsed_time(t1) / ns.steps)
+        results[name] = statistics.median(times)
+        print(f"{name}: {results[name] * 1e3:.1f} us/step (median of 5 x {ns.steps} steps)", flush=True)
+
+    with torch.inference_mode():
+        gen.pos.zero_()
+        tok = gen.model.prefill(ids, row=0).argmax(-1)
+        gen.pos[0] = ns.context
+        run(step_plain, 3)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            run(step_plain, ns.steps)
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
+    head = (f"{ns.model} {ns.layers} layers, {ns.method} at context {ns.context}, ops={ns.ops}: CUDA-graph step "
+            f"{results['cudagraph'] * 1e3:.1f} us, plain compiled step {results['plain'] * 1e3:.1f} us; "
+            f"table over {ns.steps} steps")
+    print(head)
+    print(table)
+    (ns.out / f"profile_{ns.method}.txt").write_text(head + "\n" + table)
+    prof.export_chrome_trace(str(ns.out / f"trace_{ns.method}.json"))
+
+
+if __name__ == "__main__":
+    main()
