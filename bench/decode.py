@@ -81,6 +81,12 @@ def sync(device: torch.device) -> None:
 def free_memory(device: torch.device) -> None:
     """Drop everything compiled (dynamo caches and CUDA graph trees) and return cached device memory."""
     torch._dynamo.reset()
+    try:
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+    except Exception:  # older or newer torch without it: dynamo's reset covers it there
+        pass
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -207,12 +213,23 @@ def kv_bytes_per_step(gen, context: int, batch: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- zmzoo side
+def drop_caches(model: torch.nn.Module) -> None:
+    """Detach the layers' caches from ``model`` so that their memory can go (the model holds the last caches it was
+    given: without this, every configuration was allocated while the previous one's caches were still alive, which
+    halved the batch --max-batch could find)."""
+    for layer in model.layers:
+        layer.attention.kv_cache = None
+
+
 def with_caches(base, *, method: str, max_seq_len: int, batch: int, kv_budget: int | None, compile: Any,
                 settings: dict[str, Any] | None = None):
-    """A new Generator on ``base``'s model (same weights, tokenizer, ops backend) with freshly built caches."""
+    """A new Generator on ``base``'s model (same weights, tokenizer, ops backend) with freshly built caches; the
+    caches it had before are released first."""
     from zmzoo.cache import build_caches, resolve_cache_config
     from zmzoo.generate import Generator
 
+    drop_caches(base.model)
+    free_memory(base.device)
     a = base.args
     kw = dict(settings or {})
     if method != "full":
@@ -410,6 +427,7 @@ def run_group(base, ns, method: str, contexts: list[int], batch: int, plans: dic
         if report:
             report(rec)
     del gen
+    drop_caches(base.model)
     free_memory(device)
     return recs
 
@@ -440,6 +458,7 @@ def probe_batch(base, ns, method: str, context: int, batch: int) -> tuple[bool, 
         return False, "oom"
     finally:
         del gen
+        drop_caches(base.model)
         free_memory(device)
 
 

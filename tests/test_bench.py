@@ -140,3 +140,30 @@ def test_quality_smollm2_tiny(quality_mod, tmp_path):
     assert set(res["passkey"]["summary"]["overall"]) == {"full", "zeromerge@0.2", "h2o@0.2"}
     for png in ("passkey.png", "nll.png", "attn_error.png"):
         assert (out / png).stat().st_size > 0
+
+
+def test_configurations_release_their_caches(decode_mod, monkeypatch):
+    """A benchmark configuration's caches are freed before the next one's are allocated (the model used to hold the
+    last ones while the next were built, so --max-batch on the H200 searched with the previous probe still in
+    memory)."""
+    import gc
+    import weakref
+
+    import zmzoo.cache
+
+    base = tiny_gen()
+    g = decode_mod["with_caches"](base, method="zeromerge", max_seq_len=64, batch=2, kv_budget=12, compile=False)
+    refs = [weakref.ref(c) for c in g.model.caches]
+    del g
+    build = zmzoo.cache.build_caches
+    alive_at_build = []
+
+    def checking_build(*a, **kw):
+        gc.collect()
+        alive_at_build.append(sum(r() is not None for r in refs))
+        return build(*a, **kw)
+
+    monkeypatch.setattr(zmzoo.cache, "build_caches", checking_build)
+    g2 = decode_mod["with_caches"](base, method="full", max_seq_len=64, batch=2, kv_budget=None, compile=False)
+    assert alive_at_build == [0], f"{alive_at_build} caches of the previous configuration alive while allocating"
+    assert g2.model.caches[0].method == "full"
