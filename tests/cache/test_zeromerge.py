@@ -237,3 +237,35 @@ def test_ratio_rounding_matches_zeromerge_md():
     assert (c.budget, c.tail, c.dense) == (math.floor(0.05 * 4096), 102, 2)
     c = resolve_cache_config(max_seq_len=1000, kv_ratio=0.011, tail=0.1)
     assert (c.budget, c.tail, c.dense) == (11, 2, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("score_merge", ["max", "sum"])
+@pytest.mark.parametrize("n_chunks,block", [(1, 7), (5, 16), (3, 4096)])
+def test_chunk_sums_equal_scatter_reference(dtype, score_merge, n_chunks, block):
+    """The dense slots' blocked one-hot sums equal fp32/fp64 scatter sums over the same chunk ids (several blocks,
+    positions left out of every chunk, odd sizes)."""
+    from zmzoo.cache.zeromerge import chunk_of_rank, chunk_sums
+
+    g = torch.Generator().manual_seed(n_chunks)
+    n_kv, t, d = 3, 101, 6
+    k = torch.randn(n_kv, t, d, generator=g).to(dtype)
+    v = torch.randn(n_kv, t, d, generator=g).to(dtype)
+    s = torch.rand(n_kv, t, generator=g)
+    free = torch.rand(n_kv, t, generator=g) < 0.7
+    free[:, :n_chunks] = True
+    n = int(free.sum(1).min())
+    free &= free.cumsum(1) <= n  # the same number of free positions in every head
+    cid = torch.where(free, chunk_of_rank(free.cumsum(1) - 1, n, n_chunks), n_chunks)
+    kd, vd, sd = chunk_sums(k, v, s, cid, n_chunks, score_merge, block=block)
+    idx = cid.clamp(max=n_chunks)
+    want_k = torch.zeros(n_kv, n_chunks + 1, d, dtype=torch.float64).scatter_add_(
+        1, idx.unsqueeze(-1).expand(-1, -1, d), k.double())[:, :n_chunks]
+    want_v = torch.zeros(n_kv, n_chunks + 1, d, dtype=torch.float64).scatter_add_(
+        1, idx.unsqueeze(-1).expand(-1, -1, d), v.double())[:, :n_chunks]
+    red = "amax" if score_merge == "max" else "sum"
+    init = float("-inf") if score_merge == "max" else 0.0
+    want_s = torch.full((n_kv, n_chunks + 1), init).scatter_reduce(1, idx, s, reduce=red)[:, :n_chunks]
+    torch.testing.assert_close(kd.double(), want_k, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(vd.double(), want_v, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sd, want_s, rtol=1e-6, atol=1e-6)
