@@ -691,6 +691,39 @@ def plot(results: dict[str, Any], path: Path) -> None:
         plt.close(fig)
 
 
+def merge(paths: list[str], out: Path, plot_: bool = True) -> int:
+    """Merge the results.json of separate runs: rows concatenated (each keeps its run's bandwidth and roofline), the
+    environment and config of the first run, and every run's own under "runs"."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    merged: dict[str, Any] = {
+        "env": runs[0]["env"], "config": dict(runs[0]["config"]), "bandwidth": runs[0]["bandwidth"],
+        "results": [], "peers": [], "max_batch": [],
+        "runs": [{"file": str(p), "env": r["env"], "config": r["config"], "bandwidth": r["bandwidth"],
+                  "wall_s": r.get("wall_s")} for p, r in zip(paths, runs)],
+    }
+    for r in runs:
+        for key in ("results", "peers", "max_batch"):
+            merged[key] += r.get(key, [])
+    merged["config"]["methods"] = sorted({r["method"] for r in merged["results"]})
+    merged["config"]["contexts"] = sorted({r["context"] for r in merged["results"] + merged["peers"]})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=1, default=str))
+    cuda = merged["env"]["device"].startswith("cuda")
+    rows = sorted(merged["results"] + merged["peers"], key=lambda r: (r["method"], r["context"]))
+    print(f"merged {len(paths)} runs: {merged['env'].get('gpu') or merged['env']['device']}, torch "
+          f"{merged['env']['torch']}, triton {merged['env'].get('triton')}")
+    if rows:
+        print_table(rows, cuda)
+    for r in merged["max_batch"]:
+        if r.get("ok"):
+            print(f"max batch {r['method']:<11} context {r['context']:>7}: batch {r['batch']:>5}, "
+                  f"{r['tokens_per_s']:>10.1f} tok/s total")
+    if plot_:
+        plot(merged, out / "decode.png")
+    print(f"[decode] wrote {out / 'results.json'}" + (f" and {out / 'decode.png'}" if plot_ else ""))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/decode.py", description=__doc__.split("\n\n")[0],
@@ -734,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/decode")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="no run: merge results.json files of separate runs (e.g. bench/h200.sh's stages) into "
+                        "OUT/results.json, print the table and plot")
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failing configurations")
     return p
 
@@ -750,6 +786,8 @@ def _setting(kv: str) -> tuple[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.merge:
+        return merge(ns.merge, Path(ns.out), plot_=not ns.no_plot)
     import zmzoo
     from zmzoo.loading import default_device_dtype
 

@@ -55,6 +55,13 @@ def test_decode_bench_cpu(decode_mod, tmp_path):
         assert p["ok"], p.get("error")
         assert p["tokens_per_s"] > 0
     assert (out / "decode.png").stat().st_size > 0
+    # --merge: the rows of separate runs (here the same run twice) in one results.json, table and plot
+    merged = tmp_path / "merged"
+    assert decode_mod["main"](["--merge", str(out / "results.json"), str(out / "results.json"), "--out",
+                               str(merged)]) == 0
+    m = json.loads((merged / "results.json").read_text())
+    assert len(m["results"]) == 2 * len(res["results"]) and len(m["runs"]) == 2
+    assert m["config"]["methods"] == ["full", "streaming", "zeromerge"] and (merged / "decode.png").is_file()
 
 
 def test_decode_max_batch_cpu(decode_mod, tmp_path):
