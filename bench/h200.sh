@@ -10,7 +10,7 @@
 #            4K, 16K, 40K (issues 2 and 4)
 #   more     h2o and streaming (kv_budget 2048) at 4K..54K
 #   more54   full and ZeroMerge at 54K
-#   peers    HF transformers (static cache + compile) at 4K and 40K
+#   peers    HF transformers (static cache + compile) at 4K, 16K, 40K, 54K
 #   maxbatch the largest batch that fits at 40K (full, ZeroMerge) and its total tokens/s
 #   profile  bench/profile_decode.py: kernel-by-kernel profile of the step, 2 layers at 7B widths, 16K
 #
@@ -65,7 +65,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         run more54 "$py" "${decode[@]}" --contexts 54000 --methods zeromerge,full --peers none --out "$out/more54"
         ;;
     peers)
-        run peers "$py" "${decode[@]}" --contexts 4096,40960 --methods "" --peers hf --out "$out/peers"
+        run peers "$py" "${decode[@]}" --contexts 4096,16384,40960,54000 --methods "" --peers hf --out "$out/peers"
         ;;
     maxbatch)
         run maxbatch "$py" "${decode[@]}" --contexts 40960 --methods full,zeromerge --max-batch \
