@@ -174,3 +174,15 @@ def test_configurations_release_their_caches(decode_mod, monkeypatch):
     g2 = decode_mod["with_caches"](base, method="full", max_seq_len=64, batch=2, kv_budget=None, compile=False)
     assert alive_at_build == [0], f"{alive_at_build} caches of the previous configuration alive while allocating"
     assert g2.model.caches[0].method == "full"
+
+
+def test_prefill_memory_cpu(monkeypatch, capsys):
+    """bench/prefill_memory.py runs one layer of LLaMA-2-7B's widths and reports its transient in activations."""
+    import zmzoo.cache.zeromerge as zm_module
+
+    # the script swaps the prompt scoring for random scores: undo that after the test
+    monkeypatch.setattr(zm_module, "prefill_scores", zm_module.prefill_scores)
+    monkeypatch.setattr("sys.argv", ["prefill_memory.py", "--context", "300", "--kv-budget", "64", "--threads", "1"])
+    runpy.run_path(str(BENCH / "prefill_memory.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "llama2-7b, zeromerge, 300 tokens" in out and "activations of 2 MiB" in out
