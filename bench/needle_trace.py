@@ -68,8 +68,8 @@ def run(base, ids: list[int], spec: str, frac: float, positions: list[int], step
 
         c.prefill = prefill
         if oracle:
-            def scores(q, k, _orig=c.prompt_scores):
-                s = _orig(q, k).clone()
+            def scores(q, k, lse=None, _orig=c.prompt_scores):
+                s = _orig(q, k, lse).clone()
                 s[:, positions] += 1e6
                 return s
 

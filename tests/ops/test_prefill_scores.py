@@ -68,3 +68,51 @@ def test_compile_fullgraph():
     want = score(q, k)
     got = torch.compile(score, fullgraph=True, backend="eager")(q, k)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_heads,n_kv,t,d", [(6, 2, 129, 64), (4, 4, 300, 128)])
+def test_given_lse_equals_recomputed(n_heads, n_kv, t, d, dtype):
+    """With the queries' log-sum-exp from the prompt's attention (the CPU flash kernel here, as ZeroMergeCache passes
+    it), both the reference and the kernel's one-pass path give the two-pass scores."""
+    from zmzoo.cache.base import causal_attention_lse
+
+    q, k_flat = make_inputs(n_heads, n_kv, t, d, torch.float32, seed=t)
+    k = k_flat.unsqueeze(0)
+    out, lse = causal_attention_lse(q, k, torch.randn_like(k), sm_scale=d**-0.5)
+    assert lse is not None and lse.shape == (1, n_heads, t)
+    n_q = decay_window(0.98, t)
+    qw = q[0, :, t - n_q :].to(dtype)
+    kd = k_flat.to(dtype)
+    want = prefill_scores_ref(qw, kd, decay=0.98)
+    lse_w = lse[0, :, t - n_q :]
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(prefill_scores_ref(qw, kd, decay=0.98, lse=lse_w), want, **tol)
+    torch.testing.assert_close(prefill_scores(qw, kd, decay=0.98, lse=lse_w, backend="triton"), want, **tol)
+    with pytest.raises(ValueError, match="lse"):
+        prefill_scores(qw, kd, decay=0.98, lse=lse_w[:, 1:], backend="triton")
+
+
+def test_zeromerge_prefill_hands_the_attention_lse_to_the_kernel(monkeypatch):
+    """ZeroMergeCache with the Triton backend scores the prompt in one pass: the prompt's attention returns the
+    log-sum-exp and prefill_scores receives it (and the result is the two-pass one)."""
+    import zmzoo.cache.zeromerge as zm
+    from zmzoo.cache import build_caches, resolve_cache_config
+
+    seen = []
+
+    def spy(q, k, **kw):
+        seen.append(kw.get("lse"))
+        return prefill_scores(q, k, **kw)
+
+    monkeypatch.setattr(zm, "prefill_scores", spy)
+    cfg = resolve_cache_config(max_seq_len=64, method="zeromerge", kv_budget=12)
+    caches = {b: build_caches(cfg, n_layers=1, batch_size=1, n_heads=4, n_kv_heads=2, head_dim=16, max_seq_len=64,
+                              dtype=torch.float32, device="cpu", backend=b)[0] for b in ("torch", "triton")}
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 4, 40, 16, generator=g), torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 40, 16)
+    outs = {b: c.prefill(q, k, v, 0) for b, c in caches.items()}
+    assert seen[0] is None and seen[1] is not None and seen[1].shape == (4, 40)
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(caches["triton"].s, caches["torch"].s, rtol=1e-5, atol=1e-6)
+    assert torch.equal(caches["triton"].w, caches["torch"].w)

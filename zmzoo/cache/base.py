@@ -31,6 +31,27 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def causal_attention_lse(q: Tensor, k: Tensor, v: Tensor, sm_scale: float) -> tuple[Tensor, Tensor | None]:
+    """``causal_attention`` plus each query's natural-log log-sum-exp (1, H, T) fp32, taken from the flash-attention
+    kernel that computes the output anyway (CUDA fp16/bf16, or the CPU's), so that prompt scoring need not recompute
+    it. Falls back to ``(causal_attention(q, k, v), None)`` wherever that kernel refuses the inputs (its checks run
+    before any launch)."""
+    try:
+        if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False,
+                                                                          scale=sm_scale)[:2]
+        elif q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True,
+                                                                                  scale=sm_scale)
+        else:
+            out, lse = None, None
+    except (RuntimeError, NotImplementedError):
+        out, lse = None, None
+    if out is None or tuple(lse.shape) != tuple(q.shape[:3]) or out.shape != q.shape:
+        return causal_attention(q, k, v), None
+    return out, lse
+
+
 class KVCache(nn.Module):
     """Base class; subclasses set ``method`` and implement ``prefill`` and ``decode``."""
 

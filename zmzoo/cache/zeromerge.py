@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zmzoo.cache.base import KVCache, causal_attention
+from zmzoo.cache.base import KVCache, causal_attention, causal_attention_lse
 from zmzoo.ops.decode_attention import decode_attention
 from zmzoo.ops.prefill_scores import decay_window, pool_scores, prefill_scores
 from zmzoo.ops.slot_insert import slot_insert
@@ -109,14 +109,15 @@ class ZeroMergeCache(KVCache):
         return self.tail - 1
 
     # ---------------------------------------------------------------- prefill
-    def prompt_scores(self, q: Tensor, k: Tensor) -> Tensor:
-        """(Hkv, T) fp32 scores of the prompt's tokens from q (1, H, T, D), k (1, Hkv, T, D), before pooling."""
+    def prompt_scores(self, q: Tensor, k: Tensor, lse: Tensor | None = None) -> Tensor:
+        """(Hkv, T) fp32 scores of the prompt's tokens from q (1, H, T, D), k (1, Hkv, T, D), before pooling;
+        ``lse`` (1, H, T): the queries' log-sum-exp from the prompt's attention, when it returned one."""
         t = k.shape[2]
-        if self.score_window:
-            w = min(t, self.score_window)
-            return prefill_scores(q[0, :, t - w :], k[0], decay=1.0, sm_scale=self.sm_scale, backend=self.backend)
-        w = decay_window(self.decay, t)
-        return prefill_scores(q[0, :, t - w :], k[0], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
+        w = min(t, self.score_window) if self.score_window else decay_window(self.decay, t)
+        decay = 1.0 if self.score_window else self.decay
+        lse_w = lse[0, :, t - w :] if lse is not None else None
+        return prefill_scores(q[0, :, t - w :], k[0], decay=decay, sm_scale=self.sm_scale, lse=lse_w,
+                              backend=self.backend)
 
     def select(self, k: Tensor, v: Tensor, scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Compress a prompt longer than the budget: k, v (Hkv, T, D), scores (Hkv, T) ->
@@ -157,8 +158,14 @@ class ZeroMergeCache(KVCache):
     @torch.no_grad()
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
         t = self._check_prefill(q, k, row)
-        out = causal_attention(q, k, v, self.sliding_window)
-        scores = self.prompt_scores(q, k) if self._needs_prompt_scores(t) else None
+        need_scores = self._needs_prompt_scores(t)
+        lse = None
+        if need_scores and self.backend == "triton" and (self.sliding_window is None or t <= self.sliding_window):
+            # the Triton scoring skips its log-sum-exp pass when the attention hands it over
+            out, lse = causal_attention_lse(q, k, v, self.sm_scale)
+        else:
+            out = causal_attention(q, k, v, self.sliding_window)
+        scores = self.prompt_scores(q, k, lse) if need_scores else None
         self.w[row].zero_()
         self.s[row].zero_()
         self.base[row] = max(t, self.budget)

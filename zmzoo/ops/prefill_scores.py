@@ -10,6 +10,7 @@ windowed variant (pool afterwards with ``pool_scores``).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +35,16 @@ def decay_window(decay: float, t: int, eps: float = 1e-9) -> int:
 
 
 def prefill_scores_ref(
-    q: Tensor, k: Tensor, *, decay: float, sm_scale: float | None = None, chunk: int = 256
+    q: Tensor, k: Tensor, *, decay: float, sm_scale: float | None = None, lse: Tensor | None = None,
+    chunk: int = 256,
 ) -> Tensor:
     """Plain-torch reference (fp32), chunked over queries.
 
     Args:
         q: (H, W, D) the prompt's last W queries (positions T-W .. T-1), after RoPE.
         k: (Hkv, T, D) the prompt's keys, after RoPE.
+        lse: optional (H, W) fp32 natural-log log-sum-exp of each query's causal logits, as the attention that
+            produced the outputs returns it: probabilities are then exp(logit - lse) instead of a softmax.
     Returns:
         (Hkv, T) fp32 scores.
 
@@ -59,7 +63,10 @@ def prefill_scores_ref(
         logits = torch.einsum("hgcd,htd->hgct", qc, kf) * sm_scale  # (Hkv, G, C, T)
         q_pos = t - n_q + torch.arange(c0, c1, device=q.device)
         logits = logits.masked_fill(key_pos.view(1, -1) > q_pos.view(-1, 1), float("-inf"))
-        p = torch.softmax(logits, dim=-1)
+        if lse is None:
+            p = torch.softmax(logits, dim=-1)
+        else:
+            p = torch.exp(logits - lse[:, c0:c1].float().reshape(n_kv, g, c1 - c0, 1))
         wts = torch.pow(torch.tensor(decay, dtype=torch.float64), (t - 1 - q_pos).double()).float()
         out += torch.einsum("hgct,c->ht", p, wts)
     return out
@@ -75,19 +82,22 @@ def pool_scores(scores: Tensor, kernel: int | None) -> Tensor:
 
 
 def prefill_scores(
-    q: Tensor, k: Tensor, *, decay: float, sm_scale: float | None = None, backend: str = "torch"
+    q: Tensor, k: Tensor, *, decay: float, sm_scale: float | None = None, lse: Tensor | None = None,
+    backend: str = "torch",
 ) -> Tensor:
-    """Prefill scores (see module docstring); ``backend`` is "torch" or "triton"."""
+    """Prefill scores (see module docstring); ``backend`` is "torch" or "triton". With ``lse`` (the queries' log-sum-exp
+    from the prompt's attention) the Triton path skips its first pass."""
     if backend == "triton":
-        return prefill_scores_triton(q, k, decay=decay, sm_scale=sm_scale)
-    return prefill_scores_ref(q, k, decay=decay, sm_scale=sm_scale)
+        return prefill_scores_triton(q, k, decay=decay, sm_scale=sm_scale, lse=lse)
+    return prefill_scores_ref(q, k, decay=decay, sm_scale=sm_scale, lse=lse)
 
 
 # ----------------------------------------------------------------------------------------------------------- Triton
 # Two passes, never more than a (BLOCK_M, BLOCK_N) tile of logits:
 #
 # 1. ``_prefill_lse_kernel``, grid (H, W / BLOCK_M): each query row's base-2 log-sum-exp over its causal keys
-#    (online max/sum over key tiles), written to an (H, W) fp32 buffer.
+#    (online max/sum over key tiles), written to an (H, W) fp32 buffer. Skipped when the caller passes the
+#    log-sum-exp that the prompt's flash attention computed anyway (ZeroMergeCache.prefill on CUDA): half the work.
 # 2. ``_prefill_colsum_kernel``, grid (Hkv, T / BLOCK_N): a program owns a tile of keys; for every query head of the
 #    group and every query tile that can see the keys it sums decay^(T-1-q) * exp2(logit - lse_q) over the queries and
 #    writes scores[kv, keys] once (no atomics).
@@ -190,32 +200,37 @@ def _decay_weights(decay: float, n_q: int, device: torch.device) -> Tensor:
     return torch.pow(base, expo).float()
 
 
-def _prefill_scores_impl(q: Tensor, k: Tensor, decay: float, sm_scale: float) -> Tensor:
+def _prefill_scores_impl(q: Tensor, k: Tensor, lse_in: Optional[Tensor], decay: float,  # noqa: UP045
+                         sm_scale: float) -> Tensor:
     n_heads, n_q, d = q.shape
     n_kv, t, _ = k.shape
     g = n_heads // n_kv
     block_d = max(16, next_pow2(d))
     block_m, block_n = (64, 64) if block_d <= 128 else (32, 32)
     ieee = k.dtype == torch.float32
-    lse = torch.empty((n_heads, n_q), dtype=torch.float32, device=q.device)
     out = torch.empty((n_kv, t), dtype=torch.float32, device=q.device)
     wts = _decay_weights(decay, n_q, q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     meta = dict(GROUP=g, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee,
                 num_warps=4, num_stages=2)
-    launch(_prefill_lse_kernel, (n_heads, triton.cdiv(n_q, block_m)),
-        q, k, lse, *strides, n_q, t, sm_scale * LOG2E, **meta)
+    if lse_in is None:
+        lse = torch.empty((n_heads, n_q), dtype=torch.float32, device=q.device)
+        launch(_prefill_lse_kernel, (n_heads, triton.cdiv(n_q, block_m)),
+            q, k, lse, *strides, n_q, t, sm_scale * LOG2E, **meta)
+    else:  # natural log -> base 2, contiguous (H, W)
+        lse = (lse_in.float() * LOG2E).contiguous()
     launch(_prefill_colsum_kernel, (n_kv, triton.cdiv(t, block_n)),
         q, k, lse, wts, out, *strides, n_q, t, sm_scale * LOG2E, **meta)
     return out
 
 
 if triton is not None:
-    # zmzoo::prefill_scores(Tensor q, Tensor k, float decay, float sm_scale) -> Tensor
+    # zmzoo::prefill_scores(Tensor q, Tensor k, Tensor? lse, float decay, float sm_scale) -> Tensor
     _prefill_scores_op = torch.library.triton_op("zmzoo::prefill_scores", _prefill_scores_impl, mutates_args=())
 
 
-def prefill_scores_triton(q: Tensor, k: Tensor, *, decay: float, sm_scale: float | None = None) -> Tensor:
+def prefill_scores_triton(q: Tensor, k: Tensor, *, decay: float, sm_scale: float | None = None,
+                          lse: Tensor | None = None) -> Tensor:
     """Triton kernels with the semantics of ``prefill_scores_ref`` (registered as zmzoo::prefill_scores)."""
     if triton is None:
         raise RuntimeError("prefill_scores backend='triton' needs the triton package")
@@ -224,5 +239,7 @@ def prefill_scores_triton(q: Tensor, k: Tensor, *, decay: float, sm_scale: float
         raise ValueError(f"prefill_scores: q {tuple(q.shape)} does not match k {tuple(k.shape)}")
     if q.dtype not in _DTYPES or k.dtype not in _DTYPES:
         raise TypeError(f"prefill_scores backend='triton' takes {_DTYPES}, got {q.dtype}/{k.dtype}")
+    if lse is not None and tuple(lse.shape) != (n_heads, n_q):
+        raise ValueError(f"prefill_scores: lse {tuple(lse.shape)} is not (heads, queries) = {(n_heads, n_q)}")
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    return torch.ops.zmzoo.prefill_scores(q, k, float(decay), float(sm_scale))
+    return torch.ops.zmzoo.prefill_scores(q, k, lse, float(decay), float(sm_scale))
