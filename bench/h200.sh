@@ -6,6 +6,7 @@
 #   env      GPU, driver, versions
 #   tests    the generator tests on CUDA (Triton kernels compiled, CUDA graphs): ZMZOO_TEST_DEVICE=cuda pytest
 #   ops      bench/ops.py: kernel parity against the torch references at LLaMA-2-7B sizes, bandwidth fractions
+#   ops-sweep  the same plus the decode kernel's launch-settings sweep (~4 min)
 #   main     bench/decode.py: LLaMA-2-7B, random bf16 weights, batch 1: full and ZeroMerge (kv_budget 2048) at
 #            4K, 16K, 40K (issues 2 and 4)
 #   more     h2o and streaming (kv_budget 2048) at 4K..54K
@@ -52,6 +53,9 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         ;;
     ops)
         run ops "$py" bench/ops.py --out "$out/ops" --no-sweep --budget-s 120
+        ;;
+    ops-sweep)
+        run ops "$py" bench/ops.py --out "$out/ops" --budget-s 240
         ;;
     main)
         run main "$py" "${decode[@]}" --contexts 4096,16384,40960 --methods zeromerge,full --peers none \
