@@ -49,7 +49,6 @@ import gc
 import inspect
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -60,6 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from zmzoo.environment import environment
 
 # the tiny config of --tiny (CPU smoke tests): the architecture of --model with these dimensions
 TINY = {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 96, "vocab_size": 128}
@@ -153,21 +154,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> dict
     med = statistics.median(times)
     return {"bytes_per_s": 2 * n * 4 / med, "buffer_bytes": n * 4, "repeats": repeats, "median_s": med,
             "counted": "bytes read + bytes written"}
-
-
-def versions() -> dict[str, Any]:
-    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    for mod in ("triton", "transformers", "zmzoo"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-        out["cuda"] = torch.version.cuda
-        out["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-    return out
 
 
 def parse_list(s: str, typ=str) -> list:
@@ -406,7 +392,6 @@ def run_group(base, ns, method: str, contexts: list[int], batch: int, plans: dic
     recs = []
     gen = None
     try:
-        free_memory(device)
         gen = with_caches(base, method=method, max_seq_len=max_seq_len, batch=batch, kv_budget=budget,
                           compile=compile_arg(ns), settings=ns.cache_settings)
     except Exception as e:
@@ -832,8 +817,9 @@ def main(argv: list[str] | None = None) -> int:
         base = zmzoo.load(ns.model, weights=ns.weights, device=device, dtype=dtype, compile=False, max_seq_len=64,
                           ops=backend, seed=ns.seed, args_overrides=overrides or None)
     args = base.args
+    hw = environment().get("gpu", platform.processor() or "cpu")
     print(f"[decode] {args.name}: {args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads, "
-          f"{str(dtype).replace('torch.', '')} on {device} ({versions().get('gpu', platform.processor() or 'cpu')}), "
+          f"{str(dtype).replace('torch.', '')} on {device} ({hw}), "
           f"ops={backend}, compile={ns.compile}; loaded in {time.perf_counter() - t0:.1f}s; weights read per step "
           f"{weight_bytes(base.model) / GiB:.2f} GiB")
     budget_desc = f"kv_budget={ns.kv_budget}" if ns.kv_budget else f"kv_ratio={ns.kv_ratio} of the context"
@@ -846,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         return steps, repeats
 
     results: dict[str, Any] = {
-        "env": {**versions(), "device": str(device), "dtype": str(dtype).replace("torch.", ""), "ops": backend,
+        "env": {**environment(), "device": str(device), "dtype": str(dtype).replace("torch.", ""), "ops": backend,
                 "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                 "timer": "cuda events" if cuda else "time.perf_counter (CPU)"},

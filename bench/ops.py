@@ -34,7 +34,6 @@ if "--cpu" in sys.argv:  # must precede the first kernel launch (kernels are dec
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 import traceback
@@ -43,6 +42,7 @@ from typing import Any
 
 import torch
 
+from zmzoo.environment import environment
 from zmzoo.ops._interpreter import fix_interpreter_bf16
 from zmzoo.ops.decode_attention import (
     NUM_STAGES,
@@ -505,19 +505,6 @@ def row(r) -> str:
     return s
 
 
-def versions() -> dict[str, Any]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for ops.json")
@@ -537,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references in full fp32
         torch.backends.cudnn.allow_tf32 = False
     ns.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"versions": versions(), "device": str(device), "failures": []}
+    report: dict[str, Any] = {"versions": environment(), "device": str(device), "failures": []}
     log(f"{report['versions']}")
 
     def section(name, fn):

@@ -48,14 +48,19 @@ def main() -> None:
             tok = fn(tok, gen.pos).argmax(-1)
             gen.pos += 1
 
+    def start(fn, warmup):  # prefill the prompt into row 0, then warm-up steps
+        nonlocal tok
+        gen.pos.zero_()
+        tok = gen.model.prefill(ids, row=0).argmax(-1)
+        gen.pos[0] = ns.context
+        run(fn, warmup)
+        torch.cuda.synchronize()
+
+    tok = None
     results = {}
     for name, fn in (("cudagraph", gen.decode_step), ("plain", step_plain)):
         with torch.inference_mode():
-            gen.pos.zero_()
-            tok = gen.model.prefill(ids, row=0).argmax(-1)
-            gen.pos[0] = ns.context
-            run(fn, 5)
-            torch.cuda.synchronize()
+            start(fn, 5)
             times = []
             for _ in range(5):
                 t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,11 +73,7 @@ def main() -> None:
         print(f"{name}: {results[name] * 1e3:.1f} us/step (median of 5 x {ns.steps} steps)", flush=True)
 
     with torch.inference_mode():
-        gen.pos.zero_()
-        tok = gen.model.prefill(ids, row=0).argmax(-1)
-        gen.pos[0] = ns.context
-        run(step_plain, 3)
-        torch.cuda.synchronize()
+        start(step_plain, 3)
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             run(step_plain, ns.steps)
             torch.cuda.synchronize()

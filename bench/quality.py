@@ -43,8 +43,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
-import platform
 import random
 import re
 import statistics
@@ -59,6 +57,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zmzoo.environment import environment
 
 # ---------------------------------------------------------------------------------------------------- texts
 REPEAT_FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
@@ -685,20 +685,6 @@ def _setting(kv: str) -> tuple[str, str, Any]:
     return method, name, {"none": None, "true": True, "false": False}.get(v.lower(), v)
 
 
-def _versions() -> dict[str, Any]:
-    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                           "torch_threads": torch.get_num_threads()}
-    for mod in ("triton", "transformers", "zmzoo"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     t_all = time.perf_counter()
@@ -769,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[quality] texts: " + "; ".join(f"{t['name']} ({t['tokens']} tokens: {t['source']})" for t in text_info))
 
     results: dict[str, Any] = {
-        "env": {**_versions(), "device": str(device), "dtype": str(dtype).replace("torch.", ""), "ops": backend,
+        "env": {**environment(), "device": str(device), "dtype": str(dtype).replace("torch.", ""), "ops": backend,
                 "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])},
         "config": {"model": a.name, "weights": ns.weights, "methods": ns.methods, "budgets": ns.budgets,
