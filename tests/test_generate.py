@@ -187,3 +187,14 @@ def test_long_prompt_chunking_is_exact():
         whole = block.prefill(h, cos, sin, 0, mlp_chunk=4096)
         chunked = block.prefill(h, cos, sin, 0, mlp_chunk=4)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)  # GEMMs of other row counts round apart
+
+
+def test_fused_projections_share_memory_with_their_parameters():
+    """q|k|v and gate|up are single matrices whose rows are the named parameters themselves (no second copy)."""
+    gen = tiny_gen(name="qwen2.5-0.5b")  # with q/k/v biases
+    att, ff = gen.model.layers[0].attention, gen.model.layers[0].feed_forward
+    for fused, parts in ((att.wqkv, (att.wq.weight, att.wk.weight, att.wv.weight)),
+                         (att.bqkv, (att.wq.bias, att.wk.bias, att.wv.bias)),
+                         (ff.w13, (ff.w1.weight, ff.w3.weight))):
+        assert all(p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for p in parts)
+        assert torch.equal(torch.cat(parts, 0), fused)

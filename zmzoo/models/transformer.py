@@ -104,6 +104,23 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096) -> Tensor
     return out
 
 
+@torch.no_grad()
+def fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """Concatenate the weights (and biases) of ``linears`` along the output dimension and make each layer's parameters
+    views into the result, so no memory is added and names, state dicts and byte counts are unchanged. Call after the
+    weights are final: a later ``.to()`` would copy the views apart. Returns (weight, bias or None)."""
+    w = torch.cat([m.weight for m in linears], 0)
+    b = torch.cat([m.bias for m in linears], 0) if linears[0].bias is not None else None
+    o = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(w[o : o + n], requires_grad=False)
+        if b is not None:
+            m.bias = nn.Parameter(b[o : o + n], requires_grad=False)
+        o += n
+    return w, b
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -120,21 +137,10 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """One (q|k|v) matrix: a single GEMV reads all three (batch-1 decode is bound by weight reads, and one large
-        matrix-vector product runs closer to the copy bandwidth than three small ones plus their launches).
-        ``wq``/``wk``/``wv`` stay as parameters that are views into it: names, state dict and byte counts are
-        unchanged. Call after the weights are final (a later ``.to()`` would break the views)."""
-        mods = (self.wq, self.wk, self.wv)
-        w = torch.cat([m.weight.data for m in mods], 0)
+        matrix-vector product runs closer to the copy bandwidth than three small ones plus their launches)."""
+        w, b = fuse_linears(self.wq, self.wk, self.wv)
         self.register_buffer("wqkv", w, persistent=False)
-        b = torch.cat([m.bias.data for m in mods], 0) if self.args.qkv_bias else None
         self.register_buffer("bqkv", b, persistent=False)
-        o = 0
-        for m in mods:
-            n = m.weight.shape[0]
-            m.weight = nn.Parameter(w[o : o + n], requires_grad=False)
-            if b is not None:
-                m.bias = nn.Parameter(b[o : o + n], requires_grad=False)
-            o += n
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         bsz, t, _ = x.shape
@@ -200,12 +206,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
 
     def fuse(self) -> None:
-        """One (gate|up) matrix, ``w1``/``w3`` views into it (see ``Attention.fuse``)."""
-        w = torch.cat([self.w1.weight.data, self.w3.weight.data], 0)
-        self.register_buffer("w13", w, persistent=False)
-        n = self.w1.weight.shape[0]
-        self.w1.weight = nn.Parameter(w[:n], requires_grad=False)
-        self.w3.weight = nn.Parameter(w[n:], requires_grad=False)
+        """One (gate|up) matrix (see ``Attention.fuse``)."""
+        self.register_buffer("w13", fuse_linears(self.w1, self.w3)[0], persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if getattr(self, "w13", None) is not None:
