@@ -46,7 +46,6 @@ from zmzoo.environment import environment
 from zmzoo.ops._interpreter import fix_interpreter_bf16
 from zmzoo.ops.decode_attention import (
     NUM_STAGES,
-    NUM_WARPS,
     WAVES,
     _decode_attention_launch,
     decode_attention,
@@ -393,9 +392,10 @@ def time_prefill(device, bw) -> list[dict[str, Any]]:
     return res
 
 
-SWEEP = [  # (BLOCK_N, num_warps, num_stages, programs per SM); the first is the default
-    (decode_attention_config(1, 1, 1 << 20, HEAD_DIM, "cpu")[0], NUM_WARPS, NUM_STAGES, WAVES),
-    (64, 2, 2, 4), (64, 2, 3, 8), (32, 2, 3, 16), (32, 1, 3, 8), (32, 4, 3, 8), (16, 2, 3, 8),
+SWEEP = [  # (BLOCK_N, num_warps, num_stages, programs per SM); the first is the default (warps None: the kernel's
+    # own choice, NUM_WARPS for GQA groups and NUM_WARPS_MHA for a lone query head)
+    (decode_attention_config(1, 1, 1 << 20, HEAD_DIM, "cpu")[0], None, NUM_STAGES, WAVES),
+    (32, 2, 3, 8), (64, 2, 2, 4), (64, 2, 3, 8), (32, 2, 3, 16), (32, 1, 3, 8), (32, 4, 3, 8), (16, 2, 3, 8),
     (32, 2, 2, 8), (32, 2, 4, 8), (128, 4, 2, 4), (64, 4, 2, 4),
     # fewer, longer programs: at batch 1 and ~2K slots the default gives each program 2 tiles in ~2 waves, and the
     # kernel ran at 41 % of the copy bandwidth on the H200 (latency-bound); these keep one wave with 4-16 tiles each

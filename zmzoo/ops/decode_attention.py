@@ -132,10 +132,14 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch settings of the split kernel, from a sweep on an H200 (bench/ops.py: bf16, D=128, MHA 32/32 and GQA 32/8,
 # S 2048..40960, batch 1 and 8; run before K and V loads were issued together): BLOCK_N=32, 2 warps, 3 stages and
 # ~8 programs per SM were the best or within 10 % of it at every size (MHA S=40960: 100 % of the copy bandwidth,
-# against 73 % with BLOCK_N=64, 4 warps, 2 stages, 4 programs per SM).
+# against 73 % with BLOCK_N=64, 4 warps, 2 stages, 4 programs per SM). A second sweep (2026-11-29, after K and V
+# loads were issued together) found one warp best for a lone query head (MHA: the tile is a multiply-and-reduce,
+# no tl.dot): batch 1 S=2048 20.2 -> 17.4 us, S=8192 55.0 -> 45.4 us, batch 8 S=8192 330 -> 289 us, S=40960 166 us
+# either way; for GQA groups (tl.dot) two warps stayed best (batch 8 S=8192: 81.7 us against 91.0 us with one).
 MAX_SPLITS = 64
 WAVES = 8  # target programs per SM
-NUM_WARPS, NUM_STAGES = 2, 3
+NUM_WARPS, NUM_STAGES = 2, 3  # NUM_WARPS for GQA groups; a lone query head gets NUM_WARPS_MHA
+NUM_WARPS_MHA = 1
 
 
 def _decode_attn_split_kernel(
@@ -332,7 +336,8 @@ def decode_attention_config(
 def _decode_attention_launch(
     q: Tensor, k: Tensor, v: Tensor, start: Tensor, end: Tensor, k_new: Tensor | None, v_new: Tensor | None,
     w: Tensor | None, scores: Tensor | None, logw_scale: float, decay: float, sm_scale: float, *,
-    block_n: int | None = None, n_splits: int | None = None, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+    block_n: int | None = None, n_splits: int | None = None, num_warps: int | None = None,
+    num_stages: int = NUM_STAGES,
 ) -> tuple[Tensor, Tensor]:
     """Launch both kernels; returns (out, new_score) with new_score empty when not computed."""
     bsz, n_heads, d = q.shape
@@ -344,6 +349,8 @@ def _decode_attention_launch(
     block_d = max(16, next_pow2(d))
     use_dot = g > 1  # tl.dot needs 16 rows: pad the group to 16; a lone head multiplies and reduces instead
     block_g = max(16, next_pow2(g)) if use_dot else 1
+    if num_warps is None:
+        num_warps = NUM_WARPS if use_dot else NUM_WARPS_MHA
     has_new, has_w, has_scores = k_new is not None, w is not None, scores is not None
 
     m_part = torch.empty((bsz, n_heads, n_splits), dtype=f32, device=dev)
