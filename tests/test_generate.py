@@ -152,7 +152,10 @@ def test_triton_generator_equals_torch(method, kw):
 def test_cuda_graph_decode(method):
     """On CUDA the default compile (inductor, reduce-overhead: CUDA graphs) with the Triton kernels compiles the decode
     step once, records no CUDA-graph skip, keeps every buffer in place, and gives the eager torch-ops logits."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
+
+    from zmzoo.models.transformer import Transformer
 
     torch._dynamo.reset()
     counters.clear()
@@ -165,7 +168,8 @@ def test_cuda_graph_decode(method):
                                                                                       return_ids=True)
     p, c = list(range(3, 25)), list(range(40, 80))
     torch.testing.assert_close(gen.score(p, c), ref.score(p, c), rtol=1e-4, atol=1e-4)
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    # one graph of the decode step (the prompt's fused elementwise kernels, fused_prefill, compile graphs of their own)
+    assert len(_debug_get_cache_entry_list(Transformer.decode.__code__)) == 1, dict(counters["stats"])
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert {n: b.data_ptr() for n, b in gen.model.named_buffers()} == ptrs
 
@@ -187,6 +191,31 @@ def test_long_prompt_chunking_is_exact():
         whole = block.prefill(h, cos, sin, 0, mlp_chunk=4096)
         chunked = block.prefill(h, cos, sin, 0, mlp_chunk=4)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)  # GEMMs of other row counts round apart
+
+
+@pytest.mark.parametrize("name", ["llama2-7b", "qwen3-0.6b"])  # qwen3: the per-head q/k norms fused as well
+def test_fused_prefill_equals_eager(name):
+    """The prompt's RMSNorm, RoPE and SiLU gate as compiled kernels (``fused_prefill``, on by default on CUDA with
+    compile) give the eager prefill's logits at every position, for prompts of different lengths (one dynamic-shape
+    compile serves them) and with the MLP in chunks."""
+    gen = tiny_gen(name=name, max_seq_len=96)
+    model = gen.model
+    g = torch.Generator().manual_seed(3)
+    for t in (9, 41):
+        ids = torch.randint(0, 128, (1, t), generator=g).to(DEVICE)
+        with torch.inference_mode():
+            model.fused_prefill = False
+            want = model.prefill(ids, row=0, all_logits=True)
+            model.fused_prefill = True
+            got = model.prefill(ids, row=0, all_logits=True)
+            block = model.layers[0]
+            h = torch.randn(1, t, gen.args.dim, generator=g).to(DEVICE)
+            cos, sin = (x[:t].view(1, 1, t, -1) for x in (model.rope_cos, model.rope_sin))
+            chunked = block.prefill(h, cos, sin, 0, mlp_chunk=8, fused=True)
+            whole = block.prefill(h, cos, sin, 0)
+        model.fused_prefill = False
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_projections_share_memory_with_their_parameters():

@@ -75,6 +75,9 @@ class Generator:
             self.pos = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.last_stats = GenerationStats()
         self._decode_fn = self._make_decode(compile)
+        # the prompt's elementwise work in compiled kernels where compile is on and the GPU makes it pay (on the CPU
+        # the prompt is bound by its matrix products, and a first prefill would wait for the compiler)
+        model.fused_prefill = compile is True and torch.device(device).type == "cuda"
 
     # ------------------------------------------------------------------ setup
     def _make_decode(self, compile: bool | str | Callable) -> Callable[[Tensor, Tensor], Tensor]:

@@ -25,11 +25,33 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        # statistics in fp32, scale in the input dtype (as HF LlamaRMSNorm)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        return (compiled(rms_norm) if fused else rms_norm)(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # statistics in fp32, scale in the input dtype (as HF LlamaRMSNorm)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """``fn`` compiled once for every shape (``dynamic=True``): the prompt's elementwise work (RMSNorm, RoPE, SiLU
+    gate) as one fused kernel each instead of 2-8 eager ones with fp32 temporaries. Eager, these took a quarter of a
+    40K-token prefill on the H200 (the decode step is compiled whole anyway). Used where ``Transformer.fused_prefill``
+    is set (``zmzoo.load`` on CUDA with ``compile``)."""
+    c = _COMPILED.get(fn)
+    if c is None:
+        c = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return c
 
 
 def rope_inv_freq(args: ModelArgs) -> tuple[Tensor, float]:
@@ -90,11 +112,14 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rot * sin).to(x.dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096, fused: bool = False) -> Tensor:
     """x: (B, h, T, d); cos/sin: (B, 1, T, d) fp32. Rotation in fp32, result in x's dtype.
 
     Long prompts are rotated ``chunk`` positions at a time: the fp32 temporaries of a 40K-token prompt at 7B width
-    would otherwise be four copies of q in fp32 (2.5 GiB), more than the rest of the layer's activations."""
+    would otherwise be four copies of q in fp32 (2.5 GiB), more than the rest of the layer's activations. ``fused``:
+    one compiled kernel, which has no temporaries (see ``compiled``)."""
+    if fused:
+        return compiled(_rope)(x, cos, sin)
     t = x.shape[2]
     if t <= chunk:
         return _rope(x, cos, sin)
@@ -158,7 +183,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _qkv_prefill(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv_prefill(self, x: Tensor, cos: Tensor, sin: Tensor, fused: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """The prompt's q, k, v one projection at a time, each rotated as soon as it exists: a prompt's activations
         are large (320 MiB each at 40K tokens and 7B widths), and this keeps three of them alive where the fused
         projection kept its whole output (three) plus the two rotated copies. Prefill is bound by compute, so the
@@ -167,21 +192,22 @@ class Attention(nn.Module):
         hd = self.args.head_dim
         q = self.wq(x).view(bsz, t, self.args.n_heads, hd)
         if self.args.qk_norm:
-            q = self.q_norm(q)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
+            q = self.q_norm(q, fused)
+        q = apply_rope(q.transpose(1, 2), cos, sin, fused=fused)
         k = self.wk(x).view(bsz, t, self.args.n_kv_heads, hd)
         if self.args.qk_norm:
-            k = self.k_norm(k)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+            k = self.k_norm(k, fused)
+        k = apply_rope(k.transpose(1, 2), cos, sin, fused=fused)
         v = self.wv(x).view(bsz, t, self.args.n_kv_heads, hd).transpose(1, 2)
         return q, k, v
 
-    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, norm: nn.Module | None = None) -> Tensor:
+    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, norm: nn.Module | None = None,
+                fused: bool = False) -> Tensor:
         """``norm`` (the block's attention norm) is applied here so that the normalised prompt can be freed as soon
-        as q, k, v exist; q, k, v are freed before the output projection."""
+        as q, k, v exist; q, k, v are freed before the output projection. ``fused``: see ``compiled``."""
         bsz, t, _ = x.shape
-        xn = norm(x) if norm is not None else x
-        q, k, v = self._qkv_prefill(xn, cos, sin)
+        xn = norm(x, fused) if norm is not None else x
+        q, k, v = self._qkv_prefill(xn, cos, sin, fused)
         del xn
         y = self.kv_cache.prefill(q, k, v, row)  # (1, H, T, hd)
         del q, k, v
@@ -209,11 +235,12 @@ class FeedForward(nn.Module):
         """One (gate|up) matrix (see ``Attention.fuse``)."""
         self.register_buffer("w13", fuse_linears(self.w1, self.w3)[0], persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        act = compiled(silu_mul) if fused else silu_mul
         if getattr(self, "w13", None) is not None:
             gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            return self.w2(act(gate, up))
+        return self.w2(act(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -224,18 +251,19 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def _mlp(self, h: Tensor) -> Tensor:
-        return h + self.feed_forward(self.ffn_norm(h))
+    def _mlp(self, h: Tensor, fused: bool = False) -> Tensor:
+        return h + self.feed_forward(self.ffn_norm(h, fused), fused)
 
-    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, mlp_chunk: int = 4096) -> Tensor:
-        h = x + self.attention.prefill(x, cos, sin, row, norm=self.attention_norm)
+    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, mlp_chunk: int = 4096,
+                fused: bool = False) -> Tensor:
+        h = x + self.attention.prefill(x, cos, sin, row, norm=self.attention_norm, fused=fused)
         if h.shape[1] <= mlp_chunk:
-            return self._mlp(h)
+            return self._mlp(h, fused)
         # long prompts: the MLP's (T, 2 x intermediate) activations in chunks, written into one output, bound
         # prefill's peak memory (GEMMs of 4096 rows still run at full speed)
         out = torch.empty_like(h)
         for a in range(0, h.shape[1], mlp_chunk):
-            out[:, a : a + mlp_chunk] = self._mlp(h[:, a : a + mlp_chunk])
+            out[:, a : a + mlp_chunk] = self._mlp(h[:, a : a + mlp_chunk], fused)
         return out
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
@@ -256,6 +284,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_seq_len = 0
+        self.fused_prefill = False  # the prompt's elementwise work in compiled kernels (see ``compiled``)
 
     def tie_weights(self) -> None:
         """Re-tie the output projection to the embedding (after ``load_state_dict(assign=True)``)."""
@@ -301,7 +330,7 @@ class Transformer(nn.Module):
         sin = self.rope_sin[:t].view(1, 1, t, -1)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer.prefill(x, cos, sin, row)
+            x = layer.prefill(x, cos, sin, row, fused=self.fused_prefill)
         x = x if all_logits else x[:, -1:]
         logits = self.output(self.norm(x))
         self._lookahead(logits[:, -1], t)
