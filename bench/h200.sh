@@ -11,9 +11,11 @@
 #            4K, 16K, 40K (issues 2 and 4)
 #   more     h2o and streaming (kv_budget 2048) at 4K..54K
 #   more54   full and ZeroMerge at 54K
-#   peers    HF transformers (static cache + compile) at 4K, 16K, 40K, 54K
+#   peers    HF transformers (static cache + compile) at $PEER_CONTEXTS (default 4K, 16K, 40K, 54K)
 #   maxbatch the largest batch that fits at 40K (full, ZeroMerge) and its total tokens/s
 #   profile  bench/profile_decode.py: kernel-by-kernel profile of the step, 2 layers at 7B widths, 16K
+#   prefill  bench/profile_prefill.py: the 40K prompt's attention under each SDPA backend, and a profile of the
+#            prefill of 2 layers at 7B widths ($PROFILE_METHODS, default full and zeromerge)
 #
 # DEADLINE (seconds, default 570) bounds the whole script: each stage gets the time left. Everything lands in OUTDIR
 # (logs, results.json, PNGs) and is packed into OUTDIR/h200.tar.gz at the end.
@@ -49,7 +51,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         ;;
     tests)
         run tests env ZMZOO_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider tests/test_generate.py \
-            -k "cuda_graph or triton_generator or inductor or batch_rows"
+            -k "cuda_graph or triton_generator or inductor or batch_rows or fused_prefill"
         ;;
     ops)
         run ops "$py" bench/ops.py --out "$out/ops" --no-sweep --budget-s 120
@@ -69,7 +71,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         run more54 "$py" "${decode[@]}" --contexts 54000 --methods zeromerge,full --peers none --out "$out/more54"
         ;;
     peers)
-        run peers "$py" "${decode[@]}" --contexts 4096,16384,40960,54000 --methods "" --peers hf --out "$out/peers"
+        run peers "$py" "${decode[@]}" --contexts "${PEER_CONTEXTS:-4096,16384,40960,54000}" --methods "" --peers hf --out "$out/peers"
         ;;
     maxbatch)
         run maxbatch "$py" "${decode[@]}" --contexts 40960 --methods full,zeromerge --max-batch \
@@ -78,6 +80,11 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
     profile)
         for m in ${PROFILE_METHODS:-full zeromerge}; do
             run "profile_$m" "$py" bench/profile_decode.py --method $m --context 16384 --layers 2 --out "$out/profile"
+        done
+        ;;
+    prefill)
+        for m in ${PROFILE_METHODS:-full zeromerge}; do
+            run "prefill_$m" "$py" bench/profile_prefill.py --method $m --context 40960 --layers 2 --out "$out/prefill"
         done
         ;;
     *)
