@@ -686,9 +686,9 @@ def merge(paths: list[str], out: Path, plot_: bool = True) -> int:
         "runs": [{"file": str(p), "env": r["env"], "config": r["config"], "bandwidth": r["bandwidth"],
                   "wall_s": r.get("wall_s")} for p, r in zip(paths, runs)],
     }
-    for r in runs:
+    for i, r in enumerate(runs):
         for key in ("results", "peers", "max_batch"):
-            merged[key] += r.get(key, [])
+            merged[key] += [{**row, "run": i} for row in r.get(key, [])]  # "run": its index in "runs"
     merged["config"]["methods"] = sorted({r["method"] for r in merged["results"]})
     merged["config"]["contexts"] = sorted({r["context"] for r in merged["results"] + merged["peers"]})
     out.mkdir(parents=True, exist_ok=True)

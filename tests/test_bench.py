@@ -61,6 +61,7 @@ def test_decode_bench_cpu(decode_mod, tmp_path):
                                str(merged)]) == 0
     m = json.loads((merged / "results.json").read_text())
     assert len(m["results"]) == 2 * len(res["results"]) and len(m["runs"]) == 2
+    assert [r["run"] for r in m["results"]] == [0] * len(res["results"]) + [1] * len(res["results"])
     assert m["config"]["methods"] == ["full", "streaming", "zeromerge"] and (merged / "decode.png").is_file()
 
 
