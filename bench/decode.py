@@ -731,6 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--ops", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton on CUDA when its kernels work, else the torch references")
+    p.add_argument("--gemv", default="torch", choices=["torch", "triton"],
+                   help="the decode step's matrix-vector products: torch (F.linear, cuBLAS) or triton (zmzoo.ops.gemv)")
     p.add_argument("--compile", default="auto",
                    help="auto (the Generator's: inductor, CUDA graphs on CUDA), none (eager), or a backend name")
     p.add_argument("--layers", type=int, help="override the number of layers (e.g. 4: 7B widths, quick compiles)")
@@ -816,12 +818,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message="max_seq_len .* exceeds")
         base = zmzoo.load(ns.model, weights=ns.weights, device=device, dtype=dtype, compile=False, max_seq_len=64,
                           ops=backend, seed=ns.seed, args_overrides=overrides or None)
+    base.model.set_gemv(ns.gemv)
     args = base.args
     hw = environment().get("gpu", platform.processor() or "cpu")
     print(f"[decode] {args.name}: {args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads, "
           f"{str(dtype).replace('torch.', '')} on {device} ({hw}), "
-          f"ops={backend}, compile={ns.compile}; loaded in {time.perf_counter() - t0:.1f}s; weights read per step "
-          f"{weight_bytes(base.model) / GiB:.2f} GiB")
+          f"ops={backend}, gemv={ns.gemv}, compile={ns.compile}; loaded in {time.perf_counter() - t0:.1f}s; "
+          f"weights read per step {weight_bytes(base.model) / GiB:.2f} GiB")
     budget_desc = f"kv_budget={ns.kv_budget}" if ns.kv_budget else f"kv_ratio={ns.kv_ratio} of the context"
 
     def plan(context: int) -> tuple[int, int]:
@@ -839,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"model": args.name, "weights": ns.weights, "tiny": ns.tiny, "contexts": ns.contexts,
                    "methods": ns.methods, "budget": budget_desc, "kv_ratio": ns.kv_ratio, "kv_budget": ns.kv_budget,
                    "cache_settings": ns.cache_settings, "batch": ns.batch, "compile": ns.compile,
-                   "warmup": ns.warmup, "seed": ns.seed,
+                   "gemv": ns.gemv, "warmup": ns.warmup, "seed": ns.seed,
                    "model_args": {k: getattr(args, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads",
                                                                  "head_dim", "intermediate_size", "vocab_size",
                                                                  "tie_embeddings")},

@@ -13,6 +13,8 @@
 #   more54   full and ZeroMerge at 54K
 #   peers    HF transformers (static cache + compile) at $PEER_CONTEXTS (default 4K, 16K, 40K, 54K)
 #   maxbatch the largest batch that fits at 40K (full, ZeroMerge) and its total tokens/s
+#   gemv     full and ZeroMerge at 4K and 40K with the Triton GEMV in the decode step (--gemv triton), to set
+#            beside main's cuBLAS figures
 #   profile  bench/profile_decode.py: kernel-by-kernel profile of the step, 2 layers at 7B widths, 16K
 #   prefill  bench/profile_prefill.py: the 40K prompt's attention under each SDPA backend, and a profile of the
 #            prefill of 2 layers at 7B widths ($PROFILE_METHODS, default full and zeromerge)
@@ -69,6 +71,10 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         ;;
     more54)
         run more54 "$py" "${decode[@]}" --contexts 54000 --methods zeromerge,full --peers none --out "$out/more54"
+        ;;
+    gemv)
+        run gemv "$py" "${decode[@]}" --contexts 4096,40960 --methods zeromerge,full --gemv triton --peers none \
+            --out "$out/gemv"
         ;;
     peers)
         run peers "$py" "${decode[@]}" --contexts "${PEER_CONTEXTS:-4096,16384,40960,54000}" --methods "" --peers hf --out "$out/peers"

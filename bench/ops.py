@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from zmzoo.environment import environment
 from zmzoo.ops._interpreter import fix_interpreter_bf16
@@ -52,6 +53,7 @@ from zmzoo.ops.decode_attention import (
     decode_attention_config,
     decode_attention_ref,
 )
+from zmzoo.ops.gemv import gemv, gemv_config
 from zmzoo.ops.prefill_scores import decay_window, prefill_scores, prefill_scores_ref
 from zmzoo.ops.slot_insert import slot_insert, slot_insert_ref
 
@@ -436,6 +438,48 @@ def sweep_decode(device, bw, budget_s) -> list[dict[str, Any]]:
     return res
 
 
+GEMV_SHAPES = {  # LLaMA-2-7B's decode products (N, K): fused q|k|v, attention output, fused gate|up, down, LM head
+    "wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008), "output": (32000, 4096)}
+GEMV_SWEEP = [(2, 256), (4, 256), (4, 1024), (8, 512), (8, 1024)]  # (num_warps, BLOCK_K) beside the default
+
+
+def time_gemv(device, bw, budget_s) -> list[dict[str, Any]]:
+    """The Triton GEMV against F.linear (cuBLAS) at LLaMA-2-7B's decode shapes, 1 and 4 rows, bf16; each checked
+    first (error against fp64 at most twice F.linear's), then timed; at 1 row a few launch settings besides."""
+    res = []
+    for name, (n, k) in GEMV_SHAPES.items():
+        for m in (1, 4):
+            g = torch.Generator(device=device).manual_seed(n + m)
+            nbytes = 2 * (n * k + m * (n + k))
+            sets = [(torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16),
+                     (torch.randn(n, k, device=device, generator=g) / k**0.5).to(torch.bfloat16))
+                    for _ in range(n_copies(nbytes))]
+            x, w = sets[0]
+            exact = x.double() @ w.double().T
+            err_torch = (F.linear(x, w).double() - exact).abs().max().item()
+            err = (gemv(x, w, backend="triton").double() - exact).abs().max().item()
+            default = gemv_config(m)
+            settings = [default] + ([s for s in GEMV_SWEEP if s != default] if m == 1 else [])
+            for warps, block_k in settings:
+                if time.perf_counter() - T0 > budget_s and (warps, block_k) != default:
+                    break
+                rec = {"op": "gemv", "model": name, "call": f"w{warps}k{block_k}", "batch": m, "slots": k, "n": n,
+                       "bytes": nbytes, "num_warps": warps, "block_k": block_k, "default": (warps, block_k) == default,
+                       "max_abs_err": err, "torch_max_abs_err": err_torch, "ok": err <= 2 * err_torch + 1e-6}
+                timed(rec, "triton_s", [lambda a=a, w_=warps, b_=block_k: gemv(
+                    *a, backend="triton", num_warps=w_, block_k=b_) for a in sets])
+                timed(rec, "torch_s", [lambda a=a: F.linear(*a) for a in sets])
+                res.append(finish(rec, bw))
+                log(f"gemv {name} ({n} x {k}) rows={m} warps={warps} BLOCK_K={block_k}: "
+                    + (f"triton {rec['triton_s'] * 1e6:.1f} us ({rec['frac_copy_bw']:.0%} of copy), "
+                       if rec.get("triton_s") else "triton failed, ")
+                    + (f"F.linear {rec['torch_s'] * 1e6:.1f} us" if rec.get("torch_s") else "F.linear failed")
+                    + ("" if rec["ok"] else f"; PARITY FAILED: err {err:.3g} vs F.linear {err_torch:.3g}"))
+            del sets, x, w, exact
+            torch.cuda.empty_cache()
+    return res
+
+
 # ---------------------------------------------------------------------------------------------------- compile
 class DecodeStep(torch.nn.Module):
     """A ZeroMerge-like layer: buffers mutated in place by the two ops, a position advanced in place."""
@@ -556,6 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         section("decode_attention", lambda: time_decode(device, bw, ns.budget_s))
         section("slot_insert", lambda: time_slot(device, bw))
         section("prefill_scores", lambda: time_prefill(device, bw))
+        section("gemv", lambda: time_gemv(device, bw, ns.budget_s))
+        for r in report.get("gemv") or []:
+            if not r["ok"]:
+                report["failures"].append(f"gemv parity {r['model']} rows={r['batch']}")
         if not ns.no_sweep:
             section("sweep", lambda: sweep_decode(device, bw, ns.budget_s))
 
@@ -565,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['op']:<16} {r['case']:<40} {r['dtype']:<15} {json.dumps(detail)}")
     if not cpu:
         print(f"\n==== timing (copy bandwidth {bw / 1e9:.0f} GB/s)")
-        for key in ("decode_attention", "slot_insert", "prefill_scores"):
+        for key in ("decode_attention", "slot_insert", "prefill_scores", "gemv"):
             for r in report.get(key) or []:
                 print(row(r))
         if report.get("sweep"):

@@ -148,8 +148,9 @@ def test_triton_generator_equals_torch(method, kw):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPU check: ZMZOO_TEST_DEVICE=cuda (bench/h200.sh runs it on the H200)")
-@pytest.mark.parametrize("method", ["full", "zeromerge", "h2o"])
-def test_cuda_graph_decode(method):
+@pytest.mark.parametrize("method,gemv", [("full", "torch"), ("zeromerge", "torch"), ("h2o", "torch"),
+                                         ("zeromerge", "triton")])
+def test_cuda_graph_decode(method, gemv):
     """On CUDA the default compile (inductor, reduce-overhead: CUDA graphs) with the Triton kernels compiles the decode
     step once, records no CUDA-graph skip, keeps every buffer in place, and gives the eager torch-ops logits."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -161,6 +162,7 @@ def test_cuda_graph_decode(method):
     counters.clear()
     kw = {"kv_budget": 16} if method != "full" else {}
     gen = tiny_gen(method=method, compile=True, max_batch_size=2, ops="triton", **kw)
+    gen.model.set_gemv(gemv)  # "triton": the decode step's products through zmzoo.ops.gemv (set before compiling)
     ref = tiny_gen(method=method, max_batch_size=2, ops="torch", **kw)
     ptrs = {n: b.data_ptr() for n, b in gen.model.named_buffers()}
     prompts = [[1, 2, 3], list(range(10, 40))]

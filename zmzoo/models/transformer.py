@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zmzoo.models.config import ModelArgs
+from zmzoo.ops.gemv import gemv
 
 
 class RMSNorm(nn.Module):
@@ -147,6 +148,8 @@ def fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
 
 
 class Attention(nn.Module):
+    gemv = "torch"  # backend of the decode step's projections (Transformer.set_gemv)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -172,7 +175,7 @@ class Attention(nn.Module):
         hd = self.args.head_dim
         nq, nkv = self.args.n_heads * hd, self.args.n_kv_heads * hd
         if getattr(self, "wqkv", None) is not None:
-            q, k, v = F.linear(x, self.wqkv, self.bqkv).split((nq, nkv, nkv), dim=-1)
+            q, k, v = gemv(x, self.wqkv, self.bqkv, backend=self.gemv).split((nq, nkv, nkv), dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(bsz, t, self.args.n_heads, hd)
@@ -216,7 +219,7 @@ class Attention(nn.Module):
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
         q, k, v = self._qkv(x, cos, sin)
         y = self.kv_cache.decode(q, k, v, pos)  # (B, H, 1, hd)
-        return self.wo(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
+        return gemv(y.transpose(1, 2).reshape(x.shape[0], 1, -1), self.wo.weight, backend=self.gemv)
 
     def draft(self, x: Tensor, cos: Tensor, sin: Tensor, step: int) -> Tensor:
         q, k, v = self._qkv(x, cos, sin)
@@ -225,6 +228,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    gemv = "torch"  # see Attention.gemv; prompts (more than a few rows) always use F.linear
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
@@ -238,8 +243,8 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
         act = compiled(silu_mul) if fused else silu_mul
         if getattr(self, "w13", None) is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-            return self.w2(act(gate, up))
+            gate, up = gemv(x, self.w13, backend=self.gemv).chunk(2, dim=-1)
+            return gemv(act(gate, up), self.w2.weight, backend=self.gemv)
         return self.w2(act(self.w1(x), self.w3(x)))
 
 
@@ -285,6 +290,16 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_seq_len = 0
         self.fused_prefill = False  # the prompt's elementwise work in compiled kernels (see ``compiled``)
+        self.gemv = "torch"
+
+    def set_gemv(self, backend: str) -> None:
+        """Backend of the decode step's matrix-vector products (q|k|v, output projection, gate|up, down, LM head):
+        "torch" (F.linear: cuBLAS on CUDA) or "triton" (``zmzoo.ops.gemv``: 1-4 rows; more fall back to F.linear)."""
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"gemv backend {backend!r} is not 'torch' or 'triton'")
+        self.gemv = backend
+        for layer in self.layers:
+            layer.attention.gemv = layer.feed_forward.gemv = backend
 
     def tie_weights(self) -> None:
         """Re-tie the output projection to the embedding (after ``load_state_dict(assign=True)``)."""
@@ -364,4 +379,4 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens.view(bsz, 1))
         for layer in self.layers:
             x = layer.decode(x, cos, sin, pos)
-        return self.output(self.norm(x))[:, 0]
+        return gemv(self.norm(x), self.output.weight, backend=self.gemv)[:, 0]
