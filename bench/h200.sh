@@ -15,6 +15,8 @@
 #   maxbatch the largest batch that fits at 40K (full, ZeroMerge) and its total tokens/s
 #   gemv     full and ZeroMerge at 4K and 40K with the Triton GEMV in the decode step (--gemv triton), to set
 #            beside main's cuBLAS figures
+#   quality  bench/quality.py on SmolLM2-135M-Instruct (all methods, 5/10/20 %, passkey to 8K, NLL at a 4K prompt):
+#            needs .carry/a and .carry/b from scripts/gpu_carry.sh (the GGUF in two halves and the gguf wheel)
 #   profile  bench/profile_decode.py: kernel-by-kernel profile of the step, 2 layers at 7B widths, 16K
 #   prefill  bench/profile_prefill.py: the 40K prompt's attention under each SDPA backend, and a profile of the
 #            prefill of 2 layers at 7B widths ($PROFILE_METHODS, default full and zeromerge)
@@ -75,6 +77,23 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
     gemv)
         run gemv "$py" "${decode[@]}" --contexts 4096,40960 --methods zeromerge,full --gemv triton --peers none \
             --out "$out/gemv"
+        ;;
+    quality)
+        gguf_file=${TMPDIR:-/tmp}/smollm2-135m-instruct.gguf
+        if [[ -f .carry/a/model.gguf.part && -f .carry/b/model.gguf.part ]]; then
+            cat .carry/a/model.gguf.part .carry/b/model.gguf.part >"$gguf_file"
+        fi
+        if [[ ! -f $gguf_file ]] || [[ $(sha256sum "$gguf_file" | cut -d' ' -f1) != $(cat .carry/a/model.gguf.sha256) ]]
+        then
+            echo "=== quality skipped: no intact GGUF (scripts/gpu_carry.sh, then carry .carry/a and .carry/b)" |
+                tee -a "$out/summary.log"
+        else
+            "$py" -c "import gguf" 2>/dev/null || "$py" -m pip install --quiet --no-deps --no-index .carry/a/gguf-*.whl
+            run quality "$py" bench/quality.py --model "$gguf_file" \
+                --methods full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv --budgets 0.05,0.1,0.2 \
+                --tasks passkey,nll,attn --lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 1 \
+                --filler both --answer-tokens 14 --nll-samples 4 --nll-prompt 4096 --nll-cont 256 --out "$out/quality"
+        fi
         ;;
     peers)
         run peers "$py" "${decode[@]}" --contexts "${PEER_CONTEXTS:-4096,16384,40960,54000}" --methods "" --peers hf --out "$out/peers"

@@ -772,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             rows = task_passkey(base, ns, configs, prose)
             results["passkey"] = {"rows": rows, "summary": passkey_summary(rows), "seconds": time.perf_counter() - t0}
+            # written now as well: a run stopped during the NLL pass (a time-limited GPU lease) keeps its passkey table
+            (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
         if "nll" in ns.tasks or "attn" in ns.tasks:
             t0 = time.perf_counter()
             results["nll"] = task_nll(base, ns, configs, texts)
