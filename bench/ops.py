@@ -440,7 +440,7 @@ def sweep_decode(device, bw, budget_s) -> list[dict[str, Any]]:
 
 GEMV_SHAPES = {  # LLaMA-2-7B's decode products (N, K): fused q|k|v, attention output, fused gate|up, down, LM head
     "wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008), "output": (32000, 4096)}
-GEMV_SWEEP = [(2, 256), (4, 256), (4, 1024), (8, 512), (8, 1024)]  # (num_warps, BLOCK_K) beside the default
+GEMV_SWEEP = [(2, 256), (4, 128), (4, 256), (8, 512), (8, 1024)]  # (num_warps, BLOCK_K) beside the default
 
 
 def time_gemv(device, bw, budget_s) -> list[dict[str, Any]]:

@@ -43,14 +43,14 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program p computes y[:, p*BLOCK_N : (p+1)*BLOCK_N] for all M rows: it reads its BLOCK_N weight rows once,
-    BLOCK_K columns at a time, and accumulates in fp32 (a broadcast multiply and a sum over K, no tensor cores:
-    M is 1-4)."""
+    BLOCK_K columns at a time, and accumulates products elementwise in fp32 (no tensor cores: M is 1-4), summing
+    over K once at the end rather than with a cross-thread reduction per tile."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -58,10 +58,11 @@ def _gemv_kernel(
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        acc += x[:, None, :] * w[None, :, :]
+    y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -83,7 +84,8 @@ if triton is not None:
 
 
 def gemv_config(m: int) -> tuple[int, int]:
-    """(num_warps, BLOCK_K): a (BLOCK_M x BLOCK_N x BLOCK_K) fp32 product per step, 8K elements per program."""
+    """(num_warps, BLOCK_K): a (BLOCK_M x BLOCK_N x BLOCK_K) fp32 accumulator of 8K elements per program (64
+    registers a thread at 4 warps)."""
     return 4, max(64, 8192 // (next_pow2(m) * BLOCK_N))
 
 
