@@ -200,6 +200,8 @@ def test_fused_prefill_equals_eager(name):
     """The prompt's RMSNorm, RoPE and SiLU gate as compiled kernels (``fused_prefill``, on by default on CUDA with
     compile) give the eager prefill's logits at every position, for prompts of different lengths (one dynamic-shape
     compile serves them) and with the MLP in chunks."""
+    from zmzoo.models.transformer import _COMPILED, _rope, rms_norm, silu_mul
+
     gen = tiny_gen(name=name, max_seq_len=96)
     model = gen.model
     g = torch.Generator().manual_seed(3)
@@ -216,6 +218,7 @@ def test_fused_prefill_equals_eager(name):
             chunked = block.prefill(h, cos, sin, 0, mlp_chunk=8, fused=True)
             whole = block.prefill(h, cos, sin, 0)
         model.fused_prefill = False
+        assert {rms_norm, _rope, silu_mul} <= set(_COMPILED)  # the fused path did run through the compiled kernels
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 

@@ -48,7 +48,7 @@ def compiled(fn):
     """``fn`` compiled once for every shape (``dynamic=True``): the prompt's elementwise work (RMSNorm, RoPE, SiLU
     gate) as one fused kernel each instead of 2-8 eager ones with fp32 temporaries. Eager, these took a quarter of a
     40K-token prefill on the H200 (the decode step is compiled whole anyway). Used where ``Transformer.fused_prefill``
-    is set (``zmzoo.load`` on CUDA with ``compile``)."""
+    is set (by the Generator on CUDA with ``compile=True``)."""
     c = _COMPILED.get(fn)
     if c is None:
         c = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
