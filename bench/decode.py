@@ -156,6 +156,27 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> dict
             "counted": "bytes read + bytes written"}
 
 
+def gemv_report() -> list[dict[str, Any]]:
+    """What ``zmzoo.ops.gemv.tune`` measured (empty unless --gemv triton/auto on CUDA), printed and kept in the JSON:
+    per (rows, N, K) the chosen setting and the microseconds of F.linear and of the kernel's best setting."""
+    from zmzoo.ops.gemv import tuned
+
+    rows = []
+    for (m, n, k, dtype, _), rec in tuned().items():
+        times = rec["times"]
+        kernel = {c: t for c, t in times.items() if c != "F.linear"}
+        best = min(kernel, key=kernel.get) if kernel else None
+        row = {"rows": m, "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""),
+               "choice": rec["choice"] if isinstance(rec["choice"], str) else "triton " + repr(tuple(rec["choice"])),
+               "linear_us": times["F.linear"] * 1e6, "triton_us": kernel[best] * 1e6 if best else None,
+               "triton_setting": tuple(best) if best else None}
+        rows.append(row)
+        print(f"[gemv] rows={m} {n} x {k}: F.linear {row['linear_us']:.1f} us, kernel "
+              + (f"{row['triton_us']:.1f} us at (BLOCK_N, BLOCK_K, warps, stages)={row['triton_setting']}"
+                 if best else "failed") + f" -> {row['choice']}")
+    return rows
+
+
 def parse_list(s: str, typ=str) -> list:
     return [typ(x) for x in s.split(",") if x.strip()]
 
@@ -731,8 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--ops", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton on CUDA when its kernels work, else the torch references")
-    p.add_argument("--gemv", default="torch", choices=["torch", "triton"],
-                   help="the decode step's matrix-vector products: torch (F.linear, cuBLAS) or triton (zmzoo.ops.gemv)")
+    p.add_argument("--gemv", default="torch", choices=["torch", "triton", "auto"],
+                   help="the decode step's matrix-vector products: torch (F.linear, cuBLAS), triton (zmzoo.ops.gemv, "
+                        "launch settings tuned on the device) or auto (per shape the faster of the two, as tuned)")
     p.add_argument("--compile", default="auto",
                    help="auto (the Generator's: inductor, CUDA graphs on CUDA), none (eager), or a backend name")
     p.add_argument("--layers", type=int, help="override the number of layers (e.g. 4: 7B widths, quick compiles)")
@@ -819,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         base = zmzoo.load(ns.model, weights=ns.weights, device=device, dtype=dtype, compile=False, max_seq_len=64,
                           ops=backend, seed=ns.seed, args_overrides=overrides or None)
     base.model.set_gemv(ns.gemv)
+    gemv_tuning = gemv_report()
     args = base.args
     hw = environment().get("gpu", platform.processor() or "cpu")
     print(f"[decode] {args.name}: {args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads, "
@@ -851,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
                                "slots + fp32 w read + fp32 scores read and written, when used) x batch; "
                                "roofline tok/s = batch * copy bandwidth / bytes"},
         "bandwidth": bw,
+        "gemv_tuning": gemv_tuning,
         "results": [],
         "peers": [],
         "max_batch": [],

@@ -53,7 +53,7 @@ from zmzoo.ops.decode_attention import (
     decode_attention_config,
     decode_attention_ref,
 )
-from zmzoo.ops.gemv import gemv, gemv_config
+from zmzoo.ops.gemv import CANDIDATES, for_rows, gemv, gemv_config
 from zmzoo.ops.prefill_scores import decay_window, prefill_scores, prefill_scores_ref
 from zmzoo.ops.slot_insert import slot_insert, slot_insert_ref
 
@@ -440,12 +440,11 @@ def sweep_decode(device, bw, budget_s) -> list[dict[str, Any]]:
 
 GEMV_SHAPES = {  # LLaMA-2-7B's decode products (N, K): fused q|k|v, attention output, fused gate|up, down, LM head
     "wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008), "output": (32000, 4096)}
-GEMV_SWEEP = [(2, 256), (4, 128), (4, 256), (8, 512), (8, 1024)]  # (num_warps, BLOCK_K) beside the default
 
 
 def time_gemv(device, bw, budget_s) -> list[dict[str, Any]]:
     """The Triton GEMV against F.linear (cuBLAS) at LLaMA-2-7B's decode shapes, 1 and 4 rows, bf16; each checked
-    first (error against fp64 at most twice F.linear's), then timed; at 1 row a few launch settings besides."""
+    first (error against fp64 at most twice F.linear's), then timed at the default and every tuning candidate."""
     res = []
     for name, (n, k) in GEMV_SHAPES.items():
         for m in (1, 4):
@@ -459,21 +458,22 @@ def time_gemv(device, bw, budget_s) -> list[dict[str, Any]]:
             err_torch = (F.linear(x, w).double() - exact).abs().max().item()
             err = (gemv(x, w, backend="triton").double() - exact).abs().max().item()
             default = gemv_config(m)
-            settings = [default] + ([s for s in GEMV_SWEEP if s != default] if m == 1 else [])
-            for warps, block_k in settings:
-                if time.perf_counter() - T0 > budget_s and (warps, block_k) != default:
+            settings = list(dict.fromkeys([default] + [for_rows(c, m) for c in CANDIDATES]))
+            for cfg in settings:
+                if time.perf_counter() - T0 > budget_s and cfg != default:
                     break
-                rec = {"op": "gemv", "model": name, "call": f"w{warps}k{block_k}", "batch": m, "slots": k, "n": n,
-                       "bytes": nbytes, "num_warps": warps, "block_k": block_k, "default": (warps, block_k) == default,
+                rec = {"op": "gemv", "model": name, "call": "n{}k{}w{}s{}".format(*cfg), "batch": m, "slots": k,
+                       "n": n, "bytes": nbytes, "block_n": cfg.block_n, "block_k": cfg.block_k,
+                       "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "default": cfg == default,
                        "max_abs_err": err, "torch_max_abs_err": err_torch, "ok": err <= 2 * err_torch + 1e-6}
-                timed(rec, "triton_s", [lambda a=a, w_=warps, b_=block_k: gemv(
-                    *a, backend="triton", num_warps=w_, block_k=b_) for a in sets])
+                timed(rec, "triton_s", [lambda a=a, c=cfg: gemv(*a, backend="triton", config=c) for a in sets])
                 timed(rec, "torch_s", [lambda a=a: F.linear(*a) for a in sets])
                 res.append(finish(rec, bw))
-                log(f"gemv {name} ({n} x {k}) rows={m} warps={warps} BLOCK_K={block_k}: "
+                log(f"gemv {name} ({n} x {k}) rows={m} (BLOCK_N, BLOCK_K, warps, stages)={tuple(cfg)}: "
                     + (f"triton {rec['triton_s'] * 1e6:.1f} us ({rec['frac_copy_bw']:.0%} of copy), "
                        if rec.get("triton_s") else "triton failed, ")
-                    + (f"F.linear {rec['torch_s'] * 1e6:.1f} us" if rec.get("torch_s") else "F.linear failed")
+                    + (f"F.linear {rec['torch_s'] * 1e6:.1f} us ({rec['bytes'] / rec['torch_s'] / bw:.0%})"
+                       if rec.get("torch_s") else "F.linear failed")
                     + ("" if rec["ok"] else f"; PARITY FAILED: err {err:.3g} vs F.linear {err_torch:.3g}"))
             del sets, x, w, exact
             torch.cuda.empty_cache()

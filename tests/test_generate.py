@@ -149,7 +149,7 @@ def test_triton_generator_equals_torch(method, kw):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPU check: ZMZOO_TEST_DEVICE=cuda (bench/h200.sh runs it on the H200)")
 @pytest.mark.parametrize("method,gemv", [("full", "torch"), ("zeromerge", "torch"), ("h2o", "torch"),
-                                         ("zeromerge", "triton")])
+                                         ("zeromerge", "triton"), ("zeromerge", "auto")])
 def test_cuda_graph_decode(method, gemv):
     """On CUDA the default compile (inductor, reduce-overhead: CUDA graphs) with the Triton kernels compiles the decode
     step once, records no CUDA-graph skip, keeps every buffer in place, and gives the eager torch-ops logits."""

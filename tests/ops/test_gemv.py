@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zmzoo.ops.gemv import MAX_ROWS, gemv, gemv_ref
+import zmzoo.ops.gemv as gemv_mod
+from zmzoo.ops.gemv import CANDIDATES, MAX_ROWS, Config, for_rows, gemv, gemv_ref, tune
 
 
 def inputs(m, n, k, dtype, *, bias, seed=0, strided_x=False):
@@ -46,6 +47,40 @@ def test_gemv_leading_dims_and_fallback():
     torch.testing.assert_close(got, F.linear(x.view(3, 1, 50), w), rtol=1e-5, atol=1e-5)
     big, w2, _ = inputs(MAX_ROWS + 1, 8, 16, torch.float32, bias=False)
     assert torch.equal(gemv(big, w2, backend="triton"), F.linear(big, w2))
+
+
+@pytest.mark.parametrize("cfg", CANDIDATES, ids=lambda c: "n{}k{}w{}s{}".format(*c))
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_every_tuning_candidate_matches_linear(cfg, m):
+    """Whatever setting tune() picks on a GPU computes the same product (K not a multiple of BLOCK_K, N not of
+    BLOCK_N)."""
+    x, w, b = inputs(m, 37, 300, torch.float32, bias=True, seed=m)
+    got = gemv(x, w, b, backend="triton", config=for_rows(cfg, m))
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_auto_follows_the_tuned_choice(monkeypatch):
+    """backend="auto" runs F.linear where tune() found it faster (or did not tune: CPU), the kernel where the kernel
+    won; backend="triton" runs the kernel's best setting even where F.linear won."""
+    x, w, _ = inputs(1, 24, 40, torch.float32, bias=False)
+    calls = []
+    monkeypatch.setattr(gemv_mod, "gemv_ref", lambda *a: calls.append("linear") or F.linear(*a))
+    assert tune([w]) == {}  # CPU: nothing to time
+    gemv(x, w, backend="auto")
+    assert calls == ["linear"]
+    key = gemv_mod._key(1, w)
+    fast, slow = Config(8, 64, 1, 2), Config(4, 32, 1, 2)
+    monkeypatch.setitem(gemv_mod._TIMES, key, {"F.linear": 1e-6, fast: 2e-6, slow: 3e-6})
+    monkeypatch.setitem(gemv_mod._TUNED, key, (None, fast))
+    calls.clear()
+    gemv(x, w, backend="auto")
+    triton_out = gemv(x, w, backend="triton")
+    assert calls == ["linear"]
+    torch.testing.assert_close(triton_out, gemv(x, w, backend="triton", config=fast), rtol=0, atol=0)
+    monkeypatch.setitem(gemv_mod._TUNED, key, (fast, fast))
+    calls.clear()
+    torch.testing.assert_close(gemv(x, w, backend="auto"), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert calls == []
 
 
 def test_gemv_bad_inputs_are_named():

@@ -292,14 +292,33 @@ class Transformer(nn.Module):
         self.fused_prefill = False  # the prompt's elementwise work in compiled kernels (see ``compiled``)
         self.gemv = "torch"
 
-    def set_gemv(self, backend: str) -> None:
+    def set_gemv(self, backend: str, rows: tuple[int, ...] = (1, 2, 4)) -> None:
         """Backend of the decode step's matrix-vector products (q|k|v, output projection, gate|up, down, LM head):
-        "torch" (F.linear: cuBLAS on CUDA) or "triton" (``zmzoo.ops.gemv``: 1-4 rows; more fall back to F.linear)."""
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"gemv backend {backend!r} is not 'torch' or 'triton'")
+        "torch" (F.linear: cuBLAS on CUDA), "triton" (``zmzoo.ops.gemv``'s kernel for steps of 1-4 rows, F.linear
+        beyond) or "auto" (per weight shape whichever of the two was faster). On CUDA, "triton" and "auto" first time
+        the kernel's launch settings and F.linear on this model's weights for steps of ``rows`` rows
+        (``zmzoo.ops.gemv.tune``, a few seconds); set it before the decode step is compiled."""
+        from zmzoo.ops.gemv import BACKENDS, tune
+
+        if backend not in BACKENDS:
+            raise ValueError(f"gemv backend {backend!r} is not one of {BACKENDS}")
+        if backend != "torch":
+            tune(self.decode_weights(), rows=rows)
         self.gemv = backend
         for layer in self.layers:
             layer.attention.gemv = layer.feed_forward.gemv = backend
+
+    def decode_weights(self) -> list[Tensor]:
+        """The matrices the decode step multiplies by (fused where ``fuse_projections`` fused them)."""
+        ws = []
+        for layer in self.layers:
+            att, ff = layer.attention, layer.feed_forward
+            fused_qkv, fused_13 = getattr(att, "wqkv", None), getattr(ff, "w13", None)
+            ws += [fused_qkv] if fused_qkv is not None else [att.wq.weight, att.wk.weight, att.wv.weight]
+            ws += [att.wo.weight]
+            ws += [fused_13] if fused_13 is not None else [ff.w1.weight, ff.w3.weight]
+            ws += [ff.w2.weight]
+        return ws + [self.output.weight]
 
     def tie_weights(self) -> None:
         """Re-tie the output projection to the embedding (after ``load_state_dict(assign=True)``)."""
