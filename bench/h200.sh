@@ -13,10 +13,11 @@
 #   more54   full and ZeroMerge at 54K
 #   peers    HF transformers (static cache + compile) at $PEER_CONTEXTS (default 4K, 16K, 40K, 54K)
 #   maxbatch the largest batch that fits at 40K (full, ZeroMerge) and its total tokens/s
-#   gemv     full and ZeroMerge at 4K and 40K with the Triton GEMV in the decode step (--gemv triton), to set
-#            beside main's cuBLAS figures
+#   gemv     main's table with --gemv auto: each decode product by the Triton GEMV or cuBLAS, whichever the
+#            tuning at load measured faster for its shape (to set beside main's cuBLAS-only figures)
 #   quality  bench/quality.py on SmolLM2-135M-Instruct (all methods, 5/10/20 %, passkey to 8K, NLL at a 4K prompt):
-#            needs .carry/a and .carry/b from scripts/gpu_carry.sh (the GGUF in two halves and the gguf wheel)
+#            needs .carry/a and .carry/b from scripts/gpu_carry.sh (the GGUF in two halves and the gguf wheel); $QUALITY_TASKS picks
+#            the tasks (default passkey,nll,attn)
 #   profile  bench/profile_decode.py: kernel-by-kernel profile of the step, 2 layers at 7B widths, 16K
 #   prefill  bench/profile_prefill.py: the 40K prompt's attention under each SDPA backend, and a profile of the
 #            prefill of 2 layers at 7B widths ($PROFILE_METHODS, default full and zeromerge)
@@ -58,7 +59,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             -k "cuda_graph or triton_generator or inductor or batch_rows or fused_prefill"
         ;;
     ops)
-        run ops "$py" bench/ops.py --out "$out/ops" --no-sweep --budget-s 120
+        run ops "$py" bench/ops.py --out "$out/ops" --no-sweep --budget-s 200
         ;;
     ops-sweep)
         run ops "$py" bench/ops.py --out "$out/ops" --budget-s 240
@@ -75,7 +76,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         run more54 "$py" "${decode[@]}" --contexts 54000 --methods zeromerge,full --peers none --out "$out/more54"
         ;;
     gemv)
-        run gemv "$py" "${decode[@]}" --contexts 4096,40960 --methods zeromerge,full --gemv triton --peers none \
+        run gemv "$py" "${decode[@]}" --contexts "${GEMV_CONTEXTS:-4096,16384,40960}" --methods zeromerge,full --gemv auto --peers none \
             --out "$out/gemv"
         ;;
     quality)
@@ -91,7 +92,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             "$py" -c "import gguf" 2>/dev/null || "$py" -m pip install --quiet --no-deps --no-index .carry/a/gguf-*.whl
             run quality "$py" bench/quality.py --model "$gguf_file" \
                 --methods full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv --budgets 0.05,0.1,0.2 \
-                --tasks passkey,nll,attn --lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 1 \
+                --tasks "${QUALITY_TASKS:-passkey,nll,attn}" --lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 1 \
                 --filler both --answer-tokens 14 --nll-samples 4 --nll-prompt 4096 --nll-cont 256 --out "$out/quality"
         fi
         ;;

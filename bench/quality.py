@@ -207,8 +207,9 @@ class FanoutCache(nn.Module):
         self.subs = nn.ModuleList(caches)
         self.shadow = shadow
         n = len(caches)
-        self.register_buffer("err_sum", torch.zeros(n, dtype=torch.float64), persistent=False)
-        self.register_buffer("err_count", torch.zeros((), dtype=torch.float64), persistent=False)
+        dev = next((b.device for c in caches for b in c.buffers()), torch.device("cpu"))  # where the caches live
+        self.register_buffer("err_sum", torch.zeros(n, dtype=torch.float64, device=dev), persistent=False)
+        self.register_buffer("err_count", torch.zeros((), dtype=torch.float64, device=dev), persistent=False)
         self.prefill_maxdiff = 0.0
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
