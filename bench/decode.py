@@ -163,17 +163,13 @@ def gemv_report() -> list[dict[str, Any]]:
 
     rows = []
     for (m, n, k, dtype, _), rec in tuned().items():
-        times = rec["times"]
-        kernel = {c: t for c, t in times.items() if c != "F.linear"}
-        best = min(kernel, key=kernel.get) if kernel else None
+        best, times = rec["best"], rec["times"]
         row = {"rows": m, "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""),
                "choice": rec["choice"] if isinstance(rec["choice"], str) else "triton " + repr(tuple(rec["choice"])),
-               "linear_us": times["F.linear"] * 1e6, "triton_us": kernel[best] * 1e6 if best else None,
-               "triton_setting": tuple(best) if best else None}
+               "linear_us": times["F.linear"] * 1e6, "triton_us": times[best] * 1e6, "triton_setting": tuple(best)}
         rows.append(row)
-        print(f"[gemv] rows={m} {n} x {k}: F.linear {row['linear_us']:.1f} us, kernel "
-              + (f"{row['triton_us']:.1f} us at (BLOCK_N, BLOCK_K, warps, stages)={row['triton_setting']}"
-                 if best else "failed") + f" -> {row['choice']}")
+        print(f"[gemv] rows={m} {n} x {k}: F.linear {row['linear_us']:.1f} us, kernel {row['triton_us']:.1f} us at "
+              f"(BLOCK_N, BLOCK_K, warps, stages)={row['triton_setting']} -> {row['choice']}")
     return rows
 
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from zmzoo.environment import environment
 from zmzoo.ops._interpreter import fix_interpreter_bf16
+from zmzoo.ops._launch import time_graph
 from zmzoo.ops.decode_attention import (
     NUM_STAGES,
     WAVES,
@@ -273,36 +274,6 @@ def copy_bandwidth(device, nbytes=2 * 2**30, repeats=10) -> dict[str, Any]:
     del src, dst
     med = statistics.median(times)
     return {"bytes_per_s": 2 * nbytes / med, "buffer_bytes": nbytes, "median_s": med, "counted": "read + written"}
-
-
-def time_graph(calls, reps=10) -> float:
-    """Seconds per call: ``calls`` (one closure per input copy) captured in one CUDA graph (at least 8 calls),
-    replayed ``reps`` times after warm-ups; median of graph time / calls."""
-    seq = list(calls) * max(1, math.ceil(8 / len(calls)))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compiles, autotunes nothing) outside the capture
-        for f in calls:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in seq:
-            f()
-    for _ in range(2):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / len(seq))
-    del graph
-    return statistics.median(times)
 
 
 def n_copies(bytes_per_call: int) -> int:

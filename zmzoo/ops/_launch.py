@@ -7,6 +7,8 @@ imported, since triton decorates its own library functions then (tests/conftest.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -65,3 +67,33 @@ def sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def time_graph(calls, reps=10) -> float:
+    """Seconds per call: ``calls`` (one closure per input copy) captured in one CUDA graph (at least 8 calls),
+    replayed ``reps`` times after warm-ups; median of graph time / calls."""
+    seq = list(calls) * max(1, math.ceil(8 / len(calls)))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles, autotunes nothing) outside the capture
+        for f in calls:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in seq:
+            f()
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / len(seq))
+    del graph
+    return statistics.median(times)

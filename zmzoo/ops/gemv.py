@@ -14,7 +14,6 @@ the decode step is compiled (``Transformer.set_gemv`` calls it), and records per
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Optional
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zmzoo.ops._launch import launch, next_pow2
+from zmzoo.ops._launch import launch, next_pow2, time_graph
 
 try:
     import triton
@@ -162,30 +161,6 @@ def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, backend: str = "torch
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def _time_graph(fns: Sequence, repeats: int = 5) -> float:
-    """Seconds per call: the calls captured in one CUDA graph (no launch overhead), median of ``repeats`` replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(fns))
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def tune(weights: Iterable[Tensor], rows: Sequence[int] = (1,), candidates: Sequence[Config] = CANDIDATES,
          calls: int = 24) -> dict[tuple, Optional[Config]]:  # noqa: UP045
@@ -208,10 +183,10 @@ def tune(weights: Iterable[Tensor], rows: Sequence[int] = (1,), candidates: Sequ
                 continue
             xs = [torch.randn(m, shape[1], device=device, dtype=dtype, generator=g) for _ in range(calls)]
             pairs = [(xs[i], ws[i % len(ws)]) for i in range(calls)]
-            times: dict = {"F.linear": _time_graph([lambda p=p: F.linear(*p) for p in pairs])}
+            times: dict = {"F.linear": time_graph([lambda p=p: F.linear(*p) for p in pairs])}
             for cfg in dict.fromkeys(for_rows(c, m) for c in candidates):
                 try:
-                    times[cfg] = _time_graph([lambda p=p, c=cfg: torch.ops.zmzoo.gemv(*p, None, *c) for p in pairs])
+                    times[cfg] = time_graph([lambda p=p, c=cfg: torch.ops.zmzoo.gemv(*p, None, *c) for p in pairs])
                 except Exception:  # a setting this GPU cannot run (e.g. out of shared memory): skip it
                     torch.cuda.synchronize(device)
             kernel = {c: t for c, t in times.items() if c != "F.linear"}
@@ -225,5 +200,6 @@ def tune(weights: Iterable[Tensor], rows: Sequence[int] = (1,), candidates: Sequ
 
 
 def tuned() -> dict[tuple, dict]:
-    """What ``tune`` measured: {key: {"choice": Config or "F.linear", "times": {setting: seconds}}}."""
-    return {k: {"choice": _TUNED[k][0] or "F.linear", "times": dict(_TIMES[k])} for k in _TUNED}
+    """What ``tune`` measured: {key: {"choice": what "auto" runs (Config or "F.linear"), "best": the kernel's fastest
+    Config, "times": {setting: seconds}}}."""
+    return {k: {"choice": _TUNED[k][0] or "F.linear", "best": _TUNED[k][1], "times": dict(_TIMES[k])} for k in _TUNED}
