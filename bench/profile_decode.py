@@ -11,6 +11,7 @@ trace to OUT; set ``TORCH_LOGS=output_code TORCH_LOGS_OUT=OUT/code.txt`` to keep
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -85,6 +86,63 @@ def main() -> None:
     print(table)
     (ns.out / f"profile_{ns.method}.txt").write_text(head + "\n" + table)
     prof.export_chrome_trace(str(ns.out / f"trace_{ns.method}.json"))
+
+    # the CUDA-graph step as the GPU runs it: kernels back to back, the gaps between them included
+    with torch.inference_mode():
+        start(gen.decode_step, 3)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(gen.decode_step, ns.steps)
+            torch.cuda.synchronize()
+    trace = ns.out / f"trace_{ns.method}_cudagraph.json"
+    prof.export_chrome_trace(str(trace))
+    summary = timeline(json.loads(trace.read_text()), ns.steps)
+    print(summary)
+    (ns.out / f"timeline_{ns.method}.txt").write_text(head + "\n" + summary)
+
+
+def category(name: str) -> str:
+    for key, cat in (("nvjet", "GEMM (cuBLAS)"), ("gemm", "GEMM (cuBLAS)"), ("splitKreduce", "GEMM split-K reduce"),
+                     ("_gemv", "GEMV (Triton)"), ("_decode_attn_split", "attention split"),
+                     ("_decode_attn_reduce", "attention reduce"), ("_slot_insert", "slot insert"),
+                     ("triton_red", "inductor reduction"), ("triton_poi", "inductor pointwise"),
+                     ("triton_per", "inductor reduction"), ("reduce_kernel", "aten reduction"),
+                     ("elementwise", "aten elementwise")):
+        if key in name:
+            return cat
+    return "other"
+
+
+def timeline(trace: dict, steps: int) -> str:
+    """Kernels of the traced steps in time order: per step, the busy time of each category and the idle time
+    between kernels (launch latency, tails, dependencies), from the profiler's Chrome trace."""
+    ks = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    if not ks:
+        return "timeline: the profiler recorded no kernels inside the CUDA graph"
+    busy: dict[str, float] = {}
+    count: dict[str, int] = {}
+    idle, idle_n, end = 0.0, 0, None
+    for e in ks:
+        c = category(e["name"])
+        busy[c] = busy.get(c, 0.0) + e["dur"]
+        count[c] = count.get(c, 0) + 1
+        if end is not None and e["ts"] > end:
+            idle += e["ts"] - end
+            idle_n += 1
+        end = max(end or 0.0, e["ts"] + e["dur"])
+    span = end - ks[0]["ts"]
+    lines = [f"timeline of {steps} CUDA-graph steps: {len(ks) / steps:.0f} kernels/step, span "
+             f"{span / steps:.1f} us/step, busy {sum(busy.values()) / steps:.1f} us, idle between kernels "
+             f"{idle / steps:.1f} us/step ({idle / max(idle_n, 1):.2f} us per gap)"]
+    for c, t in sorted(busy.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {c:<22} {count[c] / steps:6.1f} kernels/step {t / steps:9.1f} us/step "
+                     f"{t / count[c]:7.2f} us each")
+    names: dict[str, list[float]] = {}
+    for e in ks:
+        names.setdefault(e["name"][:100], []).append(e["dur"])
+    lines.append("  per kernel name (calls/step, mean us):")
+    for n, ds in sorted(names.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"    {len(ds) / steps:5.1f} x {sum(ds) / len(ds):7.2f} us  {n}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
