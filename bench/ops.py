@@ -465,8 +465,7 @@ class DecodeStep(torch.nn.Module):
         self.s_len, self.dense, self.ring = s_len, 2, max(1, s_len // 10 - 1)
 
     def forward(self, q, k_new, v_new):
-        end = self.pos.clamp(max=self.s_len)
-        out, s_new = decode_attention(q, self.k, self.v, torch.zeros_like(end), end, k_new, v_new, w=self.w,
+        out, s_new = decode_attention(q, self.k, self.v, None, self.pos, k_new, v_new, w=self.w,
                                       scores=self.s, logw_scale=LOGW_SCALE, decay=DECAY, backend="triton")
         slot_insert(self.k, self.v, self.w, self.s, k_new, v_new, s_new, self.pos, self.base, dense=self.dense,
                     ring=self.ring, backend="triton")

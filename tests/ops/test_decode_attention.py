@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zmzoo.ops.decode_attention import _decode_attention_launch, decode_attention, decode_attention_ref
+from zmzoo.ops.decode_attention import _decode_attention_launch, decode_attention, decode_attention_ref, slot_range
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -107,6 +107,24 @@ def test_empty_rows_attend_to_the_new_token_only():
     out, new_score = decode_attention(**clone(inp), backend="triton")
     torch.testing.assert_close(out[:2], inp["v_new"][:2].repeat_interleave(2, dim=1), rtol=0, atol=1e-6)
     torch.testing.assert_close(new_score[:2], torch.full((2, 2), 2.0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("end_offset,window", [(0, None), (1, None), (1, 50), (0, 7)])
+def test_range_from_the_position(end_offset, window):
+    """start=None: the caches hand over their position tensor and the kernel derives [end + end_offset - window,
+    end + end_offset) clamped to the slots: the same as the explicit (start, end) call, in both backends."""
+    inp = make_inputs(3, 8, 2, 120, 64, torch.float32, seed=9)
+    inp["start"], inp["end"] = None, torch.tensor([119, 200, 30])  # at the last slot, past the slot count, inside
+    kw = dict(end_offset=end_offset, window=window, logw_scale=0.6, decay=0.9)
+    check(inp, **kw)
+    explicit = clone(inp)
+    explicit["start"], explicit["end"] = slot_range(None, inp["end"], end_offset, window)
+    a = clone(inp)
+    got = decode_attention(**a, backend="triton", **kw)
+    want = decode_attention_ref(**explicit, logw_scale=0.6, decay=0.9)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a["scores"], explicit["scores"], rtol=1e-5, atol=1e-6)
 
 
 def test_range_past_the_cache_end_is_clamped():

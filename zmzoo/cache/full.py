@@ -32,11 +32,8 @@ class FullCache(KVCache):
         rows = torch.arange(bsz, device=pos.device)
         self.k[rows, :, pos] = k[:, :, 0]
         self.v[rows, :, pos] = v[:, :, 0]
-        end = pos + 1
-        if self.sliding_window is not None:
-            start = (end - self.sliding_window).clamp(min=0)
-        else:
-            start = torch.zeros_like(pos)
-        out, _ = decode_attention(q[:, :, 0], self.k, self.v, start, end, sm_scale=self.sm_scale,
-                                  backend=self.backend)
+        # slots [pos + 1 - window, pos + 1): the kernel derives the range from pos itself (no start/end tensors,
+        # which a compiled step computed in two tiny kernels per attention launch and layer)
+        out, _ = decode_attention(q[:, :, 0], self.k, self.v, None, pos, end_offset=1, window=self.sliding_window,
+                                  sm_scale=self.sm_scale, backend=self.backend)
         return out.unsqueeze(2)

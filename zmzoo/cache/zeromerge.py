@@ -226,11 +226,10 @@ class ZeroMergeCache(KVCache):
 
     # ---------------------------------------------------------------- decode
     def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        end = pos.clamp(max=self.budget)
-        start = torch.zeros_like(pos)
         k_new, v_new = k[:, :, 0], v[:, :, 0]
+        # slots [0, min(pos, budget)): the kernel clamps pos to the slot count itself (no start/end tensors)
         out, s_new = decode_attention(
-            q[:, :, 0], self.k, self.v, start, end, k_new, v_new,
+            q[:, :, 0], self.k, self.v, None, pos, k_new, v_new,
             w=self.w if self.compensate else None,
             scores=self.s if self.decode_scores else None,
             logw_scale=self.logw_scale, decay=self.decay, sm_scale=self.sm_scale, backend=self.backend,

@@ -1,12 +1,15 @@
 """Decode attention over a slot cache: one query token per row, optional log(w) compensation and score folding.
 
     out[b, h] = sum_j p[b, h, j] v[b, h//G, j] (+ p_new v_new)
-    logit[b, h, j] = sm_scale * q[b, h] . k[b, h//G, j] + logw_scale * log(w[b, h//G, j]),  start[b] <= j < end[b]
+    logit[b, h, j] = sm_scale * q[b, h] . k[b, h//G, j] + logw_scale * log(w[b, h//G, j]),  lo[b] <= j < hi[b]
+    hi[b] = min(end[b] + end_offset, S),  lo[b] = max(start[b], 0)  (no start: max(end[b] + end_offset - window, 0))
     scores[b, kv, j] = decay * scores[b, kv, j] + sum_{h in group kv} p[b, h, j]   (valid slots only, in place)
     new_score[b, kv] = sum_{h in group kv} p[b, h, new]
 
-Used by every cache: the full cache (no w, no scores, start/end from the position and sliding window) and the
-compressed caches (w, scores, the new token passed separately because its slot is chosen after attention).
+Used by every cache: the full cache (no w, no scores, end = position + 1, start from the sliding window) and the
+compressed caches (w, scores, the new token passed separately because its slot is chosen after attention, end = the
+position, which the kernel clamps to the slot count). The caches hand over their position tensor itself: the kernels
+derive the range from it, so a compiled step has no small kernels computing start/end tensors for every layer.
 """
 
 from __future__ import annotations
@@ -26,11 +29,20 @@ except ImportError:  # the module still imports; only backend='triton' needs it
     triton = tl = None
 
 
+def slot_range(start: Tensor | None, end: Tensor, end_offset: int = 0, window: int | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """(start, end) tensors of the valid range, as the kernels derive it (before clamping to [0, S))."""
+    end = end + end_offset if end_offset else end
+    if start is None:
+        start = (end - window).clamp(min=0) if window else torch.zeros_like(end)
+    return start, end
+
+
 def decode_attention_ref(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    start: Tensor,
+    start: Tensor | None,
     end: Tensor,
     k_new: Tensor | None = None,
     v_new: Tensor | None = None,
@@ -40,11 +52,14 @@ def decode_attention_ref(
     logw_scale: float = 1.0,
     decay: float = 1.0,
     sm_scale: float | None = None,
+    end_offset: int = 0,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Plain-torch reference (fp32 math).
 
     Args:
-        q: (B, H, D) query of the new token. k, v: (B, Hkv, S, D) slot cache. start, end: (B,) int valid slot range.
+        q: (B, H, D) query of the new token. k, v: (B, Hkv, S, D) slot cache. start, end: (B,) int valid slot range
+        [start, end + end_offset), clamped to [0, S); start None: end + end_offset - window (window None: 0).
         k_new, v_new: (B, Hkv, D) the new token's key/value, attended in addition to the slots (or None).
         w: (B, Hkv, S) fp32 slot weights (None: all 1). scores: (B, Hkv, S) fp32, updated in place (or None).
     Returns:
@@ -56,6 +71,7 @@ def decode_attention_ref(
     n_kv, s_len = k.shape[1], k.shape[2]
     g = n_heads // n_kv
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    start, end = slot_range(start, end, end_offset, window)
     qf = q.float().view(bsz, n_kv, g, d)
     logits = torch.einsum("bhgd,bhsd->bhgs", qf, k.float()) * sm_scale  # (B, Hkv, G, S)
     slot = torch.arange(s_len, device=q.device)
@@ -87,7 +103,7 @@ def decode_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    start: Tensor,
+    start: Tensor | None,
     end: Tensor,
     k_new: Tensor | None = None,
     v_new: Tensor | None = None,
@@ -97,16 +113,15 @@ def decode_attention(
     logw_scale: float = 1.0,
     decay: float = 1.0,
     sm_scale: float | None = None,
+    end_offset: int = 0,
+    window: int | None = None,
     backend: str = "torch",
 ) -> tuple[Tensor, Tensor | None]:
     """Decode attention (see module docstring); ``backend`` is "torch" or "triton"."""
+    kw = dict(logw_scale=logw_scale, decay=decay, sm_scale=sm_scale, end_offset=end_offset, window=window)
     if backend == "triton":
-        return decode_attention_triton(
-            q, k, v, start, end, k_new, v_new, w, scores, logw_scale=logw_scale, decay=decay, sm_scale=sm_scale
-        )
-    return decode_attention_ref(
-        q, k, v, start, end, k_new, v_new, w, scores, logw_scale=logw_scale, decay=decay, sm_scale=sm_scale
-    )
+        return decode_attention_triton(q, k, v, start, end, k_new, v_new, w, scores, **kw)
+    return decode_attention_ref(q, k, v, start, end, k_new, v_new, w, scores, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------- Triton
@@ -136,10 +151,25 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # loads were issued together) found one warp best for a lone query head (MHA: the tile is a multiply-and-reduce,
 # no tl.dot): batch 1 S=2048 20.2 -> 17.4 us, S=8192 55.0 -> 45.4 us, batch 8 S=8192 330 -> 289 us, S=40960 166 us
 # either way; for GQA groups (tl.dot) two warps stayed best (batch 8 S=8192: 81.7 us against 91.0 us with one).
+# One launch instead of two (the split that finishes last in its (row, KV head), found by an atomic ticket, merges the
+# partials and folds the scores) was measured on the H200 and is slower at every size: MHA batch 1, 2048 slots 20.8 us
+# against 16.8 us, 8192 slots 59.5 against 45.4 us (docs/results/attention-one-launch-h200.txt). In a CUDA graph the
+# reduce kernel's launch costs less than the serial tail of one program per group doing the reduce.
 MAX_SPLITS = 64
 WAVES = 8  # target programs per SM
 NUM_WARPS, NUM_STAGES = 2, 3  # NUM_WARPS for GQA groups; a lone query head gets NUM_WARPS_MHA
 NUM_WARPS_MHA = 1
+
+
+def _slot_range(start_ptr, end_ptr, off_b, stride_startb, stride_endb, n_slots, end_offset, window,
+                HAS_START: tl.constexpr):
+    """Row ``off_b``'s valid slots [lo, hi) (see the module docstring), both clamped to [0, n_slots]."""
+    end = tl.load(end_ptr + off_b * stride_endb).to(tl.int32) + end_offset
+    if HAS_START:
+        lo = tl.load(start_ptr + off_b * stride_startb).to(tl.int32)
+    else:
+        lo = end - window  # no window: the wrapper passes 2**30
+    return tl.minimum(tl.maximum(lo, 0), n_slots), tl.minimum(tl.maximum(end, 0), n_slots)
 
 
 def _decode_attn_split_kernel(
@@ -151,8 +181,8 @@ def _decode_attn_split_kernel(
     stride_wb, stride_wh, stride_wn,
     stride_knb, stride_knh, stride_knd,
     stride_startb, stride_endb,
-    n_slots, n_heads, qk_scale, logw_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    n_slots, n_heads, qk_scale, logw_scale, end_offset, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_START: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_DOT: tl.constexpr, SPLIT_P: tl.constexpr, IEEE_DOT: tl.constexpr,
     HAS_W: tl.constexpr, HAS_NEW: tl.constexpr, STORE_LOGITS: tl.constexpr,
@@ -175,8 +205,8 @@ def _decode_attn_split_kernel(
     q_dot = q.to(k_ptr.dtype.element_ty)
 
     # this split's share of the row's valid range [start, end), rounded to whole tiles
-    row_lo = tl.maximum(tl.load(start_ptr + off_b * stride_startb).to(tl.int32), 0)
-    row_hi = tl.minimum(tl.load(end_ptr + off_b * stride_endb).to(tl.int32), n_slots)
+    row_lo, row_hi = _slot_range(start_ptr, end_ptr, off_b, stride_startb, stride_endb, n_slots, end_offset, window,
+                                 HAS_START)
     n_valid = tl.maximum(row_hi - row_lo, 0)
     per_split = tl.cdiv(tl.cdiv(n_valid, n_splits), BLOCK_N) * BLOCK_N
     lo = row_lo + split * per_split
@@ -250,8 +280,8 @@ def _decode_attn_reduce_kernel(
     stride_startb, stride_endb,
     stride_sb, stride_sh, stride_sn,
     stride_ob, stride_oh, stride_od,
-    n_slots, n_heads, n_kv_heads, n_splits, decay,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    n_slots, n_heads, n_kv_heads, n_splits, decay, end_offset, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_START: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_NEW: tl.constexpr, HAS_SCORES: tl.constexpr,
 ):
@@ -303,10 +333,10 @@ def _decode_attn_reduce_kernel(
                 l_g += p_new_g
             # p of this tile's valid slots, summed over the group, folded into the decayed scores
             tile = pid - GROUP
-            start = tl.load(start_ptr + off_b * stride_startb).to(tl.int32)
-            end = tl.load(end_ptr + off_b * stride_endb).to(tl.int32)
+            lo, hi = _slot_range(start_ptr, end_ptr, off_b, stride_startb, stride_endb, n_slots, end_offset, window,
+                                 HAS_START)
             offs_n = tile * BLOCK_S + tl.arange(0, BLOCK_S)
-            valid = (offs_n >= start) & (offs_n < end) & (offs_n < n_slots)
+            valid = (offs_n >= lo) & (offs_n < hi)
             mask = mask_g[:, None] & valid[None, :]
             logit = tl.load(logit_ptr + rows[:, None] * n_slots + offs_n[None, :], mask=mask, other=float("-inf"))
             p = tl.where(mask, tl.exp2(logit - m_g[:, None]) / l_g[:, None], 0.0)
@@ -334,8 +364,9 @@ def decode_attention_config(
 
 
 def _decode_attention_launch(
-    q: Tensor, k: Tensor, v: Tensor, start: Tensor, end: Tensor, k_new: Tensor | None, v_new: Tensor | None,
-    w: Tensor | None, scores: Tensor | None, logw_scale: float, decay: float, sm_scale: float, *,
+    q: Tensor, k: Tensor, v: Tensor, start: Tensor | None, end: Tensor, k_new: Tensor | None, v_new: Tensor | None,
+    w: Tensor | None, scores: Tensor | None, logw_scale: float, decay: float, sm_scale: float, end_offset: int = 0,
+    window: int | None = None, *,
     block_n: int | None = None, n_splits: int | None = None, num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
 ) -> tuple[Tensor, Tensor]:
@@ -366,21 +397,24 @@ def _decode_attention_launch(
     k_new_arg = k_new if has_new else q
     v_new_arg = v_new if has_new else q
     scores_arg = scores if has_scores else dummy
+    has_start = start is not None
+    start_arg = start if has_start else end
+    window_arg = int(window) if window else 1 << 30
     w_strides = w.stride() if has_w else (0, 0, 0)
     s_strides = scores.stride() if has_scores else (0, 0, 0)
 
     launch(
         _decode_attn_split_kernel, (bsz, n_kv, n_splits),
-        q, k, v, w_arg, start, end, k_new_arg,
+        q, k, v, w_arg, start_arg, end, k_new_arg,
         m_part, l_part, o_part, logits, logit_new,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         w_strides[0], w_strides[1], w_strides[2],
         k_new_arg.stride(0), k_new_arg.stride(1), k_new_arg.stride(2),
-        start.stride(0), end.stride(0),
-        s_len, n_heads, sm_scale * LOG2E, logw_scale,
-        GROUP=g, HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        start_arg.stride(0), end.stride(0),
+        s_len, n_heads, sm_scale * LOG2E, logw_scale, end_offset, window_arg,
+        GROUP=g, HEAD_DIM=d, HAS_START=has_start, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_DOT=use_dot, SPLIT_P=use_dot and v.dtype in (torch.float16, torch.bfloat16),
         IEEE_DOT=k.dtype == torch.float32,
         HAS_W=has_w, HAS_NEW=has_new, STORE_LOGITS=has_scores,
@@ -391,14 +425,14 @@ def _decode_attention_launch(
     n_tiles = -(-s_len // block_s) if has_scores else 0
     launch(
         _decode_attn_reduce_kernel, (bsz, n_kv, g + n_tiles),
-        m_part, l_part, o_part, logits, logit_new, v_new_arg, start, end, scores_arg, out, new_score,
+        m_part, l_part, o_part, logits, logit_new, v_new_arg, start_arg, end, scores_arg, out, new_score,
         v_new_arg.stride(0), v_new_arg.stride(1), v_new_arg.stride(2),
-        start.stride(0), end.stride(0),
+        start_arg.stride(0), end.stride(0),
         s_strides[0], s_strides[1], s_strides[2],
         out.stride(0), out.stride(1), out.stride(2),
-        s_len, n_heads, n_kv, n_splits, decay,
-        GROUP=g, HEAD_DIM=d, BLOCK_G=block_gr, BLOCK_D=block_d, BLOCK_SPLITS=max(2, next_pow2(n_splits)),
-        BLOCK_S=block_s, HAS_NEW=has_new, HAS_SCORES=has_scores,
+        s_len, n_heads, n_kv, n_splits, decay, end_offset, window_arg,
+        GROUP=g, HEAD_DIM=d, HAS_START=has_start, BLOCK_G=block_gr, BLOCK_D=block_d,
+        BLOCK_SPLITS=max(2, next_pow2(n_splits)), BLOCK_S=block_s, HAS_NEW=has_new, HAS_SCORES=has_scores,
         num_warps=4,
     )
     return out, new_score
@@ -408,13 +442,15 @@ OptTensor = Optional[Tensor]  # noqa: UP045 (torch.library infers the op schema 
 
 
 def _decode_attention_impl(
-    q: Tensor, k: Tensor, v: Tensor, start: Tensor, end: Tensor, k_new: OptTensor, v_new: OptTensor,
-    w: OptTensor, scores: OptTensor, logw_scale: float, decay: float, sm_scale: float,
+    q: Tensor, k: Tensor, v: Tensor, start: OptTensor, end: Tensor, k_new: OptTensor, v_new: OptTensor,
+    w: OptTensor, scores: OptTensor, logw_scale: float, decay: float, sm_scale: float, end_offset: int, window: int,
 ) -> tuple[Tensor, Tensor]:
-    return _decode_attention_launch(q, k, v, start, end, k_new, v_new, w, scores, logw_scale, decay, sm_scale)
+    return _decode_attention_launch(q, k, v, start, end, k_new, v_new, w, scores, logw_scale, decay, sm_scale,
+                                    end_offset, window)
 
 
 if triton is not None:
+    _slot_range = triton.jit(_slot_range)  # called from the kernels (which are jitted on first launch, see _launch)
     # zmzoo::decode_attention(..., Tensor(a!)? scores, ...) -> (Tensor out, Tensor new_score)
     _decode_attention_op = torch.library.triton_op("zmzoo::decode_attention", _decode_attention_impl,
                                                    mutates_args={"scores"})
@@ -424,7 +460,7 @@ def decode_attention_triton(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    start: Tensor,
+    start: Tensor | None,
     end: Tensor,
     k_new: Tensor | None = None,
     v_new: Tensor | None = None,
@@ -434,6 +470,8 @@ def decode_attention_triton(
     logw_scale: float = 1.0,
     decay: float = 1.0,
     sm_scale: float | None = None,
+    end_offset: int = 0,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Triton flash-decoding with the semantics of ``decode_attention_ref`` (registered as zmzoo::decode_attention)."""
     if triton is None:
@@ -448,6 +486,7 @@ def decode_attention_triton(
         raise TypeError(f"decode_attention backend='triton' takes {_DTYPES}, got {q.dtype}/{k.dtype}/{v.dtype}")
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     out, new_score = torch.ops.zmzoo.decode_attention(
-        q, k, v, start, end, k_new, v_new, w, scores, float(logw_scale), float(decay), float(sm_scale)
+        q, k, v, start, end, k_new, v_new, w, scores, float(logw_scale), float(decay), float(sm_scale),
+        int(end_offset), int(window or 0)
     )
     return out, (new_score if k_new is not None and scores is not None else None)
