@@ -158,18 +158,19 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> dict
 
 def gemv_report() -> list[dict[str, Any]]:
     """What ``zmzoo.ops.gemv.tune`` measured (empty unless --gemv triton/auto on CUDA), printed and kept in the JSON:
-    per (rows, N, K) the chosen setting and the microseconds of F.linear and of the kernel's best setting."""
+    per (rows, N, K, fusion) the chosen setting and the microseconds of the compiled torch composition (F.linear and
+    its fused elementwise kernel) and of the kernel's best setting."""
     from zmzoo.ops.gemv import tuned
 
     rows = []
-    for (m, n, k, dtype, _), rec in tuned().items():
+    for (m, n, k, dtype, _, fusion), rec in tuned().items():
         best, times = rec["best"], rec["times"]
-        row = {"rows": m, "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""),
+        row = {"rows": m, "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""), "fusion": str(fusion),
                "choice": rec["choice"] if isinstance(rec["choice"], str) else "triton " + repr(tuple(rec["choice"])),
-               "linear_us": times["F.linear"] * 1e6, "triton_us": times[best] * 1e6, "triton_setting": tuple(best)}
+               "torch_us": times["torch"] * 1e6, "triton_us": times[best] * 1e6, "triton_setting": tuple(best)}
         rows.append(row)
-        print(f"[gemv] rows={m} {n} x {k}: F.linear {row['linear_us']:.1f} us, kernel {row['triton_us']:.1f} us at "
-              f"(BLOCK_N, BLOCK_K, warps, stages)={row['triton_setting']} -> {row['choice']}")
+        print(f"[gemv] rows={m} {n} x {k} {fusion}: torch {row['torch_us']:.1f} us, kernel {row['triton_us']:.1f} us "
+              f"at (BLOCK_N, BLOCK_K, warps, stages)={row['triton_setting']} -> {row['choice']}")
     return rows
 
 
@@ -332,7 +333,7 @@ def probe_ops(ns, device, dtype) -> str:
 
     try:
         tiny = zmzoo.load(ns.model, weights="random", device=device, dtype=dtype, compile=False, max_seq_len=64,
-                          args_overrides={**TINY, "max_position_embeddings": 64}, ops="triton")
+                          args_overrides={**TINY, "max_position_embeddings": 64}, ops="triton", gemv="torch")
         for m in ns.methods:
             g = with_caches(tiny, method=m, max_seq_len=64, batch=2, kv_budget=16 if m != "full" else None,
                             compile=compile_arg(ns))
@@ -748,9 +749,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--ops", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton on CUDA when its kernels work, else the torch references")
-    p.add_argument("--gemv", default="torch", choices=["torch", "triton", "auto"],
-                   help="the decode step's matrix-vector products: torch (F.linear, cuBLAS), triton (zmzoo.ops.gemv, "
-                        "launch settings tuned on the device) or auto (per shape the faster of the two, as tuned)")
+    p.add_argument("--gemv", default="auto", choices=["torch", "triton", "auto"],
+                   help="the decode step's weight products (zmzoo.load's gemv): torch (cuBLAS, elementwise work in "
+                        "inductor kernels beside), triton (zmzoo.ops.gemv with the norm / SiLU / residual add inside, "
+                        "launch settings tuned on the device) or auto (zmzoo.load's default: per product the faster "
+                        "of the two, as tuned)")
     p.add_argument("--compile", default="auto",
                    help="auto (the Generator's: inductor, CUDA graphs on CUDA), none (eager), or a backend name")
     p.add_argument("--layers", type=int, help="override the number of layers (e.g. 4: 7B widths, quick compiles)")
@@ -835,8 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="max_seq_len .* exceeds")
         base = zmzoo.load(ns.model, weights=ns.weights, device=device, dtype=dtype, compile=False, max_seq_len=64,
-                          ops=backend, seed=ns.seed, args_overrides=overrides or None)
-    base.model.set_gemv(ns.gemv)
+                          ops=backend, gemv="torch", seed=ns.seed, args_overrides=overrides or None)
+    base.model.set_gemv(ns.gemv, rows=(ns.batch,) if ns.batch <= 4 else ())
     gemv_tuning = gemv_report()
     args = base.args
     hw = environment().get("gpu", platform.processor() or "cpu")

@@ -13,12 +13,15 @@
 #   more54   full and ZeroMerge at 54K
 #   peers    HF transformers (static cache + compile) at $PEER_CONTEXTS (default 4K, 16K, 40K, 54K)
 #   maxbatch the largest batch that fits at 40K (full, ZeroMerge) and its total tokens/s
-#   gemv     main's table with --gemv auto: each decode product by the Triton GEMV or cuBLAS, whichever the
-#            tuning at load measured faster for its shape (to set beside main's cuBLAS-only figures)
+#   gemv     main's table with --gemv $GEMV (default torch: every decode product by cuBLAS, the RMSNorm, SiLU gate and
+#            residual add in inductor kernels beside; triton: all by the Triton GEMV with that work inside it), to set
+#            beside main's, which runs zmzoo.load's default gemv=auto (per product whichever the tuning at load
+#            measured faster); $GEMV_CONTEXTS, default 4K, 16K, 40K
 #   quality  bench/quality.py on SmolLM2-135M-Instruct (all methods, 5/10/20 %, passkey to 8K, NLL at a 4K prompt):
 #            needs .carry/a and .carry/b from scripts/gpu_carry.sh (the GGUF in two halves and the gguf wheel); $QUALITY_TASKS picks
 #            the tasks (default passkey,nll,attn)
-#   profile  bench/profile_decode.py: kernel-by-kernel profile of the step, 2 layers at 7B widths, 16K
+#   profile  bench/profile_decode.py: kernel-by-kernel profile and CUDA-graph timeline of the step ($PROFILE_LAYERS
+#            layers at 7B widths, default 2; $PROFILE_CONTEXT, default 16K; $PROFILE_GEMV, default auto)
 #   prefill  bench/profile_prefill.py: the 40K prompt's attention under each SDPA backend, and a profile of the
 #            prefill of 2 layers at 7B widths ($PROFILE_METHODS, default full and zeromerge)
 #
@@ -56,7 +59,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         ;;
     tests)
         run tests env ZMZOO_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider tests/test_generate.py \
-            -k "cuda_graph or triton_generator or inductor or batch_rows or fused_prefill"
+            tests/ops/test_gemv.py -k "cuda_graph or triton_generator or inductor or batch_rows or fused_prefill or fused_gemv"
         ;;
     ops)
         run ops "$py" bench/ops.py --out "$out/ops" --no-sweep --budget-s 200
@@ -76,8 +79,8 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         run more54 "$py" "${decode[@]}" --contexts 54000 --methods zeromerge,full --peers none --out "$out/more54"
         ;;
     gemv)
-        run gemv "$py" "${decode[@]}" --contexts "${GEMV_CONTEXTS:-4096,16384,40960}" --methods zeromerge,full --gemv auto --peers none \
-            --out "$out/gemv"
+        run "gemv_${GEMV:-torch}" "$py" "${decode[@]}" --contexts "${GEMV_CONTEXTS:-4096,16384,40960}" \
+            --methods zeromerge,full --gemv "${GEMV:-torch}" --peers none --out "$out/gemv_${GEMV:-torch}"
         ;;
     quality)
         gguf_file=${TMPDIR:-/tmp}/smollm2-135m-instruct.gguf
@@ -105,7 +108,8 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         ;;
     profile)
         for m in ${PROFILE_METHODS:-full zeromerge}; do
-            run "profile_$m" "$py" bench/profile_decode.py --method $m --context 16384 --layers 2 --out "$out/profile"
+            run "profile_${m}_${PROFILE_GEMV:-auto}" "$py" bench/profile_decode.py --method $m --context "${PROFILE_CONTEXT:-16384}" \
+                --layers "${PROFILE_LAYERS:-2}" --steps 10 --gemv "${PROFILE_GEMV:-auto}" --out "$out/profile"
         done
         ;;
     prefill)

@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ops", default="triton")
+    p.add_argument("--gemv", default="auto", choices=["torch", "triton", "auto"],
+                   help="the decode step's weight products (zmzoo.load's gemv)")
     p.add_argument("--out", type=Path, default=Path("out/profile"))
     ns = p.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,7 @@ def main() -> None:
     kw = {} if ns.method == "full" else {"kv_budget": ns.kv_budget}
     max_seq_len = ns.context + 4 * ns.steps + 64
     gen = zmzoo.load(ns.model, weights="random", device=dev, dtype=torch.bfloat16, compile=True, method=ns.method,
-                     max_seq_len=max_seq_len, ops=ns.ops, args_overrides={"n_layers": ns.layers,
+                     max_seq_len=max_seq_len, ops=ns.ops, gemv=ns.gemv, args_overrides={"n_layers": ns.layers,
                                                                           "max_position_embeddings": max_seq_len},
                      **kw)
     step_plain = torch.compile(gen.model.decode, fullgraph=True, dynamic=False)  # same graph, no CUDA graphs
@@ -79,13 +81,14 @@ def main() -> None:
             run(step_plain, ns.steps)
             torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
-    head = (f"{ns.model} {ns.layers} layers, {ns.method} at context {ns.context}, ops={ns.ops}: CUDA-graph step "
+    head = (f"{ns.model} {ns.layers} layers, {ns.method} at context {ns.context}, ops={ns.ops}, gemv={ns.gemv}: "
+            f"CUDA-graph step "
             f"{results['cudagraph'] * 1e3:.1f} us, plain compiled step {results['plain'] * 1e3:.1f} us; "
             f"table over {ns.steps} steps")
     print(head)
     print(table)
-    (ns.out / f"profile_{ns.method}.txt").write_text(head + "\n" + table)
-    prof.export_chrome_trace(str(ns.out / f"trace_{ns.method}.json"))
+    (ns.out / f"profile_{ns.method}_{ns.gemv}.txt").write_text(head + "\n" + table)
+    prof.export_chrome_trace(str(ns.out / f"trace_{ns.method}_{ns.gemv}.json"))
 
     # the CUDA-graph step as the GPU runs it: kernels back to back, the gaps between them included
     with torch.inference_mode():
@@ -93,11 +96,11 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run(gen.decode_step, ns.steps)
             torch.cuda.synchronize()
-    trace = ns.out / f"trace_{ns.method}_cudagraph.json"
+    trace = ns.out / f"trace_{ns.method}_{ns.gemv}_cudagraph.json"
     prof.export_chrome_trace(str(trace))
     summary = timeline(json.loads(trace.read_text()), ns.steps)
     print(summary)
-    (ns.out / f"timeline_{ns.method}.txt").write_text(head + "\n" + summary)
+    (ns.out / f"timeline_{ns.method}_{ns.gemv}.txt").write_text(head + "\n" + summary)
 
 
 def category(name: str) -> str:

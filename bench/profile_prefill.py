@@ -100,7 +100,7 @@ def main() -> None:
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     gen = zmzoo.load(ns.model, weights="random", device=dev, dtype=dtype, compile=False, method=ns.method,
-                     max_seq_len=max_seq_len, ops=ns.ops,
+                     max_seq_len=max_seq_len, ops=ns.ops, gemv="torch",  # prompts never use the decode kernel
                      args_overrides={"n_layers": ns.layers, "max_position_embeddings": max_seq_len}, **kw)
     gen.model.fused_prefill = cuda and not ns.eager_prefill  # as zmzoo.load(compile=True) sets it on CUDA
     a = gen.args

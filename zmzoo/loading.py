@@ -14,6 +14,7 @@ from zmzoo.generate import Generator
 from zmzoo.models.config import ModelArgs
 from zmzoo.models.transformer import Transformer
 from zmzoo.ops import resolve_backend
+from zmzoo.ops.gemv import BACKENDS, MAX_ROWS
 
 
 def default_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
@@ -66,6 +67,7 @@ def load(
     compile: bool | str = True,
     weights: str = "pretrained",
     ops: str = "auto",
+    gemv: str = "auto",
     preset: str | None = None,
     seed: int = 0,
     args_overrides: dict[str, Any] | None = None,
@@ -86,6 +88,10 @@ def load(
             backend name / callable.
         weights: "pretrained", or "random" to build the architecture with random weights (no download).
         ops: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        gemv: the decode step's weight products (``Transformer.set_gemv``): "auto" (on CUDA with the Triton ops, each
+            product by ``zmzoo.ops.gemv``'s kernel, with its RMSNorm, SiLU gate or residual add inside, where timing
+            it on this GPU at load (~15-25 s) found it faster than cuBLAS with the elementwise work beside; else
+            torch), "triton" (the kernel for every product) or "torch" (cuBLAS).
         preset: a named set of ZeroMerge settings (``zmzoo.cache.PRESETS``); explicit settings override it.
         **cache_settings: tail, dense, decay, logw_scale, metric, score_merge, score_window, score_pool, sinks.
     """
@@ -95,6 +101,13 @@ def load(
     if weights not in ("pretrained", "random"):
         raise ValueError(f"weights={weights!r} must be 'pretrained' or 'random'")
     backend = resolve_backend(ops, dev)
+    if gemv not in BACKENDS:
+        raise ValueError(f"gemv={gemv!r} is not one of {BACKENDS}")
+    if gemv == "auto" and (dev.type != "cuda" or backend != "triton"):
+        gemv = "torch"  # nothing to time: the interpreter's timings mean nothing, and without Triton there is no kernel
+    if gemv == "triton" and dev.type != "cuda" and backend != "triton":
+        raise RuntimeError("gemv='triton' on a CPU device runs the kernel in Triton's interpreter: pass ops='triton' "
+                           "with TRITON_INTERPRET=1 set before Python starts")
     tokenizer = None
     state_dict = None
     if weights == "random":
@@ -155,5 +168,6 @@ def load(
                           n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, max_seq_len=max_seq_len, dtype=dt,
                           device=dev, sliding_window=args.sliding_window, backend=backend)
     model.setup_caches(caches, max_seq_len)
+    model.set_gemv(gemv, rows=(max_batch_size,) if max_batch_size <= MAX_ROWS else ())
     return Generator(model, tokenizer, args, cache_config, device=dev, dtype=dt, max_seq_len=max_seq_len,
                      max_batch_size=max_batch_size, compile=compile, backend=backend)

@@ -3,6 +3,8 @@ not, strided inputs; low-precision error against fp32 at most twice that of torc
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,17 +62,17 @@ def test_gemv_every_tuning_candidate_matches_linear(cfg, m):
 
 
 def test_gemv_auto_follows_the_tuned_choice(monkeypatch):
-    """backend="auto" runs F.linear where tune() found it faster (or did not tune: CPU), the kernel where the kernel
-    won; backend="triton" runs the kernel's best setting even where F.linear won."""
+    """backend="auto" runs the torch composition where tune() found it faster (or did not tune: CPU), the kernel where
+    the kernel won; backend="triton" runs the kernel's best setting even where torch won."""
     x, w, _ = inputs(1, 24, 40, torch.float32, bias=False)
     calls = []
-    monkeypatch.setattr(gemv_mod, "gemv_ref", lambda *a: calls.append("linear") or F.linear(*a))
+    monkeypatch.setattr(gemv_mod, "gemv_ref", lambda *a, **kw: calls.append("linear") or F.linear(*a))
     assert tune([w]) == {}  # CPU: nothing to time
     gemv(x, w, backend="auto")
     assert calls == ["linear"]
     key = gemv_mod._key(1, w)
     fast, slow = Config(8, 64, 1, 2), Config(4, 32, 1, 2)
-    monkeypatch.setitem(gemv_mod._TIMES, key, {"F.linear": 1e-6, fast: 2e-6, slow: 3e-6})
+    monkeypatch.setitem(gemv_mod._TIMES, key, {"torch": 1e-6, fast: 2e-6, slow: 3e-6})
     monkeypatch.setitem(gemv_mod._TUNED, key, (None, fast))
     calls.clear()
     gemv(x, w, backend="auto")
@@ -81,6 +83,83 @@ def test_gemv_auto_follows_the_tuned_choice(monkeypatch):
     calls.clear()
     torch.testing.assert_close(gemv(x, w, backend="auto"), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert calls == []
+    # a fused product is tuned on its own: the plain product's choice does not carry over to it
+    gemv(x, w, residual=torch.zeros(1, 24), backend="auto")
+    assert calls == ["linear"]
+
+
+# ZMZOO_TEST_DEVICE=cuda: the fused-product tests on a GPU (the kernel compiled; bench/h200.sh's tests stage)
+DEVICE = os.environ.get("ZMZOO_TEST_DEVICE", "cpu")
+
+
+def fused_inputs(m, n, k, dtype, *, bias, norm, silu, residual, seed=0):
+    """x (m, 2k if silu else k) with a non-unit mean square, and the fusion arguments of ``gemv``, on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(m, 2 * k if silu else k, generator=g) + 0.5
+    w = torch.randn(n, k, generator=g) / k**0.5
+    extra = dict(b=torch.randn(n, generator=g) if bias else None,
+                 norm=1 + 0.3 * torch.randn(k, generator=g) if norm else None,
+                 residual=torch.randn(m, n, generator=g) if residual else None)
+    return (x.to(DEVICE, dtype), w.to(DEVICE, dtype),
+            {a: None if t is None else t.to(DEVICE, dtype) for a, t in extra.items()})
+
+
+def exact_fused(x, w, b, norm, silu, residual, eps):
+    """The fused product in fp64, no intermediate rounding."""
+    x = x.double()
+    if norm is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.double()
+    if silu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = F.linear(x, w.double(), None if b is None else b.double())
+    return y if residual is None else y + residual.double()
+
+
+FUSIONS = [dict(norm=True, silu=False, residual=False), dict(norm=False, silu=True, residual=True),
+           dict(norm=False, silu=False, residual=True), dict(norm=True, silu=False, residual=True),
+           dict(norm=False, silu=True, residual=False)]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(1, 1), (17, 33), (130, 257), (64, 1000)])
+@pytest.mark.parametrize("fusion", FUSIONS, ids=lambda f: "-".join(a for a, on in f.items() if on))
+def test_fused_gemv_fp32_matches_the_composition(m, n, k, fusion):
+    """RMSNorm prologue, SiLU-gate prologue, residual epilogue (as a decode step uses them) against ``gemv_ref``, the
+    plain-torch rms_norm / silu_mul / F.linear / add; bias on where the norm is (Qwen's q|k|v)."""
+    x, w, kw = fused_inputs(m, n, k, torch.float32, bias=fusion["norm"], seed=m * 7 + n + k, **fusion)
+    kw |= dict(eps=1e-5, silu=fusion["silu"])
+    b = kw.pop("b")
+    got = gemv(x, w, b, backend="triton", **kw)
+    torch.testing.assert_close(got, gemv_ref(x, w, b, **kw), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), exact_fused(x, w, b, kw["norm"], kw["silu"], kw["residual"], 1e-5),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fusion", FUSIONS, ids=lambda f: "-".join(a for a, on in f.items() if on))
+def test_fused_gemv_low_precision_error_at_most_twice_torch(dtype, fusion):
+    x, w, kw = fused_inputs(3, 96, 1100, dtype, bias=True, seed=11, **fusion)
+    kw |= dict(eps=1e-6, silu=fusion["silu"])
+    b = kw.pop("b")
+    exact = exact_fused(x, w, b, kw["norm"], kw["silu"], kw["residual"], 1e-6)
+    err_torch = (gemv_ref(x, w, b, **kw).double() - exact).abs().max().item()
+    err_ours = (gemv(x, w, b, backend="triton", **kw).double() - exact).abs().max().item()
+    assert err_ours <= 2 * err_torch + 1e-6, (err_ours, err_torch)
+
+
+def test_fused_gemv_bad_inputs_are_named():
+    x, w, kw = fused_inputs(2, 8, 16, torch.float32, bias=False, norm=True, silu=False, residual=True)
+    with pytest.raises(ValueError, match="norm weight"):
+        gemv(x, w, norm=kw["norm"][:5], backend="triton")
+    with pytest.raises(ValueError, match="residual"):
+        gemv(x, w, residual=kw["residual"][:, :3], backend="triton")
+    with pytest.raises(ValueError, match="2K wide with silu"):
+        gemv(x, w, silu=True, backend="triton")
+    with pytest.raises(ValueError, match="pass one"):
+        gemv(torch.cat([x, x], -1), w, norm=kw["norm"], silu=True, backend="triton")
+    with pytest.raises(TypeError, match="residual torch.float64"):
+        gemv(x, w, residual=kw["residual"].double(), backend="triton")
 
 
 def test_gemv_bad_inputs_are_named():
@@ -98,15 +177,17 @@ def test_gemv_bad_inputs_are_named():
 
 
 def test_generator_with_triton_gemv_equals_torch():
-    """The decode step's products through the kernel (Transformer.set_gemv): the same greedy tokens as F.linear over
-    24 ZeroMerge steps in fp32, and the same teacher-forced logits; prompts (many rows) keep F.linear."""
+    """The decode step's products through the kernel (zmzoo.load's gemv="triton"; the RMSNorms, SiLU gate and
+    residual adds inside it): the same greedy tokens as the torch composition over 24 ZeroMerge steps in fp32, and the
+    same teacher-forced logits; prompts (many rows) keep F.linear."""
     import zmzoo
     from tests.conftest import TINY
 
     kw = dict(weights="random", args_overrides={**TINY, "max_position_embeddings": 128}, device="cpu",
               dtype=torch.float32, compile=False, max_seq_len=96, kv_budget=16, ops="triton")
-    ref, got = zmzoo.load("llama2-7b", **kw), zmzoo.load("llama2-7b", **kw)
-    got.model.set_gemv("triton")
+    ref, got = zmzoo.load("llama2-7b", **kw), zmzoo.load("llama2-7b", gemv="triton", **kw)
+    assert (ref.model.gemv, got.model.gemv) == ("torch", "triton")  # "auto" on a CPU: nothing to time, torch
+    assert {layer.feed_forward.gemv for layer in got.model.layers} == {"triton"}
     prompt = list(range(3, 40))
     assert got.generate(prompt, max_new_tokens=24, return_ids=True) == ref.generate(prompt, max_new_tokens=24,
                                                                                       return_ids=True)
@@ -114,3 +195,7 @@ def test_generator_with_triton_gemv_equals_torch():
     torch.testing.assert_close(got.score(p, c), ref.score(p, c), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="gemv backend"):
         got.model.set_gemv("cublas")
+    with pytest.raises(ValueError, match="gemv='cublas' is not one of"):
+        zmzoo.load("llama2-7b", gemv="cublas", **kw)
+    with pytest.raises(RuntimeError, match="gemv='triton' on a CPU device"):
+        zmzoo.load("llama2-7b", gemv="triton", **{**kw, "ops": "torch"})

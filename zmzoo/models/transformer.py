@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zmzoo.models.config import ModelArgs
-from zmzoo.ops.gemv import BACKENDS, gemv, tune
+from zmzoo.ops.gemv import BACKENDS, Fusion, gemv, rms_norm, silu_mul, tune
 
 
 class RMSNorm(nn.Module):
@@ -28,17 +28,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
         return (compiled(rms_norm) if fused else rms_norm)(x, self.weight, self.eps)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # statistics in fp32, scale in the input dtype (as HF LlamaRMSNorm)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    return F.silu(gate) * up
 
 
 _COMPILED: dict = {}
@@ -170,13 +159,17 @@ class Attention(nn.Module):
         self.register_buffer("wqkv", w, persistent=False)
         self.register_buffer("bqkv", b, persistent=False)
 
-    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of the block input ``x`` (one token a row), ``norm`` (the block's attention norm) applied first:
+        inside the fused product's kernel when q|k|v is one matrix."""
         bsz, t, _ = x.shape
         hd = self.args.head_dim
         nq, nkv = self.args.n_heads * hd, self.args.n_kv_heads * hd
         if getattr(self, "wqkv", None) is not None:
-            q, k, v = gemv(x, self.wqkv, self.bqkv, backend=self.gemv).split((nq, nkv, nkv), dim=-1)
+            q, k, v = gemv(x, self.wqkv, self.bqkv, norm=norm.weight, eps=norm.eps,
+                           backend=self.gemv).split((nq, nkv, nkv), dim=-1)
         else:
+            x = norm(x)
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(bsz, t, self.args.n_heads, hd)
         k = k.view(bsz, t, self.args.n_kv_heads, hd)
@@ -216,15 +209,16 @@ class Attention(nn.Module):
         del q, k, v
         return self.wo(y.transpose(1, 2).reshape(bsz, t, -1))
 
-    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
-        q, k, v = self._qkv(x, cos, sin)
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, norm: RMSNorm) -> Tensor:
+        """The residual stream after attention: x + attention(norm(x)), the add inside the output projection."""
+        q, k, v = self._qkv(x, cos, sin, norm)
         y = self.kv_cache.decode(q, k, v, pos)  # (B, H, 1, hd)
-        return gemv(y.transpose(1, 2).reshape(x.shape[0], 1, -1), self.wo.weight, backend=self.gemv)
+        return gemv(y.transpose(1, 2).reshape(x.shape[0], 1, -1), self.wo.weight, residual=x, backend=self.gemv)
 
-    def draft(self, x: Tensor, cos: Tensor, sin: Tensor, step: int) -> Tensor:
-        q, k, v = self._qkv(x, cos, sin)
+    def draft(self, x: Tensor, cos: Tensor, sin: Tensor, step: int, norm: RMSNorm) -> Tensor:
+        q, k, v = self._qkv(x, cos, sin, norm)
         y = self.kv_cache.draft(q, k, v, step)  # (1, H, 1, hd)
-        return self.wo(y.transpose(1, 2).reshape(1, 1, -1))
+        return x + self.wo(y.transpose(1, 2).reshape(1, 1, -1))
 
 
 class FeedForward(nn.Module):
@@ -241,11 +235,19 @@ class FeedForward(nn.Module):
         self.register_buffer("w13", fuse_linears(self.w1, self.w3)[0], persistent=False)
 
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        """The prompt's MLP (of the normalised x)."""
         act = compiled(silu_mul) if fused else silu_mul
         if getattr(self, "w13", None) is not None:
-            gate, up = gemv(x, self.w13, backend=self.gemv).chunk(2, dim=-1)
-            return gemv(act(gate, up), self.w2.weight, backend=self.gemv)
+            return self.w2(act(*F.linear(x, self.w13).chunk(2, dim=-1)))
         return self.w2(act(self.w1(x), self.w3(x)))
+
+    def decode(self, h: Tensor, norm: RMSNorm) -> Tensor:
+        """The residual stream after the MLP: h + mlp(norm(h)). With gate|up fused, two products: the norm inside the
+        first, SiLU gate and residual add inside the second."""
+        if getattr(self, "w13", None) is None:
+            return h + self(norm(h))
+        gate_up = gemv(h, self.w13, norm=norm.weight, eps=norm.eps, backend=self.gemv)
+        return gemv(gate_up, self.w2.weight, silu=True, residual=h, backend=self.gemv)
 
 
 class TransformerBlock(nn.Module):
@@ -272,10 +274,11 @@ class TransformerBlock(nn.Module):
         return out
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
-        return self._mlp(x + self.attention.decode(self.attention_norm(x), cos, sin, pos))
+        h = self.attention.decode(x, cos, sin, pos, self.attention_norm)
+        return self.feed_forward.decode(h, self.ffn_norm)
 
     def draft(self, x: Tensor, cos: Tensor, sin: Tensor, step: int) -> Tensor:
-        return self._mlp(x + self.attention.draft(self.attention_norm(x), cos, sin, step))
+        return self._mlp(self.attention.draft(x, cos, sin, step, self.attention_norm))
 
 
 class Transformer(nn.Module):
@@ -301,21 +304,23 @@ class Transformer(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"gemv backend {backend!r} is not one of {BACKENDS}")
         if backend != "torch":
-            tune(self.decode_weights(), rows=rows)
+            tune(self.decode_products(), rows=rows)
         self.gemv = backend
         for layer in self.layers:
             layer.attention.gemv = layer.feed_forward.gemv = backend
 
-    def decode_weights(self) -> list[Tensor]:
-        """The matrices the decode step multiplies by through ``gemv`` (q|k|v and gate|up once fused, see
-        ``fuse_projections``; unfused ones go through their nn.Linear)."""
-        ws = []
+    def decode_products(self) -> list[tuple[Tensor, Fusion]]:
+        """The matrices the decode step multiplies by through ``gemv``, with what each product fuses (q|k|v and
+        gate|up once fused, see ``fuse_projections``; unfused ones go through their nn.Linear)."""
+        out = []
         for layer in self.layers:
             att, ff = layer.attention, layer.feed_forward
-            ws += [w for w in (getattr(att, "wqkv", None), att.wo.weight) if w is not None]
+            if getattr(att, "wqkv", None) is not None:
+                out.append((att.wqkv, Fusion(norm=True)))
+            out.append((att.wo.weight, Fusion(residual=True)))
             if getattr(ff, "w13", None) is not None:
-                ws += [ff.w13, ff.w2.weight]
-        return ws + [self.output.weight]
+                out += [(ff.w13, Fusion(norm=True)), (ff.w2.weight, Fusion(silu=True, residual=True))]
+        return out + [(self.output.weight, Fusion(norm=True))]
 
     def tie_weights(self) -> None:
         """Re-tie the output projection to the embedding (after ``load_state_dict(assign=True)``)."""
@@ -395,4 +400,4 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens.view(bsz, 1))
         for layer in self.layers:
             x = layer.decode(x, cos, sin, pos)
-        return gemv(self.norm(x), self.output.weight, backend=self.gemv)[:, 0]
+        return gemv(x, self.output.weight, norm=self.norm.weight, eps=self.norm.eps, backend=self.gemv)[:, 0]

@@ -1,4 +1,14 @@
-"""Matrix-vector products of a decode step: y = x @ w.T (+ b) for x of at most ``MAX_ROWS`` rows.
+"""Matrix-vector products of a decode step: y = pro(x) @ w.T (+ b) (+ residual) for x of at most ``MAX_ROWS`` rows.
+
+The elementwise work around each product of a decoder layer can ride along inside it, saving the kernel that would
+do it (an RMSNorm before q|k|v and gate|up, the SiLU gate before the down projection; the residual adds, which
+inductor otherwise fuses into the next RMSNorm) and, against cuBLAS, the split-K reduce kernel it runs after the
+output and down projections at batch 1. One of the two prologues at a time:
+
+- ``norm=gamma``: pro(x) = RMSNorm(x) * gamma. Every program reads all of x anyway, so it sums x^2 on the way and
+  scales its dot products by rsqrt(mean(x^2) + eps) at the end (the product is linear in x);
+- ``silu=True``: x holds gate|up (2K wide) and pro(x) = silu(gate) * up;
+- ``residual=r``: the result is r + y, the residual stream's add.
 
 At batch 1 a decode step is bound by reading the weights, and on the H200 cuBLAS reads them at 2.6-3.8 TB/s
 depending on the shape (``docs/results/profile-h200-zeromerge.txt``: the attention output projection, 4096 x 4096, in
@@ -6,10 +16,11 @@ depending on the shape (``docs/results/profile-h200-zeromerge.txt``: the attenti
 bandwidth of 4.2 TB/s read + write. This kernel streams the weight once, row-tile by row-tile, with the few input rows
 kept in registers: no split-K, no second kernel.
 
-Which launch setting is fastest depends on the shape and the GPU, and F.linear is faster for some shapes. So
-``tune(weights)`` times every setting of ``CANDIDATES`` and F.linear on the weights themselves, on the device, before
-the decode step is compiled (``Transformer.set_gemv`` calls it), and records per (rows, N, K, dtype) the winner:
-``backend="auto"`` then runs whichever was faster, ``backend="triton"`` the kernel's best setting.
+Which launch setting is fastest depends on the shape, the fusion and the GPU, and cuBLAS plus a separate elementwise
+kernel is faster for some. So ``tune(products)`` times every setting of ``CANDIDATES`` and the compiled torch
+composition on the weights themselves, on the device, before the decode step is compiled (``Transformer.set_gemv``
+calls it), and records per (rows, N, K, dtype, fusion) the winner: ``backend="auto"`` then runs whichever was
+faster, ``backend="triton"`` the kernel's best setting.
 """
 
 from __future__ import annotations
@@ -47,61 +58,109 @@ CANDIDATES = (
     Config(4, 1024, 2, 3), Config(4, 2048, 4, 3), Config(8, 512, 2, 3), Config(8, 1024, 4, 3), Config(8, 1024, 4, 4),
     Config(16, 512, 4, 3), Config(16, 512, 4, 4), Config(16, 1024, 8, 3), Config(32, 256, 4, 3), Config(32, 512, 8, 3),
 )
-# (rows bucket, N, K, dtype, device) -> (what "auto" runs: the fastest Config, or None where F.linear was faster;
-# what "triton" runs: the kernel's fastest Config)
+
+
+class Fusion(NamedTuple):
+    """What rides along in a product (see the module docstring): each changes the kernel's work per weight byte, so
+    each is tuned, and weighed against its plain-torch composition, on its own."""
+    norm: bool = False
+    silu: bool = False
+    residual: bool = False
+
+    def __str__(self) -> str:
+        return "+".join(n for n, on in self._asdict().items() if on) or "plain"
+
+
+# (rows bucket, N, K, dtype, device, Fusion) -> (what "auto" runs: the kernel's fastest Config, or None where the
+# torch composition was faster; what "triton" runs: the kernel's fastest Config)
 _TUNED: dict[tuple, tuple[Optional[Config], Config]] = {}  # noqa: UP045
-_TIMES: dict[tuple, dict[str, float]] = {}  # the same key -> seconds per call of each setting ("F.linear" included)
+_TIMES: dict[tuple, dict[str, float]] = {}  # the same key -> seconds per call of each setting ("torch" included)
 
 
-def gemv_ref(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x (..., K), w (N, K), b (N,) or None -> (..., N): ``F.linear``."""
-    return F.linear(x, w, b)
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as HF LlamaRMSNorm: statistics in fp32, scale in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def gemv_ref(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None = None, eps: float = 1e-6,
+             silu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """x (..., K) (or (..., 2K) gate|up with ``silu``), w (N, K), b (N,) or None -> (..., N): the plain-torch
+    composition (``rms_norm``, ``silu_mul``, ``F.linear``, add), exactly what the model computes without fusion."""
+    if norm is not None and silu:
+        raise ValueError("gemv: norm and silu are two prologues for different products; pass one")
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    if silu:
+        x = silu_mul(*x.chunk(2, dim=-1))
+    y = F.linear(x, w, b)
+    return y if residual is None else residual + y
 
 
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program p computes y[:, p*BLOCK_N : (p+1)*BLOCK_N] for all M rows: it reads its BLOCK_N weight rows once,
     BLOCK_K columns at a time, and accumulates products elementwise in fp32 (no tensor cores: M is 1-4), summing
-    over K once at the end rather than with a cross-thread reduction per tile."""
+    over K once at the end rather than with a cross-thread reduction per tile. NORM / SILU / RESIDUAL: see the module
+    docstring (gate at columns [0, K) of x, up at [K, 2K))."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # NORM: x^2 summed over the K steps
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        mask_x = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptrs, mask=mask_x, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
+        if SILU:
+            up = tl.load(x_ptrs + K, mask=mask_x, other=0.0).to(tl.float32)
+            x = x / (1.0 + tl.exp(-x)) * up
+        if NORM:
+            sq += x * x
+            x = x * tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
         acc += x[:, None, :] * w[None, :, :]
     y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if RESIDUAL:
+        y += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_y, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
-def _gemv_impl(x: Tensor, w: Tensor, b: Optional[Tensor], block_n: int, block_k: int, num_warps: int,  # noqa: UP045
-               num_stages: int) -> Tensor:
-    m, k = x.shape
-    n = w.shape[0]
+def _gemv_impl(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor], residual: Optional[Tensor],  # noqa: UP045
+               eps: float, silu: bool, block_n: int, block_k: int, num_warps: int, num_stages: int) -> Tensor:
+    m = x.shape[0]
+    n, k = w.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     launch(_gemv_kernel, (triton.cdiv(n, block_n),),
-           x, w, b if b is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-           HAS_BIAS=b is not None, BLOCK_M=next_pow2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-           num_warps=num_warps, num_stages=num_stages)
+           x, w, b if b is not None else w, norm if norm is not None else w, residual if residual is not None else y,
+           y, m, n, k, x.stride(0), w.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), eps,
+           HAS_BIAS=b is not None, NORM=norm is not None, SILU=silu, RESIDUAL=residual is not None,
+           BLOCK_M=next_pow2(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
 if triton is not None:
-    # zmzoo::gemv(Tensor x, Tensor w, Tensor? b, int block_n, int block_k, int num_warps, int num_stages) -> Tensor
+    # zmzoo::gemv(Tensor x, Tensor w, Tensor? b, Tensor? norm, Tensor? residual, float eps, bool silu, int block_n,
+    #             int block_k, int num_warps, int num_stages) -> Tensor
     _gemv_op = torch.library.triton_op("zmzoo::gemv", _gemv_impl, mutates_args=())
 
 
@@ -116,90 +175,136 @@ def gemv_config(m: int) -> Config:
     return for_rows(Config(16, 512, 4, 3), m)
 
 
-def _key(m: int, w: Tensor) -> tuple:
-    return next_pow2(m), w.shape[0], w.shape[1], w.dtype, w.device
+PLAIN = Fusion()
 
 
-def _check(x: Tensor, w: Tensor, b: Tensor | None) -> None:
-    k = x.shape[-1]
-    if w.dim() != 2 or w.shape[1] != k or (b is not None and tuple(b.shape) != (w.shape[0],)):
-        raise ValueError(f"gemv: x {tuple(x.shape)}, w {tuple(w.shape)}, b "
-                         f"{None if b is None else tuple(b.shape)} do not match (w must be (N, K), b (N,))")
-    if x.dtype not in _DTYPES or w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
-        raise TypeError(f"gemv backend='triton' takes one dtype of {_DTYPES}, got x {x.dtype}, w {w.dtype}"
-                        + (f", b {b.dtype}" if b is not None else ""))
+def _key(m: int, w: Tensor, fusion: Fusion = PLAIN) -> tuple:
+    return next_pow2(m), w.shape[0], w.shape[1], w.dtype, w.device, fusion
+
+
+def _check(x: Tensor, w: Tensor, b: Tensor | None, norm: Tensor | None, silu: bool,
+           residual: Tensor | None) -> None:
+    if norm is not None and silu:
+        raise ValueError("gemv: norm and silu are two prologues for different products; pass one")
+    width = x.shape[-1]
+    k = width // 2 if silu else width
+    if w.dim() != 2 or w.shape[1] != k or (silu and width % 2) or (b is not None and tuple(b.shape) != (w.shape[0],)):
+        raise ValueError(f"gemv: x {tuple(x.shape)}, w {tuple(w.shape)}, b {None if b is None else tuple(b.shape)} "
+                         f"do not match (w must be (N, K), b (N,), x (..., K){', 2K wide with silu' if silu else ''})")
+    if norm is not None and tuple(norm.shape) != (k,):
+        raise ValueError(f"gemv: norm weight {tuple(norm.shape)} does not match x {tuple(x.shape)} (must be ({k},))")
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], w.shape[0]):
+        raise ValueError(f"gemv: residual {tuple(residual.shape)} does not match the output "
+                         f"{(*x.shape[:-1], w.shape[0])}")
+    others = {"w": w, "b": b, "norm": norm, "residual": residual}
+    if x.dtype not in _DTYPES or any(t is not None and t.dtype != x.dtype for t in others.values()):
+        raise TypeError(f"gemv backend='triton' takes one dtype of {_DTYPES}, got x {x.dtype}, "
+                        + ", ".join(f"{n} {t.dtype}" for n, t in others.items() if t is not None))
     if w.stride(-1) != 1:
         raise ValueError(f"gemv backend='triton': w needs unit stride along K, got strides {w.stride()}")
 
 
-def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, backend: str = "torch",
+def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None = None, eps: float = 1e-6,
+         silu: bool = False, residual: Tensor | None = None, backend: str = "torch",
          config: Config | None = None) -> Tensor:
-    """``F.linear(x, w, b)``. ``backend="triton"`` runs the kernel when x has at most ``MAX_ROWS`` rows (in all its
-    leading dimensions; more fall back to F.linear), with ``config``, else the setting ``tune`` found for this shape,
-    else ``gemv_config``. ``backend="auto"`` runs the kernel only where ``tune`` measured it faster than F.linear."""
+    """``gemv_ref``: ``F.linear(pro(x), w, b)`` (+ ``residual``), with pro(x) = ``rms_norm(x, norm, eps)`` when
+    ``norm`` is given, ``silu_mul`` of x's two halves with ``silu`` (x is gate|up, 2K wide), else x.
+
+    ``backend="triton"`` runs the kernel, prologue and epilogue inside it, when x has at most ``MAX_ROWS`` rows (in
+    all its leading dimensions; more fall back to ``gemv_ref``), with ``config``, else the setting ``tune`` found
+    for this shape and fusion, else ``gemv_config``. ``backend="auto"`` runs the kernel only where ``tune`` measured
+    it faster than the compiled torch composition. In low precision the kernel rounds once, at the end, where the
+    composition rounds the normalised or gated input and the product before the add: results agree to that
+    rounding."""
     if backend not in BACKENDS:
         raise ValueError(f"gemv backend {backend!r} is not one of {BACKENDS}")
+    fusion = dict(norm=norm, eps=eps, silu=silu, residual=residual)
     if backend == "torch":
-        return gemv_ref(x, w, b)
+        return gemv_ref(x, w, b, **fusion)
     if triton is None:
         raise RuntimeError(f"gemv backend={backend!r} needs the triton package")
-    _check(x, w, b)
-    k = x.shape[-1]
-    m = x.numel() // k if k else 0
+    _check(x, w, b, norm, silu, residual)
+    width = x.shape[-1]
+    m = x.numel() // width if width else 0
     if m == 0 or m > MAX_ROWS:
-        return gemv_ref(x, w, b)
-    key = _key(m, w)
+        return gemv_ref(x, w, b, **fusion)
+    key = _key(m, w, Fusion(norm is not None, bool(silu), residual is not None))
     if config is None:
         auto, best = _TUNED.get(key, (None, gemv_config(m)))
         config = best if backend == "triton" else auto
         if config is None:
-            return gemv_ref(x, w, b)
-    x2 = x.reshape(m, k)
+            return gemv_ref(x, w, b, **fusion)
+    x2 = x.reshape(m, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.ops.zmzoo.gemv(x2, w, b, *config)
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(m, w.shape[0])
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    y = torch.ops.zmzoo.gemv(x2, w, b, norm, r2, float(eps), bool(silu), *config)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+def _composite(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor],  # noqa: UP045
+               residual: Optional[Tensor], silu: bool) -> Tensor:  # noqa: UP045
+    return gemv_ref(x, w, b, norm=norm, silu=silu, residual=residual)
+
+
 @torch.no_grad()
-def tune(weights: Iterable[Tensor], rows: Sequence[int] = (1,), candidates: Sequence[Config] = CANDIDATES,
-         calls: int = 24) -> dict[tuple, Optional[Config]]:  # noqa: UP045
-    """Time F.linear and the kernel at every candidate setting for each (rows, weight shape) on its CUDA device, and
-    record the fastest for ``gemv``. Weights of one shape are cycled through (``calls`` products in a CUDA graph),
-    so several layers' matrices keep the timing off the L2 cache as in a real step. A setting that fails to launch
-    is skipped. Returns {(rows bucket, N, K, dtype, device): Config or None (F.linear won)} for the shapes tuned.
+def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int] = (1,),
+         candidates: Sequence[Config] = CANDIDATES, calls: int = 24) -> dict[tuple, Optional[Config]]:  # noqa: UP045
+    """Time the torch composition and the kernel at every candidate setting for each (rows, weight shape, fusion) on
+    its CUDA device, and record the fastest for ``gemv``. ``products``: weights, or (weight, Fusion) pairs for the
+    products that carry a prologue or epilogue. The composition is what a compiled decode step runs without the
+    kernel: ``gemv_ref`` under torch.compile (F.linear, and the norm, SiLU gate or residual add as one fused
+    elementwise kernel beside it). Weights of one shape are cycled through (``calls`` products in a CUDA graph), so
+    several layers' matrices keep the timing off the L2 cache as in a real step. A setting that fails to launch is
+    skipped. Returns {(rows bucket, N, K, dtype, device, Fusion): Config or None (torch won)} for what was tuned.
     Does nothing on CPU (the interpreter's timings mean nothing)."""
-    by_shape: dict[tuple, list[Tensor]] = {}
-    for w in weights:
+    groups: dict[tuple, list[Tensor]] = {}
+    for item in products:
+        w, fusion = item if isinstance(item, tuple) else (item, PLAIN)
         if w.device.type == "cuda" and w.dim() == 2 and w.dtype in _DTYPES and w.stride(-1) == 1:
-            by_shape.setdefault((tuple(w.shape), w.dtype, w.device), []).append(w)
+            groups.setdefault((tuple(w.shape), w.dtype, w.device, fusion), []).append(w)
     out = {}
-    for (shape, dtype, device), ws in by_shape.items():
+    composite = torch.compile(_composite, fullgraph=True, dynamic=False)
+    limit = dict(recompile_limit=max(64, torch._dynamo.config.recompile_limit))  # one graph per shape and fusion
+    for (shape, dtype, device, fusion), ws in groups.items():
         g = torch.Generator(device=device).manual_seed(0)
+        n, k = shape
         for m in sorted({next_pow2(r) for r in rows if 0 < r <= MAX_ROWS}):
-            key = _key(m, ws[0])
+            key = _key(m, ws[0], fusion)
             if key in _TUNED:
                 out[key] = _TUNED[key][0]
                 continue
-            xs = [torch.randn(m, shape[1], device=device, dtype=dtype, generator=g) for _ in range(calls)]
-            pairs = [(xs[i], ws[i % len(ws)]) for i in range(calls)]
-            times: dict = {"F.linear": time_graph([lambda p=p: F.linear(*p) for p in pairs])}
+
+            def rand(*size):
+                return torch.randn(*size, device=device, dtype=dtype, generator=g)
+
+            norm = 1 + 0.1 * rand(k) if fusion.norm else None
+            args = [(rand(m, 2 * k if fusion.silu else k), ws[i % len(ws)], None, norm,
+                     rand(m, n) if fusion.residual else None) for i in range(calls)]
+            with torch._dynamo.config.patch(**limit):
+                times: dict = {"torch": time_graph([lambda a=a: composite(*a, fusion.silu) for a in args])}
             for cfg in dict.fromkeys(for_rows(c, m) for c in candidates):
                 try:
-                    times[cfg] = time_graph([lambda p=p, c=cfg: torch.ops.zmzoo.gemv(*p, None, *c) for p in pairs])
+                    times[cfg] = time_graph([lambda a=a, c=cfg: torch.ops.zmzoo.gemv(*a, 1e-6, fusion.silu, *c)
+                                             for a in args])
                 except Exception:  # a setting this GPU cannot run (e.g. out of shared memory): skip it
                     torch.cuda.synchronize(device)
-            kernel = {c: t for c, t in times.items() if c != "F.linear"}
+            kernel = {c: t for c, t in times.items() if c != "torch"}
             if not kernel:
-                raise RuntimeError(f"gemv tune: no launch setting ran for a {shape} {dtype} weight at {m} rows")
+                raise RuntimeError(f"gemv tune: no launch setting ran for a {shape} {dtype} weight at {m} rows "
+                                   f"({fusion})")
             best = min(kernel, key=kernel.get)
-            auto = best if kernel[best] < times["F.linear"] else None
+            auto = best if kernel[best] < times["torch"] else None
             _TIMES[key], _TUNED[key] = times, (auto, best)
             out[key] = auto
     return out
 
 
 def tuned() -> dict[tuple, dict]:
-    """What ``tune`` measured: {key: {"choice": what "auto" runs (Config or "F.linear"), "best": the kernel's fastest
+    """What ``tune`` measured: {key: {"choice": what "auto" runs (Config or "torch"), "best": the kernel's fastest
     Config, "times": {setting: seconds}}}."""
-    return {k: {"choice": _TUNED[k][0] or "F.linear", "best": _TUNED[k][1], "times": dict(_TIMES[k])} for k in _TUNED}
+    return {k: {"choice": _TUNED[k][0] or "torch", "best": _TUNED[k][1], "times": dict(_TIMES[k])} for k in _TUNED}
