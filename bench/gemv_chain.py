@@ -25,11 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import zmzoo.ops.gemv as gemv_mod
 from bench.ops import copy_bandwidth
 from zmzoo.environment import environment
 from zmzoo.ops._launch import time_graph
-from zmzoo.ops.gemv import Fusion, gemv, tune
+from zmzoo.ops.gemv import Fusion, gemv, tune, tuned
 
 DIM, HIDDEN, QKV = 4096, 11008, 3 * 4096
 
@@ -67,7 +66,7 @@ def main() -> None:
     layer_bytes = sum(t.numel() * t.element_size() for t in layers[0].values())
     tune([(layers[0]["wqkv"], Fusion(norm=True)), (layers[0]["wo"], Fusion(residual=True)),
           (layers[0]["w13"], Fusion(norm=True)), (layers[0]["w2"], Fusion(silu=True, residual=True))], rows=(1,))
-    for key, rec in gemv_mod.tuned().items():
+    for key, rec in tuned().items():
         print(f"[tune] {key[1]} x {key[2]} {key[5]}: torch {rec['times']['torch'] * 1e6:.1f} us, kernel "
               f"{rec['times'][rec['best']] * 1e6:.1f} us at {tuple(rec['best'])}", flush=True)
     x = torch.randn(1, DIM, device=dev, dtype=torch.bfloat16)
