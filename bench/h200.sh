@@ -21,7 +21,10 @@
 #            needs .carry/a and .carry/b from scripts/gpu_carry.sh (the GGUF in two halves and the gguf wheel); $QUALITY_TASKS picks
 #            the tasks (default passkey,nll,attn)
 #   profile  bench/profile_decode.py: kernel-by-kernel profile and CUDA-graph timeline of the step ($PROFILE_LAYERS
-#            layers at 7B widths, default 2; $PROFILE_CONTEXT, default 16K; $PROFILE_GEMV, default auto)
+#            layers at 7B widths, default 2; $PROFILE_CONTEXT, default 16K; $PROFILE_GEMV, default auto;
+#            $PROFILE_CODE set: inductor's generated code in profile/code_METHOD.txt)
+#   probe    bench/overlap_probe.py: read bandwidth against size; L2 prefetch of the output projection during the
+#            attention and insert of a ZeroMerge layer
 #   prefill  bench/profile_prefill.py: the 40K prompt's attention under each SDPA backend, and a profile of the
 #            prefill of 2 layers at 7B widths ($PROFILE_METHODS, default full and zeromerge)
 #
@@ -108,9 +111,17 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         ;;
     profile)
         for m in ${PROFILE_METHODS:-full zeromerge}; do
-            run "profile_${m}_${PROFILE_GEMV:-auto}" "$py" bench/profile_decode.py --method $m --context "${PROFILE_CONTEXT:-16384}" \
+            code=()
+            if [[ -n ${PROFILE_CODE:-} ]]; then
+                mkdir -p "$out/profile"
+                code=(env TORCH_LOGS=output_code TORCH_LOGS_OUT="$out/profile/code_$m.txt")
+            fi
+            run "profile_${m}_${PROFILE_GEMV:-auto}" "${code[@]}" "$py" bench/profile_decode.py --method $m --context "${PROFILE_CONTEXT:-16384}" \
                 --layers "${PROFILE_LAYERS:-2}" --steps 10 --gemv "${PROFILE_GEMV:-auto}" --out "$out/profile"
         done
+        ;;
+    probe)
+        run probe "$py" bench/overlap_probe.py --out "$out/probe"
         ;;
     prefill)
         for m in ${PROFILE_METHODS:-full zeromerge}; do
