@@ -160,14 +160,18 @@ def gemv_report() -> list[dict[str, Any]]:
     """What ``zmzoo.ops.gemv.tune`` measured (empty unless --gemv triton/auto on CUDA), printed and kept in the JSON:
     per (rows, N, K, fusion) the chosen setting and the microseconds of the compiled torch composition (F.linear and
     its fused elementwise kernel) and of the kernel's best setting."""
-    from zmzoo.ops.gemv import tuned
+    from zmzoo.ops.gemv import Split, tuned
 
     rows = []
     for (m, n, k, dtype, _, fusion), rec in tuned().items():
-        best, times = rec["best"], rec["times"]
+        best, times, choice = rec["best"], rec["times"], rec["choice"]
+        if isinstance(choice, Split):
+            choice_s = f"silu by torch + triton {tuple(choice.config)} ({times[choice] * 1e6:.1f} us)"
+        else:
+            choice_s = choice if isinstance(choice, str) else "triton " + repr(tuple(choice))
         row = {"rows": m, "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""), "fusion": str(fusion),
-               "choice": rec["choice"] if isinstance(rec["choice"], str) else "triton " + repr(tuple(rec["choice"])),
-               "torch_us": times["torch"] * 1e6, "triton_us": times[best] * 1e6, "triton_setting": tuple(best)}
+               "choice": choice_s, "torch_us": times["torch"] * 1e6, "triton_us": times[best] * 1e6,
+               "triton_setting": tuple(best)}
         rows.append(row)
         print(f"[gemv] rows={m} {n} x {k} {fusion}: torch {row['torch_us']:.1f} us, kernel {row['triton_us']:.1f} us "
               f"at (BLOCK_N, BLOCK_K, warps, stages)={row['triton_setting']} -> {row['choice']}")

@@ -89,9 +89,10 @@ def load(
         weights: "pretrained", or "random" to build the architecture with random weights (no download).
         ops: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
         gemv: the decode step's weight products (``Transformer.set_gemv``): "auto" (on CUDA with the Triton ops, each
-            product by ``zmzoo.ops.gemv``'s kernel, with its RMSNorm, SiLU gate or residual add inside, where timing
-            it on this GPU at load (~15-25 s) found it faster than cuBLAS with the elementwise work beside; else
-            torch), "triton" (the kernel for every product) or "torch" (cuBLAS).
+            product by ``zmzoo.ops.gemv``'s kernel, with its RMSNorm, SiLU gate or residual add inside (or the SiLU
+            gate apart), where timing it on this GPU at load (~20-30 s for a 7B model) found it faster than cuBLAS
+            with the elementwise work beside; else torch), "triton" (the kernel for every product) or "torch"
+            (cuBLAS).
         preset: a named set of ZeroMerge settings (``zmzoo.cache.PRESETS``); explicit settings override it.
         **cache_settings: tail, dense, decay, logw_scale, metric, score_merge, score_window, score_pool, sinks.
     """

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import zmzoo.ops.gemv as gemv_mod
-from zmzoo.ops.gemv import CANDIDATES, MAX_ROWS, Config, for_rows, gemv, gemv_ref, tune
+from zmzoo.ops.gemv import CANDIDATES, MAX_ROWS, Config, Fusion, Split, for_rows, gemv, gemv_ref, tune
 
 
 def inputs(m, n, k, dtype, *, bias, seed=0, strided_x=False):
@@ -199,3 +199,24 @@ def test_generator_with_triton_gemv_equals_torch():
         zmzoo.load("llama2-7b", gemv="cublas", **kw)
     with pytest.raises(RuntimeError, match="gemv='triton' on a CPU device"):
         zmzoo.load("llama2-7b", gemv="triton", **{**kw, "ops": "torch"})
+
+
+def test_fused_gemv_auto_split_runs_the_silu_gate_apart(monkeypatch):
+    """A ``Split`` choice: the SiLU gate computed by torch, the product and the residual add by the kernel at the
+    split's setting with the gate off inside it; the composition's result (on DEVICE)."""
+    m, n, k = 2, 24, 40
+    x, w, extra = fused_inputs(m, n, k, torch.float32, bias=False, norm=False, silu=True, residual=True, seed=3)
+    cfg = Config(8, 64, 1, 2)
+    key = gemv_mod._key(m, w, Fusion(silu=True, residual=True))
+    monkeypatch.setitem(gemv_mod._TUNED, key, (Split(cfg), Config(4, 32, 1, 2)))
+    launched = []
+    real = torch.ops.zmzoo.gemv
+
+    def spy(x2, w_, b, norm, res, eps, silu, *c):
+        launched.append((tuple(x2.shape), silu, Config(*c)))
+        return real(x2, w_, b, norm, res, eps, silu, *c)
+
+    monkeypatch.setattr(torch.ops.zmzoo, "gemv", spy)
+    got = gemv(x, w, silu=True, residual=extra["residual"], backend="auto")
+    assert launched == [((m, k), False, cfg)]
+    torch.testing.assert_close(got, gemv_ref(x, w, silu=True, residual=extra["residual"]), rtol=1e-5, atol=1e-5)

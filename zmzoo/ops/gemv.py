@@ -53,8 +53,12 @@ class Config(NamedTuple):
 
 
 # Launch settings tune() tries at 1 row (at 2 and 4 rows BLOCK_K shrinks to keep the accumulator's size): the fp32
-# accumulator, BLOCK_N x BLOCK_K elements, stays at 16-64 registers a thread; N / BLOCK_N programs per product.
+# accumulator, BLOCK_N x BLOCK_K elements, stays at 16-64 registers a thread; N / BLOCK_N programs per product. The
+# first two came out of a wider sweep on the H200 (bench/launch_sweep.py, docs/results/launch-sweep-h200.txt): the
+# fastest there for the output projection with its residual (13.0 us against 13.4 with this list's others) and for
+# the down projection without the SiLU prologue (26.7 against 28.8).
 CANDIDATES = (
+    Config(2, 1024, 1, 2), Config(4, 1024, 4, 2),
     Config(4, 1024, 2, 3), Config(4, 2048, 4, 3), Config(8, 512, 2, 3), Config(8, 1024, 4, 3), Config(8, 1024, 4, 4),
     Config(16, 512, 4, 3), Config(16, 512, 4, 4), Config(16, 1024, 8, 3), Config(32, 256, 4, 3), Config(32, 512, 8, 3),
 )
@@ -71,9 +75,17 @@ class Fusion(NamedTuple):
         return "+".join(n for n, on in self._asdict().items() if on) or "plain"
 
 
-# (rows bucket, N, K, dtype, device, Fusion) -> (what "auto" runs: the kernel's fastest Config, or None where the
-# torch composition was faster; what "triton" runs: the kernel's fastest Config)
-_TUNED: dict[tuple, tuple[Optional[Config], Config]] = {}  # noqa: UP045
+class Split(NamedTuple):
+    """What ``auto`` runs where it measured fastest: the SiLU gate by torch (one inductor kernel in a compiled step),
+    the product and the rest of its fusion by the kernel at ``config``. The gate inside the kernel is recomputed by
+    every program over all K columns (and x read twice), which cost the down projection ~3 us of its ~27 on the H200,
+    more than the separate gate kernel (docs/results/launch-sweep-h200.txt)."""
+    config: Config
+
+
+# (rows bucket, N, K, dtype, device, Fusion) -> (what "auto" runs: the kernel's fastest Config, a Split, or None where
+# the torch composition was faster; what "triton" runs: the kernel's fastest Config)
+_TUNED: dict[tuple, tuple[Optional[Config | Split], Config]] = {}  # noqa: UP045
 _TIMES: dict[tuple, dict[str, float]] = {}  # the same key -> seconds per call of each setting ("torch" included)
 
 
@@ -234,6 +246,9 @@ def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None =
         config = best if backend == "triton" else auto
         if config is None:
             return gemv_ref(x, w, b, **fusion)
+        if isinstance(config, Split):
+            x, silu, config = silu_mul(*x.chunk(2, dim=-1)), False, config.config
+            width //= 2
     x2 = x.reshape(m, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -251,6 +266,11 @@ def _composite(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor]
     return gemv_ref(x, w, b, norm=norm, silu=silu, residual=residual)
 
 
+def _split(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor],  # noqa: UP045
+           residual: Optional[Tensor], cfg: Config) -> Tensor:  # noqa: UP045
+    return torch.ops.zmzoo.gemv(silu_mul(*x.chunk(2, dim=-1)), w, b, norm, residual, 1e-6, False, *cfg)
+
+
 @torch.no_grad()
 def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int] = (1,),
          candidates: Sequence[Config] = CANDIDATES, calls: int = 24) -> dict[tuple, Optional[Config]]:  # noqa: UP045
@@ -258,10 +278,11 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
     its CUDA device, and record the fastest for ``gemv``. ``products``: weights, or (weight, Fusion) pairs for the
     products that carry a prologue or epilogue. The composition is what a compiled decode step runs without the
     kernel: ``gemv_ref`` under torch.compile (F.linear, and the norm, SiLU gate or residual add as one fused
-    elementwise kernel beside it). Weights of one shape are cycled through (``calls`` products in a CUDA graph), so
-    several layers' matrices keep the timing off the L2 cache as in a real step. A setting that fails to launch is
-    skipped. Returns {(rows bucket, N, K, dtype, device, Fusion): Config or None (torch won)} for what was tuned.
-    Does nothing on CPU (the interpreter's timings mean nothing)."""
+    elementwise kernel beside it). A product with the SiLU gate is also timed as a ``Split``: the gate compiled apart,
+    the kernel at each setting without it. Weights of one shape are cycled through (``calls`` products in a CUDA
+    graph), so several layers' matrices keep the timing off the L2 cache as in a real step. A setting that fails to
+    launch is skipped. Returns {(rows bucket, N, K, dtype, device, Fusion): Config, Split or None (torch won)} for
+    what was tuned. Does nothing on CPU (the interpreter's timings mean nothing)."""
     groups: dict[tuple, list[Tensor]] = {}
     for item in products:
         w, fusion = item if isinstance(item, tuple) else (item, PLAIN)
@@ -269,6 +290,7 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
             groups.setdefault((tuple(w.shape), w.dtype, w.device, fusion), []).append(w)
     out = {}
     composite = torch.compile(_composite, fullgraph=True, dynamic=False)
+    split = torch.compile(_split, fullgraph=True, dynamic=False)
     limit = dict(recompile_limit=max(64, torch._dynamo.config.recompile_limit))  # one graph per shape and fusion
     for (shape, dtype, device, fusion), ws in groups.items():
         g = torch.Generator(device=device).manual_seed(0)
@@ -287,24 +309,30 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
                      rand(m, n) if fusion.residual else None) for i in range(calls)]
             with torch._dynamo.config.patch(**limit):
                 times: dict = {"torch": time_graph([lambda a=a: composite(*a, fusion.silu) for a in args])}
-            for cfg in dict.fromkeys(for_rows(c, m) for c in candidates):
+            settings = list(dict.fromkeys(for_rows(c, m) for c in candidates))
+            for cfg in settings + ([Split(c) for c in settings] if fusion.silu else []):
+                if isinstance(cfg, Split):
+                    calls_ = [lambda a=a, c=cfg.config: split(*a, c) for a in args]
+                else:
+                    calls_ = [lambda a=a, c=cfg: torch.ops.zmzoo.gemv(*a, 1e-6, fusion.silu, *c) for a in args]
                 try:
-                    times[cfg] = time_graph([lambda a=a, c=cfg: torch.ops.zmzoo.gemv(*a, 1e-6, fusion.silu, *c)
-                                             for a in args])
+                    with torch._dynamo.config.patch(**limit):
+                        times[cfg] = time_graph(calls_)
                 except Exception:  # a setting this GPU cannot run (e.g. out of shared memory): skip it
                     torch.cuda.synchronize(device)
-            kernel = {c: t for c, t in times.items() if c != "torch"}
+            kernel = {c: t for c, t in times.items() if isinstance(c, Config)}
             if not kernel:
                 raise RuntimeError(f"gemv tune: no launch setting ran for a {shape} {dtype} weight at {m} rows "
                                    f"({fusion})")
             best = min(kernel, key=kernel.get)
-            auto = best if kernel[best] < times["torch"] else None
+            fastest = min(times, key=times.get)
+            auto = None if fastest == "torch" else fastest
             _TIMES[key], _TUNED[key] = times, (auto, best)
             out[key] = auto
     return out
 
 
 def tuned() -> dict[tuple, dict]:
-    """What ``tune`` measured: {key: {"choice": what "auto" runs (Config or "torch"), "best": the kernel's fastest
-    Config, "times": {setting: seconds}}}."""
+    """What ``tune`` measured: {key: {"choice": what "auto" runs (Config, Split or "torch"), "best": the kernel's
+    fastest Config with everything inside, "times": {setting: seconds}}}."""
     return {k: {"choice": _TUNED[k][0] or "torch", "best": _TUNED[k][1], "times": dict(_TIMES[k])} for k in _TUNED}
