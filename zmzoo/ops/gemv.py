@@ -225,7 +225,8 @@ def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None =
     ``backend="triton"`` runs the kernel, prologue and epilogue inside it, when x has at most ``MAX_ROWS`` rows (in
     all its leading dimensions; more fall back to ``gemv_ref``), with ``config``, else the setting ``tune`` found
     for this shape and fusion, else ``gemv_config``. ``backend="auto"`` runs the kernel only where ``tune`` measured
-    it faster than the compiled torch composition. In low precision the kernel rounds once, at the end, where the
+    it faster than the compiled torch composition, with the SiLU gate computed apart by torch where that measured
+    fastest (a ``Split``). In low precision the kernel rounds once, at the end, where the
     composition rounds the normalised or gated input and the product before the add: results agree to that
     rounding."""
     if backend not in BACKENDS:
@@ -273,7 +274,7 @@ def _split(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor],  #
 
 @torch.no_grad()
 def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int] = (1,),
-         candidates: Sequence[Config] = CANDIDATES, calls: int = 24) -> dict[tuple, Optional[Config]]:  # noqa: UP045
+         candidates: Sequence[Config] = CANDIDATES, calls: int = 24) -> dict[tuple, Optional[Config | Split]]:  # noqa: UP045
     """Time the torch composition and the kernel at every candidate setting for each (rows, weight shape, fusion) on
     its CUDA device, and record the fastest for ``gemv``. ``products``: weights, or (weight, Fusion) pairs for the
     products that carry a prologue or epilogue. The composition is what a compiled decode step runs without the
