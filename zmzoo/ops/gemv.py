@@ -267,11 +267,6 @@ def _composite(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor]
     return gemv_ref(x, w, b, norm=norm, silu=silu, residual=residual)
 
 
-def _split(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor],  # noqa: UP045
-           residual: Optional[Tensor], cfg: Config) -> Tensor:  # noqa: UP045
-    return torch.ops.zmzoo.gemv(silu_mul(*x.chunk(2, dim=-1)), w, b, norm, residual, 1e-6, False, *cfg)
-
-
 @torch.no_grad()
 def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int] = (1,),
          candidates: Sequence[Config] = CANDIDATES, calls: int = 24) -> dict[tuple, Optional[Config | Split]]:  # noqa: UP045
@@ -291,7 +286,7 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
             groups.setdefault((tuple(w.shape), w.dtype, w.device, fusion), []).append(w)
     out = {}
     composite = torch.compile(_composite, fullgraph=True, dynamic=False)
-    split = torch.compile(_split, fullgraph=True, dynamic=False)
+    gate = torch.compile(silu_mul, fullgraph=True, dynamic=False)  # a Split's gate: one graph, not one per setting
     limit = dict(recompile_limit=max(64, torch._dynamo.config.recompile_limit))  # one graph per shape and fusion
     for (shape, dtype, device, fusion), ws in groups.items():
         g = torch.Generator(device=device).manual_seed(0)
@@ -313,7 +308,8 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
             settings = list(dict.fromkeys(for_rows(c, m) for c in candidates))
             for cfg in settings + ([Split(c) for c in settings] if fusion.silu else []):
                 if isinstance(cfg, Split):
-                    calls_ = [lambda a=a, c=cfg.config: split(*a, c) for a in args]
+                    calls_ = [lambda a=a, c=cfg.config: torch.ops.zmzoo.gemv(gate(*a[0].chunk(2, dim=-1)), *a[1:],
+                                                                              1e-6, False, *c) for a in args]
                 else:
                     calls_ = [lambda a=a, c=cfg: torch.ops.zmzoo.gemv(*a, 1e-6, fusion.silu, *c) for a in args]
                 try:
