@@ -986,4 +986,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+
+    # a run stopped by a time limit (bench/h200.sh's `timeout` sends SIGTERM) prints every thread's Python stack first:
+    # one `main` stage once stalled for minutes without output, and this says where the next one is
+    faulthandler.register(signal.SIGTERM, chain=True)
     sys.exit(main())

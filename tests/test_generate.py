@@ -19,7 +19,8 @@ DEVICE = os.environ.get("ZMZOO_TEST_DEVICE", "cpu")
 
 
 def tiny_gen(method=None, compile=False, max_batch_size=1, max_seq_len=96, name="llama2-7b", **kw):
-    return zmzoo.load(name, weights="random", args_overrides=SMALL, device=DEVICE, dtype=torch.float32,
+    overrides = {**SMALL, **kw.pop("args_overrides", {})}
+    return zmzoo.load(name, weights="random", args_overrides=overrides, device=DEVICE, dtype=torch.float32,
                       compile=compile, max_batch_size=max_batch_size, max_seq_len=max_seq_len, method=method, **kw)
 
 
@@ -128,7 +129,9 @@ def test_inductor_compiled_decode_matches_eager():
 @pytest.mark.parametrize("method,kw", [("zeromerge", {"kv_budget": 24}),
                                        ("zeromerge", {"kv_budget": 24, "preset": "paper-v2", "metric": "l2"}),
                                        ("zeromerge", {"kv_budget": 24, "preset": "retrieval"}),
-                                       ("full", {}), ("h2o", {"kv_budget": 24}), ("snapkv", {"kv_budget": 24})])
+                                       ("full", {}), ("h2o", {"kv_budget": 24}), ("snapkv", {"kv_budget": 24}),
+                                       # the full cache's append inside the attention launch, under a sliding window
+                                       ("full", {"name": "mistral-7b-v0.1", "args_overrides": {"sliding_window": 10}})])
 def test_triton_generator_equals_torch(method, kw):
     """The whole generator through the Triton kernels (interpreted on CPU) equals the plain-torch path: greedy tokens
     identical over 64 steps in fp32, with prompts longer than the budget (prefill compression) in two batch rows,

@@ -139,10 +139,61 @@ def test_split_counts(block_n, n_splits):
     check(inp, backend_kw=dict(block_n=block_n, n_splits=n_splits), logw_scale=1.0, decay=0.98, sm_scale=0.125)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("s_len,d,group,n_kv,window", [(7, 64, 1, 2, None), (129, 128, 3, 1, 50),
+                                                        (2049, 64, 4, 2, None), (300, 128, 8, 1, 9)])
+def test_store_new_is_the_full_cache_append(s_len, d, group, n_kv, window, dtype):
+    """store_new (the full cache's Triton path): attend [end - window, end) plus the new token, then k_new/v_new land
+    in slot end[b]; equal to writing first and attending [end + 1 - (window + 1), end + 1), and only slot end[b] of
+    K and V changes. Rows: the middle, the last slot, past the end (writes nothing), slot 0 (new token only)."""
+    inp = make_inputs(4, group * n_kv, n_kv, s_len, d, dtype, w=False, scores=False, seed=s_len + group)
+    inp["start"], inp["end"] = None, torch.tensor([s_len // 2, s_len - 1, s_len + 5, 0])
+    kw = dict(window=window, sm_scale=0.3)
+    check(inp, store_new=True, **kw)  # out against the reference's, K/V below
+    got, ref = clone(inp), clone(inp)
+    decode_attention(**got, backend="triton", store_new=True, **kw)
+    decode_attention_ref(**ref, store_new=True, **kw)
+    for name in ("k", "v"):
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0)
+        changed = (got[name] != inp[name]).any(-1)  # (B, Hkv, S)
+        for b, e in enumerate(inp["end"].tolist()):
+            want = torch.zeros(s_len, dtype=torch.bool)
+            if e < s_len:
+                want[e] = True
+            assert torch.equal(changed[b].any(0), want), (name, b)
+            if e < s_len:
+                src = inp["k_new"] if name == "k" else inp["v_new"]
+                torch.testing.assert_close(got[name][b, :, e], src[b], rtol=0, atol=0)
+    # the same as the append-then-attend call the torch path makes
+    if dtype == torch.float32:
+        first = clone(inp)
+        rows = torch.arange(4)
+        inside = inp["end"] < s_len
+        e = inp["end"][inside]
+        first["k"][rows[inside], :, e] = inp["k_new"][inside]
+        first["v"][rows[inside], :, e] = inp["v_new"][inside]
+        first["k_new"] = first["v_new"] = None
+        want, _ = decode_attention_ref(**first, end_offset=1, window=window + 1 if window else None, sm_scale=0.3)
+        out, _ = decode_attention(**clone(inp), backend="triton", store_new=True, **kw)
+        torch.testing.assert_close(out[inside], want[inside], rtol=1e-5, atol=1e-5)
+
+
+def test_store_new_refuses_an_attended_slot():
+    inp = make_inputs(1, 2, 2, 9, 64, torch.float32, w=False, scores=False)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="end_offset 0"):
+            decode_attention(**clone(inp), end_offset=1, store_new=True, backend=backend)
+        with pytest.raises(ValueError, match="needs k_new and v_new"):
+            decode_attention(**dict(clone(inp), k_new=None, v_new=None), store_new=True, backend=backend)
+
+
 def test_op_is_registered_with_its_mutation():
     schema = torch.ops.zmzoo.decode_attention.default._schema
     mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert mutated == ["scores"], str(schema)
+    schema = torch.ops.zmzoo.decode_attention_store.default._schema
+    mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert sorted(mutated) == ["k", "scores", "v"], str(schema)
 
 
 def test_compile_fullgraph():

@@ -27,6 +27,14 @@ class FullCache(KVCache):
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         bsz = q.shape[0]
+        window = self.sliding_window
+        if self.backend == "triton" and window != 1:
+            # the new token apart (slots [pos + 1 - window, pos) from the cache) and written into slot pos by the
+            # attention's split kernel: two elementwise launches fewer per layer than the index_put_ below
+            out, _ = decode_attention(q[:, :, 0], self.k, self.v, None, pos, k[:, :, 0], v[:, :, 0],
+                                      window=window - 1 if window else None, sm_scale=self.sm_scale, store_new=True,
+                                      backend="triton")
+            return out.unsqueeze(2)
         # index_put_ (not scatter_): inductor writes the B new rows in place, where a scatter_ into the buffer
         # was lowered to a copy of the whole cache per layer and step (measured on the H200: 2.2x slower at 16K)
         rows = torch.arange(bsz, device=pos.device)

@@ -6,10 +6,13 @@
     scores[b, kv, j] = decay * scores[b, kv, j] + sum_{h in group kv} p[b, h, j]   (valid slots only, in place)
     new_score[b, kv] = sum_{h in group kv} p[b, h, new]
 
-Used by every cache: the full cache (no w, no scores, end = position + 1, start from the sliding window) and the
-compressed caches (w, scores, the new token passed separately because its slot is chosen after attention, end = the
-position, which the kernel clamps to the slot count). The caches hand over their position tensor itself: the kernels
-derive the range from it, so a compiled step has no small kernels computing start/end tensors for every layer.
+Used by every cache: the full cache (no w, no scores, start from the sliding window) and the compressed caches (w,
+scores, the new token passed separately because its slot is chosen after attention, end = the position, which the
+kernel clamps to the slot count). The full cache's Triton path passes its new token separately too, with
+``store_new``: end = the position (its slot, not yet written) and the split kernel writes k_new, v_new into slot end[b]
+of K and V, so the append costs no elementwise kernels of its own (its torch path writes first and attends to
+end = position + 1). The caches hand over their position tensor itself: the kernels derive the range from it, so a
+compiled step has no small kernels computing start/end tensors for every layer.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def decode_attention_ref(
     sm_scale: float | None = None,
     end_offset: int = 0,
     window: int | None = None,
+    store_new: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Plain-torch reference (fp32 math).
 
@@ -62,6 +66,8 @@ def decode_attention_ref(
         [start, end + end_offset), clamped to [0, S); start None: end + end_offset - window (window None: 0).
         k_new, v_new: (B, Hkv, D) the new token's key/value, attended in addition to the slots (or None).
         w: (B, Hkv, S) fp32 slot weights (None: all 1). scores: (B, Hkv, S) fp32, updated in place (or None).
+        store_new: also write k_new, v_new into k, v at slot end[b] (rows with end[b] outside [0, S) write nothing),
+        the full cache's append; needs end_offset 0, so that the slot is not also attended.
     Returns:
         out (B, H, D) in q's dtype; new_score (B, Hkv) fp32 when k_new is given and scores is not None, else None.
 
@@ -96,7 +102,25 @@ def decode_attention_ref(
         scores.copy_(torch.where(valid.view(bsz, 1, s_len), decay * scores + psum, scores))
         if k_new is not None:
             new_score = p[..., s_len].sum(2)  # (B, Hkv)
+    if store_new:
+        _store_new(k, v, end, k_new, v_new, end_offset)
     return out.view(bsz, n_heads, d).to(q.dtype), new_score
+
+
+def _check_store_new(k_new: Tensor | None, v_new: Tensor | None, end_offset: int) -> None:
+    if k_new is None or v_new is None or end_offset != 0:
+        raise ValueError("decode_attention: store_new needs k_new and v_new, and end_offset 0 (the new token's slot "
+                         f"end[b] must lie outside the attended range); got end_offset={end_offset}")
+
+
+def _store_new(k: Tensor, v: Tensor, end: Tensor, k_new: Tensor | None, v_new: Tensor | None, end_offset: int) -> None:
+    """``store_new`` of ``decode_attention_ref``: k[b, :, end[b]] = k_new[b] (and v) where 0 <= end[b] < S."""
+    _check_store_new(k_new, v_new, end_offset)
+    rows = torch.arange(k.shape[0], device=k.device)
+    inside = ((end >= 0) & (end < k.shape[2])).view(-1, 1, 1)
+    slot = end.clamp(0, k.shape[2] - 1)
+    k[rows, :, slot] = torch.where(inside, k_new.to(k.dtype), k[rows, :, slot])
+    v[rows, :, slot] = torch.where(inside, v_new.to(v.dtype), v[rows, :, slot])
 
 
 def decode_attention(
@@ -115,10 +139,12 @@ def decode_attention(
     sm_scale: float | None = None,
     end_offset: int = 0,
     window: int | None = None,
+    store_new: bool = False,
     backend: str = "torch",
 ) -> tuple[Tensor, Tensor | None]:
     """Decode attention (see module docstring); ``backend`` is "torch" or "triton"."""
-    kw = dict(logw_scale=logw_scale, decay=decay, sm_scale=sm_scale, end_offset=end_offset, window=window)
+    kw = dict(logw_scale=logw_scale, decay=decay, sm_scale=sm_scale, end_offset=end_offset, window=window,
+              store_new=store_new)
     if backend == "triton":
         return decode_attention_triton(q, k, v, start, end, k_new, v_new, w, scores, **kw)
     return decode_attention_ref(q, k, v, start, end, k_new, v_new, w, scores, **kw)
@@ -173,19 +199,20 @@ def _slot_range(start_ptr, end_ptr, off_b, stride_startb, stride_endb, n_slots, 
 
 
 def _decode_attn_split_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, start_ptr, end_ptr, k_new_ptr,
+    q_ptr, k_ptr, v_ptr, w_ptr, start_ptr, end_ptr, k_new_ptr, v_new_ptr,
     m_ptr, l_ptr, o_ptr, logit_ptr, logit_new_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_wb, stride_wh, stride_wn,
     stride_knb, stride_knh, stride_knd,
+    stride_vnb, stride_vnh, stride_vnd,
     stride_startb, stride_endb,
     n_slots, n_heads, qk_scale, logw_scale, end_offset, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_START: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_DOT: tl.constexpr, SPLIT_P: tl.constexpr, IEEE_DOT: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_NEW: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_NEW: tl.constexpr, STORE_LOGITS: tl.constexpr, STORE_NEW: tl.constexpr,
 ):
     off_b = tl.program_id(0).to(tl.int64)
     off_kv = tl.program_id(1).to(tl.int64)
@@ -271,6 +298,16 @@ def _decode_attn_split_kernel(
                          other=0.0)
             logit_new = (tl.sum(q_f32 * kn.to(tl.float32)[None, :], 1) * qk_scale).to(tl.float32)
             tl.store(logit_new_ptr + rows, logit_new, mask=mask_g)
+            if STORE_NEW:
+                # the full cache's write of the new token into slot end[b]: outside the attended range [lo, end),
+                # so no other program of this launch reads it
+                slot = tl.load(end_ptr + off_b * stride_endb).to(tl.int64)
+                # (a scalar condition and-ed into a vector mask fails in Triton's interpreter: fold it into the bound)
+                mask_new = offs_d < tl.where((slot >= 0) & (slot < n_slots), HEAD_DIM, 0)
+                vn = tl.load(v_new_ptr + off_b * stride_vnb + off_kv * stride_vnh + offs_d * stride_vnd, mask=mask_d,
+                             other=0.0)
+                tl.store(k_base + slot * stride_kn + offs_d * stride_kd, kn.to(k_ptr.dtype.element_ty), mask=mask_new)
+                tl.store(v_base + slot * stride_vn + offs_d * stride_vd, vn.to(v_ptr.dtype.element_ty), mask=mask_new)
 
 
 def _decode_attn_reduce_kernel(
@@ -366,7 +403,7 @@ def decode_attention_config(
 def _decode_attention_launch(
     q: Tensor, k: Tensor, v: Tensor, start: Tensor | None, end: Tensor, k_new: Tensor | None, v_new: Tensor | None,
     w: Tensor | None, scores: Tensor | None, logw_scale: float, decay: float, sm_scale: float, end_offset: int = 0,
-    window: int | None = None, *,
+    window: int | None = None, store_new: bool = False, *,
     block_n: int | None = None, n_splits: int | None = None, num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
 ) -> tuple[Tensor, Tensor]:
@@ -405,19 +442,20 @@ def _decode_attention_launch(
 
     launch(
         _decode_attn_split_kernel, (bsz, n_kv, n_splits),
-        q, k, v, w_arg, start_arg, end, k_new_arg,
+        q, k, v, w_arg, start_arg, end, k_new_arg, v_new_arg,
         m_part, l_part, o_part, logits, logit_new,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         w_strides[0], w_strides[1], w_strides[2],
         k_new_arg.stride(0), k_new_arg.stride(1), k_new_arg.stride(2),
+        v_new_arg.stride(0), v_new_arg.stride(1), v_new_arg.stride(2),
         start_arg.stride(0), end.stride(0),
         s_len, n_heads, sm_scale * LOG2E, logw_scale, end_offset, window_arg,
         GROUP=g, HEAD_DIM=d, HAS_START=has_start, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_DOT=use_dot, SPLIT_P=use_dot and v.dtype in (torch.float16, torch.bfloat16),
         IEEE_DOT=k.dtype == torch.float32,
-        HAS_W=has_w, HAS_NEW=has_new, STORE_LOGITS=has_scores,
+        HAS_W=has_w, HAS_NEW=has_new, STORE_LOGITS=has_scores, STORE_NEW=store_new,
         num_warps=num_warps, num_stages=num_stages,
     )
     block_gr = max(2, next_pow2(g))
@@ -449,11 +487,24 @@ def _decode_attention_impl(
                                     end_offset, window)
 
 
+def _decode_attention_store_impl(
+    q: Tensor, k: Tensor, v: Tensor, start: OptTensor, end: Tensor, k_new: Tensor, v_new: Tensor,
+    w: OptTensor, scores: OptTensor, logw_scale: float, decay: float, sm_scale: float, window: int,
+) -> tuple[Tensor, Tensor]:
+    return _decode_attention_launch(q, k, v, start, end, k_new, v_new, w, scores, logw_scale, decay, sm_scale,
+                                    0, window, store_new=True)
+
+
 if triton is not None:
     _slot_range = triton.jit(_slot_range)  # called from the kernels (which are jitted on first launch, see _launch)
     # zmzoo::decode_attention(..., Tensor(a!)? scores, ...) -> (Tensor out, Tensor new_score)
     _decode_attention_op = torch.library.triton_op("zmzoo::decode_attention", _decode_attention_impl,
                                                    mutates_args={"scores"})
+    # the same with store_new: the split kernel also writes the new token into K and V (one op per mutation set, so
+    # the compiled step's mutation bookkeeping stays exact for the call that does not write them)
+    _decode_attention_store_op = torch.library.triton_op("zmzoo::decode_attention_store",
+                                                         _decode_attention_store_impl,
+                                                         mutates_args={"k", "v", "scores"})
 
 
 def decode_attention_triton(
@@ -472,8 +523,10 @@ def decode_attention_triton(
     sm_scale: float | None = None,
     end_offset: int = 0,
     window: int | None = None,
+    store_new: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Triton flash-decoding with the semantics of ``decode_attention_ref`` (registered as zmzoo::decode_attention)."""
+    """Triton flash-decoding with the semantics of ``decode_attention_ref`` (registered as zmzoo::decode_attention;
+    with ``store_new`` as zmzoo::decode_attention_store, which also mutates k and v)."""
     if triton is None:
         raise RuntimeError("decode_attention backend='triton' needs the triton package")
     if (k_new is None) != (v_new is None):
@@ -485,8 +538,15 @@ def decode_attention_triton(
     if q.dtype not in _DTYPES or k.dtype not in _DTYPES or v.dtype not in _DTYPES:
         raise TypeError(f"decode_attention backend='triton' takes {_DTYPES}, got {q.dtype}/{k.dtype}/{v.dtype}")
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    out, new_score = torch.ops.zmzoo.decode_attention(
-        q, k, v, start, end, k_new, v_new, w, scores, float(logw_scale), float(decay), float(sm_scale),
-        int(end_offset), int(window or 0)
-    )
+    if store_new:
+        _check_store_new(k_new, v_new, end_offset)
+        out, new_score = torch.ops.zmzoo.decode_attention_store(
+            q, k, v, start, end, k_new, v_new, w, scores, float(logw_scale), float(decay), float(sm_scale),
+            int(window or 0)
+        )
+    else:
+        out, new_score = torch.ops.zmzoo.decode_attention(
+            q, k, v, start, end, k_new, v_new, w, scores, float(logw_scale), float(decay), float(sm_scale),
+            int(end_offset), int(window or 0)
+        )
     return out, (new_score if k_new is not None and scores is not None else None)
