@@ -30,7 +30,8 @@ class FullCache(KVCache):
         window = self.sliding_window
         if self.backend == "triton" and window != 1:
             # the new token apart (slots [pos + 1 - window, pos) from the cache) and written into slot pos by the
-            # attention's split kernel: two elementwise launches fewer per layer than the index_put_ below
+            # attention's split kernel: two elementwise launches fewer per layer than the index_put_ below. A window
+            # of 1 stays on that path: its window - 1 = 0 would read as "no window" in the op's int argument
             out, _ = decode_attention(q[:, :, 0], self.k, self.v, None, pos, k[:, :, 0], v[:, :, 0],
                                       window=window - 1 if window else None, sm_scale=self.sm_scale, store_new=True,
                                       backend="triton")
