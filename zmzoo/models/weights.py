@@ -7,6 +7,9 @@ Tied embeddings: when ``args.tie_embeddings`` is set the model has no ``output.w
 embedding). A tied checkpoint that still carries ``lm_head.weight`` has it dropped, as HF transformers does when it
 ties the weights; if its values differ from the embedding a warning says so. An untied model keeps its
 ``lm_head.weight`` even when it happens to equal the embedding.
+
+A safetensors file that cannot be read (truncated, not a safetensors file, a corrupt header) raises
+``CheckpointError`` naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from zmzoo.models.config import ModelArgs
 
@@ -68,6 +73,8 @@ GGUF_TO_ZMZOO: dict[str, str] = {
     "output_norm.weight": "norm.weight",
     "output.weight": "output.weight",
 }
+ZMZOO_TO_GGUF: dict[str, str] = {v: k for k, v in GGUF_TO_ZMZOO.items()}
+
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -103,12 +110,59 @@ def gguf_to_zmzoo_name(name: str) -> str | None:
     return _rename(name, GGUF_TO_ZMZOO)
 
 
-class StateDict(dict):
-    """A ``dict[str, Tensor]`` that remembers where each tensor came from (``sources[name]``: file and name there)."""
+def zmzoo_to_gguf_name(name: str) -> str | None:
+    """The llama.cpp GGUF name of a zmzoo parameter, or None when unknown."""
+    return _rename(name, ZMZOO_TO_GGUF)
 
-    def __init__(self, *args, **kwargs):
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: the message names the file, what is wrong with it and what to do."""
+
+
+class StateDict(dict):
+    """A ``dict[str, Tensor]`` that remembers where each tensor came from.
+
+    Attributes:
+        sources: zmzoo name -> ``"<file> ('<name in file>')"`` (GGUF: ``"<file> ('<name>', <GGML type>)"``).
+        origins: zmzoo name -> ``(file, name in file, GGML type or None)``.
+        checkpoint: the checkpoint as a whole (a directory or a ``.gguf`` file), or None.
+        format: ``"safetensors"`` (HF names), ``"gguf"`` (llama.cpp names) or None.
+    """
+
+    def __init__(self, *args, checkpoint: str | None = None, format: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sources: dict[str, str] = {}
+        self.origins: dict[str, tuple[str, str, str | None]] = {}
+        self.checkpoint = checkpoint
+        self.format = format
+
+    def add(self, name: str, tensor: Tensor, file: str | Path, stored_name: str, kind: str | None = None) -> None:
+        """Set ``self[name]`` and record that it is ``stored_name`` (of GGML type ``kind``) in ``file``."""
+        self[name] = tensor
+        self.sources[name] = f"{file} ({stored_name!r}{f', {kind}' if kind else ''})"
+        self.origins[name] = (str(file), stored_name, kind)
+
+    def pop_source(self, name: str) -> str:
+        """Drop ``name`` and its records; returns its ``sources`` entry."""
+        self.pop(name)
+        self.origins.pop(name, None)
+        return self.sources.pop(name)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StateDict:
+        """The floating-point tensors on ``device`` in ``dtype`` (others only moved), keeping the records."""
+        out = StateDict(checkpoint=self.checkpoint, format=self.format)
+        for k, t in self.items():
+            out[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        out.sources, out.origins = dict(self.sources), dict(self.origins)
+        return out
+
+
+def _progress(items: Any, desc: str, show: bool) -> Any:
+    """``items`` under a tqdm bar on stderr when ``show`` (looked up at call time, so redirected stderr is used)."""
+    return tqdm(items, desc=desc, disable=not show, leave=False, file=sys.stderr, unit="tensor")
+
+
+_REDOWNLOAD = "Delete it and download it again."
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,44 +215,97 @@ def find_safetensors(path: str | Path) -> list[Path]:
 
 
 def load_safetensors_state_dict(
-    files: list[Path], args: ModelArgs, dtype: torch.dtype, device: str | torch.device = "cpu"
+    files: list[Path],
+    args: ModelArgs,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> StateDict:
     """Read HF-named safetensors files (one or shards) into a zmzoo-named state dict.
 
-    Files are memory-mapped; floating-point tensors are converted to ``dtype`` on ``device``. Names outside
-    ``HF_TO_ZMZOO`` are kept as they are, so that ``check_state_dict`` reports them with their file.
+    Files are memory-mapped and read one tensor at a time; floating-point tensors are converted to ``dtype`` on
+    ``device`` as they are read. Names outside ``HF_TO_ZMZOO`` are kept as they are, so that ``check_state_dict``
+    reports them with their file.
 
     Args:
         files: the safetensors files (see ``find_safetensors``).
         args: the model's config; with ``args.tie_embeddings`` a stored ``lm_head.weight`` is dropped.
         dtype: floating-point dtype of the returned tensors.
         device: where the tensors are put.
+        progress: show a progress bar over each file's tensors (stderr).
 
     Returns:
         A ``StateDict`` whose ``sources`` maps each zmzoo name to ``"<file> ('<name in file>')"``.
+
+    Raises:
+        CheckpointError: a file is truncated, not a safetensors file or has a corrupt header (the error names it).
     """
-    sd = StateDict()
+    files = [Path(f) for f in files]
+    parents = list(dict.fromkeys(str(f.parent) for f in files))
+    sd = StateDict(checkpoint=parents[0] if len(parents) == 1 else ", ".join(map(str, files)), format="safetensors")
     for file in files:
-        file = Path(file)
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():
+        with _safe_open(file, device) as f:
+            keys = list(f.keys())
+            for key in _progress(keys, file.name, progress):
                 if any(p.search(key) for p in HF_IGNORED):
                     continue
                 name = hf_to_zmzoo_name(key) or key
                 if name in sd:
                     raise ValueError(f"tensor {key!r} is stored twice: in {sd.sources[name]} and in {file}")
-                t = f.get_tensor(key)
-                sd[name] = t.to(dtype) if t.is_floating_point() else t
-                sd.sources[name] = f"{file} ({key!r})"
+                try:
+                    t = f.get_tensor(key)
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{file}: tensor {key!r} could not be read ({e}). {_REDOWNLOAD}") from e
+                sd.add(name, t.to(dtype) if t.is_floating_point() else t, file, key)
     _drop_tied_output(sd, args)
     return sd
+
+
+def _safe_open(file: Path, device: str | torch.device) -> Any:
+    """``safe_open`` (a context manager), whose failure names the file and says what is wrong with it."""
+    try:
+        return safe_open(str(file), framework="pt", device=str(device))
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} {_safetensors_problem(file)}. {_REDOWNLOAD} (safetensors: {e})") from e
+
+
+def _safetensors_problem(file: Path) -> str:
+    """What is wrong with a file that safetensors refuses, read from its 8-byte header length and JSON header.
+
+    A safetensors file is ``<u64 little-endian N><N bytes of JSON header><tensor data>``; the header gives each
+    tensor's ``data_offsets`` into the data, and the data must end where the file ends.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if head.startswith(b"version "):
+            return "is a Git LFS pointer file, not the weights (fetch them with `git lfs pull` or huggingface_hub)"
+        if len(head) < 8:
+            return f"is truncated or not a safetensors file: it has only {size} bytes"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            if fh.read(1) == b"{" and n < 1 << 30:
+                return f"is truncated: its header alone takes {8 + n} bytes, the file has {size}"
+            return f"is not a safetensors file: its first 8 bytes ({head!r}) are no header length that fits the file"
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"has a corrupt header (not the JSON table of tensors safetensors writes: {e})"
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"is truncated: its header describes {expected} bytes, the file has {size} ({expected - size} missing)"
+    if size > expected:
+        return f"is corrupt: it has {size} bytes, {size - expected} more than its header describes"
+    return "could not be read"
 
 
 def _drop_tied_output(sd: StateDict, args: ModelArgs) -> None:
     if not args.tie_embeddings or "output.weight" not in sd:
         return
-    out, emb = sd.pop("output.weight"), sd.get("tok_embeddings.weight")
-    src = sd.sources.pop("output.weight")
+    out, emb = sd["output.weight"], sd.get("tok_embeddings.weight")
+    src = sd.pop_source("output.weight")
     if emb is not None and (out.shape != emb.shape or not torch.equal(out, emb)):
         warnings.warn(
             f"model {args.name!r} ties its output projection to the embedding (tie_embeddings), but the checkpoint's "
@@ -211,13 +318,18 @@ def _drop_tied_output(sd: StateDict, args: ModelArgs) -> None:
 # checking and loading
 
 
-def check_state_dict(sd: dict[str, Tensor], model: nn.Module, source: str) -> None:
+def check_state_dict(sd: dict[str, Tensor], model: nn.Module, source: str | None = None) -> None:
     """Compare ``sd`` with ``model.state_dict()`` (names and shapes; the tied output weight is not expected).
 
+    Every problem names zmzoo's tensor name and the checkpoint's: a missing tensor the name it would have in the
+    checkpoint's format (HF or GGUF) and the checkpoint; an unexpected or mis-shaped one its name in its file, the
+    file, and (mis-shaped) both shapes.
+
     Args:
-        sd: a zmzoo-named state dict; when it is a ``StateDict`` the errors name each tensor's file.
+        sd: a zmzoo-named state dict; when it is a ``StateDict`` the errors name each tensor's file and its name there.
         model: the model (typically built on the meta device).
-        source: the checkpoint, as the error messages should name it (a path or a repo).
+        source: the checkpoint, as the error messages should name it (a path or a repo); default: the
+            ``StateDict``'s ``checkpoint``.
 
     Raises:
         ValueError: listing every missing, unexpected and mis-shaped tensor.
@@ -227,52 +339,68 @@ def check_state_dict(sd: dict[str, Tensor], model: nn.Module, source: str) -> No
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if tied:
         expected.pop("output.weight", None)
-    sources = getattr(sd, "sources", {})
+    sources: dict[str, str] = getattr(sd, "sources", {})
+    origins: dict[str, tuple[str, str, str | None]] = getattr(sd, "origins", {})
+    fmt = getattr(sd, "format", None)
+    checkpoint = source or getattr(sd, "checkpoint", None) or "the state dict"
 
-    def where(name: str) -> str:
-        return sources.get(name, source)
-
-    def hf(name: str) -> str:
+    def stored_as(name: str) -> str:
+        """The name ``name`` has in the checkpoint's format."""
+        if fmt == "gguf":
+            g = zmzoo_to_gguf_name(name)
+            return f" (GGUF {g!r})" if g else ""
         h = zmzoo_to_hf_name(name)
         return f" (HF {h!r})" if h else ""
 
-    problems = []
+    def found(name: str) -> str:
+        """Where ``sd[name]`` came from: its name in its file, and the file."""
+        if name not in origins:
+            return f"in {sources.get(name, checkpoint)}"
+        file, stored, kind = origins[name]
+        what = ([repr(stored)] if stored != name else []) + ([kind] if kind else [])
+        return f"in {file}" + (f" ({', '.join(what)})" if what else "")
+
+    problems, misshaped = [], False
     for name in expected:
         if name not in sd:
-            problems.append(f"missing tensor {name!r}{hf(name)}: not in {source}")
+            problems.append(f"missing tensor {name!r}{stored_as(name)}: not in {checkpoint}")
     for name, t in sd.items():
         if name not in expected:
-            problems.append(f"unexpected tensor {name!r} in {where(name)}")
+            problems.append(f"unexpected tensor {name!r} {found(name)}")
         elif tuple(t.shape) != expected[name]:
-            problems.append(
-                f"tensor {name!r} in {where(name)} has shape {tuple(t.shape)}, the model expects {expected[name]}"
-            )
+            misshaped = True
+            problems.append(f"tensor {name!r} {found(name)} has shape {tuple(t.shape)}, the model expects "
+                            f"{expected[name]}")
     if not problems:
         return
     hints = []
     names = " ".join(problems)
-    if "missing tensor 'output.weight'" in names:
+    if "missing tensor 'output.weight'" in names and fmt != "gguf":
         hints.append("the checkpoint has no lm_head.weight: should tie_word_embeddings be true in config.json?")
     if ".bias'" in names:
         hints.append("q/k/v biases differ from the config (qkv_bias / attention_bias)")
     if "_norm.weight'" in names and ("q_norm" in names or "k_norm" in names):
         hints.append("q/k norms differ from the config (qk_norm, Qwen3)")
+    if misshaped:
+        config = "GGUF metadata" if fmt == "gguf" else "config (config.json)"
+        hints.append(f"tensor shapes that differ from the {config}: weights of another model size, or a wrong config")
     shown = problems[:25] + ([f"... and {len(problems) - 25} more"] if len(problems) > 25 else [])
     model_name = getattr(args, "name", type(model).__name__)
     raise ValueError(
-        f"weights from {source} do not fit model {model_name!r} ({len(problems)} problem(s)):\n  "
+        f"weights from {checkpoint} do not fit model {model_name!r} ({len(problems)} problem(s)):\n  "
         + "\n  ".join(shown)
         + "".join(f"\n  hint: {h}" for h in hints)
     )
 
 
-def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source: str = "the state dict") -> None:
+def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source: str | None = None) -> None:
     """Check ``sd`` against ``model``, assign its tensors as the parameters (``assign=True``) and re-tie weights.
 
     Args:
         model: a ``Transformer``, usually built on the meta device.
-        sd: a zmzoo-named state dict, already in the dtype and on the device wanted.
-        source: the checkpoint, as error messages should name it.
+        sd: a zmzoo-named state dict, already in the dtype and on the device wanted (a ``StateDict`` keeps the
+            names of files and tensors for the error messages).
+        source: the checkpoint, as error messages should name it (default: the ``StateDict``'s ``checkpoint``).
     """
     check_state_dict(sd, model, source)
     if getattr(getattr(model, "args", None), "tie_embeddings", False):
@@ -451,7 +579,7 @@ def load_gguf(
         extra={"gguf_file": str(path), "gguf_name": meta.get("general.name")},
     )
 
-    sd = StateDict()
+    sd = StateDict(checkpoint=str(path), format="gguf")
     for gname, t in tensors.items():
         try:
             arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # float32, numpy (row-major) order
@@ -468,8 +596,7 @@ def load_gguf(
             w = gguf_unpermute_qk(w, n_heads)
         elif ".attention.wk." in zname:
             w = gguf_unpermute_qk(w, n_kv_heads)
-        sd[zname] = w.to(device=device, dtype=dtype)
-        sd.sources[zname] = f"{path} ({gname!r}, {t.tensor_type.name})"
+        sd.add(zname, w.to(device=device, dtype=dtype), path, gname, t.tensor_type.name)
     tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
     tok_meta["general.architecture"] = arch
     return args, sd, tok_meta
