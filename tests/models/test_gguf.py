@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import zmzoo
 from zmzoo.models.config import ModelArgs
 from zmzoo.models.transformer import Transformer
 from zmzoo.models.weights import (
+    CheckpointError,
     bundled_smollm2_gguf,
     check_state_dict,
     gguf_permute_qk,
@@ -94,9 +97,10 @@ def hf_model(args: ModelArgs, seed: int = 0):
 
 
 def write_gguf(path: Path, args: ModelArgs, hf_sd: dict[str, torch.Tensor], qtype=None, arch: str = "llama",
-               rope_freqs: np.ndarray | None = None, linear_rope: float | None = None) -> Path:
+               rope_freqs: np.ndarray | None = None, linear_rope: float | None = None,
+               omit: tuple[str, ...] = ()) -> Path:
     """A GGUF as llama.cpp's converter writes it: metadata, gpt2 tokenizer, Q/K rows permuted, optional quantization
-    of the 2-D weights (norms stay F32, as llama.cpp keeps them)."""
+    of the 2-D weights (norms stay F32, as llama.cpp keeps them). ``omit``: metadata keys left out."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
     w.add_block_count(args.n_layers)
@@ -121,6 +125,8 @@ def write_gguf(path: Path, args: ModelArgs, hf_sd: dict[str, torch.Tensor], qtyp
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
+    for key in omit:
+        del w.kv_data[0][key]
     for name, t in hf_sd.items():
         arr = t.detach().float().numpy()
         if name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -311,6 +317,78 @@ def test_rope_scaling_metadata(tmp_path):
     assert got.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     assert "rope_freqs.weight" not in sd
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# errors that name the file, what is wrong with it, and the tensor in GGUF's and zmzoo's names
+
+
+def tiny_gguf(tmp_path: Path, name: str = "tiny.gguf", edit=None, **kw) -> tuple[Path, ModelArgs]:
+    args = tiny_args()
+    hf_sd = hf_sd_of(hf_model(args), args)
+    if edit is not None:
+        edit(hf_sd)
+    return write_gguf(tmp_path / name, args, hf_sd, **kw), args
+
+
+def test_truncated_gguf_names_the_file_and_the_missing_bytes(tmp_path):
+    path, _ = tiny_gguf(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000])
+    want = (re.escape(str(path)) + rf" is truncated: it has {len(data) - 1000} bytes, its 21 tensors need (\d+) "
+            r"\((\d+) bytes of tensor data missing, from tensor '[\w.]+' on\)\. Delete it and download it again")
+    with pytest.raises(CheckpointError, match=want) as e:
+        zmzoo.load(str(path), compile=False, device="cpu")
+    need, missing = map(int, re.search(r"need (\d+) \((\d+)", str(e.value)).groups())
+    assert need - missing == len(data) - 1000 and 1000 - 32 < missing <= 1000  # the last tensor's alignment padding
+    path.write_bytes(data[:300])  # cut inside the metadata
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" is a corrupt or truncated GGUF file \(300 "
+                                              r"bytes\): its header could not be read"):
+        load_gguf(path)
+
+
+def test_garbage_gguf_names_the_file(tmp_path):
+    path = tmp_path / "page.gguf"
+    path.write_bytes(b"<!DOCTYPE html><html><body>404 Not Found</body></html>")  # a saved error page
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" is not a GGUF file: it starts with "
+                                              r"b'<!DO', not the GGUF magic b'GGUF'\. Delete it"):
+        zmzoo.load(str(path), compile=False, device="cpu")
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 4)  # the magic, then noise
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" is a corrupt or truncated GGUF file"):
+        load_gguf(path)
+    path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 99\n")
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" is a Git LFS pointer file"):
+        load_gguf(path)
+
+
+@pytest.mark.parametrize("key", ["llama.block_count", "llama.attention.head_count", "general.architecture"])
+def test_missing_metadata_key_names_key_and_file(tmp_path, key):
+    path, _ = tiny_gguf(tmp_path, omit=(key,))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: GGUF metadata lacks {key}")):
+        load_gguf(path)
+
+
+def test_misshaped_gguf_tensor_names_both_names_file_and_shapes(tmp_path):
+    def edit(sd):
+        sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # 4 KV heads' worth, metadata says 2
+
+    path, _ = tiny_gguf(tmp_path, edit=edit)
+    args, sd, _ = load_gguf(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    with pytest.raises(ValueError, match=r"tensor 'layers\.0\.attention\.wk\.weight' in " + re.escape(str(path))
+                       + r" \('blk\.0\.attn_k\.weight', F32\) has shape \(64, 64\), the model expects \(32, 64\)"):
+        load_weights_into(model, sd)
+
+
+def test_missing_gguf_tensor_names_both_names_and_file(tmp_path):
+    path, _ = tiny_gguf(tmp_path, edit=lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    args, sd, _ = load_gguf(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    with pytest.raises(ValueError, match=r"missing tensor 'layers\.1\.feed_forward\.w3\.weight' \(GGUF "
+                                         r"'blk\.1\.ffn_up\.weight'\): not in " + re.escape(str(path))):
+        load_weights_into(model, sd)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,14 +8,16 @@ embedding). A tied checkpoint that still carries ``lm_head.weight`` has it dropp
 ties the weights; if its values differ from the embedding a warning says so. An untied model keeps its
 ``lm_head.weight`` even when it happens to equal the embedding.
 
-A safetensors file that cannot be read (truncated, not a safetensors file, a corrupt header) raises
-``CheckpointError`` naming the file and what is wrong with it.
+A file that cannot be read (truncated, not of its format, a corrupt header) raises ``CheckpointError`` naming the
+file and what is wrong with it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import math
 import re
 import sys
 import warnings
@@ -500,6 +502,71 @@ def _llama3_scaling_from_rope_freqs(freqs: Tensor, args: ModelArgs, path: Path) 
     )
 
 
+def _gguf_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} {what}. {_REDOWNLOAD}")
+
+
+@functools.cache
+def _checked_gguf_reader() -> type:
+    """``gguf.GGUFReader`` that checks that the file holds every tensor's bytes before it views them.
+
+    The reader views each tensor's bytes with numpy, which on a truncated file fails with "When changing to a larger
+    dtype, its size must be a divisor..." or a reshape error that names neither the file nor the tensor.
+    """
+    import gguf
+
+    class CheckedGGUFReader(gguf.GGUFReader):
+        def __init__(self, path: Path):
+            self.zmzoo_path = path
+            super().__init__(str(path), mode="r")
+
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            size, need, first = len(self.data), 0, None
+            for field in fields:
+                name = bytes(field.parts[1]).decode("utf-8", "replace")
+                dims, raw_type, offset = field.parts[3], int(field.parts[4][0]), int(field.parts[5][0])
+                try:
+                    qtype = gguf.GGMLQuantizationType(raw_type)
+                except ValueError as e:
+                    raise CheckpointError(f"{self.zmzoo_path}: tensor {name!r} has GGML type {raw_type}, which the "
+                                          f"installed gguf package does not know (a newer gguf may)") from e
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                end = int(start_offs) + offset + math.prod(int(d) for d in dims) * type_size // block
+                if end > size and first is None:
+                    first = name
+                need = max(need, end)
+            if need > size:
+                raise _gguf_error(self.zmzoo_path, f"is truncated: it has {size} bytes, its {len(fields)} tensors "
+                                                   f"need {need} ({need - size} bytes of tensor data missing, from "
+                                                   f"tensor {first!r} on)")
+            super()._build_tensors(start_offs, fields)
+
+    return CheckedGGUFReader
+
+
+def open_gguf(path: str | Path) -> Any:
+    """A ``gguf.GGUFReader`` of ``path`` (memory-mapped, read-only), or a ``CheckpointError`` naming the file and what
+    is wrong with it (not a GGUF file, truncated, a corrupt header)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"version "):
+        raise _gguf_error(path, "is a Git LFS pointer file, not the model (fetch it with `git lfs pull` or "
+                                "huggingface_hub)")
+    if head[:4] != b"GGUF":
+        raise _gguf_error(path, f"is not a GGUF file: it starts with {head[:4]!r}, not the GGUF magic b'GGUF'")
+    try:
+        return _checked_gguf_reader()(path)
+    except CheckpointError:
+        raise
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
+        raise _gguf_error(path, f"is a corrupt or truncated GGUF file ({size} bytes): its header could not be read "
+                                f"({type(e).__name__}: {e})") from e
+
+
 def load_gguf(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", name: str | None = None
 ) -> tuple[ModelArgs, StateDict, dict[str, Any]]:
@@ -518,17 +585,21 @@ def load_gguf(
         ``(args, state_dict, tokenizer_metadata)``: the config from the metadata (tied when there is no
         ``output.weight``), the zmzoo-named state dict and the ``tokenizer.*`` metadata (plus
         ``general.architecture``) for ``Tokenizer.from_gguf_metadata``.
+
+    Raises:
+        CheckpointError: the file is not a GGUF file, is truncated or has a corrupt header.
+        ValueError: an architecture other than ``llama``, or metadata zmzoo needs is missing.
     """
     try:
         import gguf
     except ImportError as e:
         raise ImportError("reading GGUF files needs the gguf package: pip install 'zmzoo[gguf]'") from e
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     meta = read_gguf_metadata(reader)
     arch = meta.get("general.architecture")
+    if arch is None:
+        raise ValueError(f"{path}: GGUF metadata lacks general.architecture")
     if arch != "llama":
         raise ValueError(
             f"{path}: GGUF architecture {arch!r} is not supported; zmzoo reads GGUF files of architecture 'llama' "
@@ -549,8 +620,11 @@ def load_gguf(
         vocab_size = len(tokens)
     elif f"{arch}.vocab_size" in meta:
         vocab_size = int(meta[f"{arch}.vocab_size"])
-    else:
+    elif "token_embd.weight" in tensors:
         vocab_size = int(tensors["token_embd.weight"].shape[-1])
+    else:
+        raise ValueError(f"{path}: GGUF has no token_embd.weight and its metadata lacks tokenizer.ggml.tokens and "
+                         f"{arch}.vocab_size")
     dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
     n_kv_heads = int(get("attention.head_count_kv", n_heads))
     head_dim = int(get("attention.key_length", dim // n_heads))
