@@ -8,8 +8,9 @@ embedding). A tied checkpoint that still carries ``lm_head.weight`` has it dropp
 ties the weights; if its values differ from the embedding a warning says so. An untied model keeps its
 ``lm_head.weight`` even when it happens to equal the embedding.
 
-A file that cannot be read (truncated, not of its format, a corrupt header) raises ``CheckpointError`` naming the
-file and what is wrong with it.
+Tensors are read one at a time and converted to the target dtype on the target device as soon as they are read, so
+the host holds about one tensor beyond the result. A file that cannot be read (truncated, not of its format, a corrupt
+header) raises ``CheckpointError`` naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,7 @@ ZMZOO_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_ZMZOO.items()}
 # HF checkpoint entries that are not weights (older LLaMA exports carry the RoPE table)
 HF_IGNORED: tuple[re.Pattern[str], ...] = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
 
-# llama.cpp GGUF (general.architecture "llama") -> zmzoo
+# llama.cpp GGUF (general.architecture "llama", "qwen2", "qwen3"; gguf-py's tensor_mapping) -> zmzoo
 GGUF_TO_ZMZOO: dict[str, str] = {
     "token_embd.weight": "tok_embeddings.weight",
     "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
@@ -68,6 +70,8 @@ GGUF_TO_ZMZOO: dict[str, str] = {
     "blk.{i}.attn_q.bias": "layers.{i}.attention.wq.bias",
     "blk.{i}.attn_k.bias": "layers.{i}.attention.wk.bias",
     "blk.{i}.attn_v.bias": "layers.{i}.attention.wv.bias",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attention.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attention.k_norm.weight",
     "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
     "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
     "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
@@ -77,6 +81,24 @@ GGUF_TO_ZMZOO: dict[str, str] = {
 }
 ZMZOO_TO_GGUF: dict[str, str] = {v: k for k, v in GGUF_TO_ZMZOO.items()}
 
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How a llama.cpp architecture maps onto ``ModelArgs``."""
+
+    model_type: str
+    permuted_qk: bool  # the converter permuted Q/K rows for GGML's interleaved RoPE (undone on load)
+    qk_norm: bool  # per-head RMSNorm of q and k (blk.N.attn_q_norm / attn_k_norm)
+
+
+# The GGUF architectures zmzoo loads. llama.cpp's convert_hf_to_gguf.py permutes the Q/K rows only in LlamaModel
+# (LlamaModel.permute, for GGML's "normal" RoPE that rotates adjacent pairs); Qwen2Model and Qwen3Model write HF's
+# row order, which llama.cpp rotates NEOX-style (pairs j and j + d/2), the order zmzoo's RoPE uses.
+GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", permuted_qk=True, qk_norm=False),  # LLaMA 1-3, Mistral, SmolLM2, ...
+    "qwen2": GGUFArch("qwen2", permuted_qk=False, qk_norm=False),  # Qwen1.5, Qwen2, Qwen2.5 (q/k/v biases)
+    "qwen3": GGUFArch("qwen3", permuted_qk=False, qk_norm=True),  # Qwen3 dense
+}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -426,8 +448,13 @@ def gguf_permute_qk(w: Tensor, n_head: int) -> Tensor:
 
 def gguf_unpermute_qk(w: Tensor, n_head: int) -> Tensor:
     """The inverse of ``gguf_permute_qk``: GGUF -> HF ``rotate_half`` row order (for weights and biases)."""
+    return _unpermuted_view(w, n_head).reshape(w.shape)
+
+
+def _unpermuted_view(w: Tensor, n_head: int) -> Tensor:
+    """``gguf_unpermute_qk`` before its final reshape: a view of ``w``, (n_head, 2, d/2, ...)."""
     d = w.shape[0] // n_head // 2
-    return w.reshape(n_head, d, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_head, d, 2, *w.shape[1:]).transpose(1, 2)
 
 
 def _field_value(field: Any) -> Any:
@@ -567,19 +594,49 @@ def open_gguf(path: str | Path) -> Any:
                                 f"({type(e).__name__}: {e})") from e
 
 
-def load_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", name: str | None = None
-) -> tuple[ModelArgs, StateDict, dict[str, Any]]:
-    """Read a llama.cpp GGUF file of architecture ``llama`` (LLaMA, Mistral, SmolLM2, ...).
+def _gguf_torch(t: Any, gguf: Any) -> tuple[Tensor, bool]:
+    """A GGUF tensor as torch, in its stored dtype where torch has it (F32, F16, BF16, F64, integers) and else
+    dequantized to float32; row-major (HF) shape. Returns ``(tensor, owned)``: not owned is a view of the file's
+    memory map, which must be copied before it is kept."""
+    q = gguf.GGMLQuantizationType
+    shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
+    data = np.asarray(t.data)
+    if t.tensor_type == q.BF16:  # numpy has no bfloat16: the reader gives the bytes
+        return _from_mapped(data).view(torch.bfloat16).reshape(shape), False
+    if data.dtype != np.uint8:  # F32, F16, F64, I8..I64: the reader gives them in their numpy dtype
+        return _from_mapped(data).reshape(shape), False
+    arr = gguf.quants.dequantize(data, t.tensor_type)  # a new float32 array (NotImplementedError if unknown)
+    return torch.from_numpy(arr.reshape(shape)), True
 
-    Quantized tensors are dequantized to float32 (``gguf.quants.dequantize``), then cast to ``dtype``. The Q and K
-    projections are un-permuted from llama.cpp's row order back to HF's ``rotate_half`` order.
+
+def _from_mapped(a: np.ndarray) -> Tensor:
+    """``torch.from_numpy`` of a read-only memory-mapped array; the caller copies the tensor before keeping it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def load_gguf(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    name: str | None = None,
+    progress: bool = False,
+) -> tuple[ModelArgs, StateDict, dict[str, Any]]:
+    """Read a llama.cpp GGUF file of architecture ``llama`` (LLaMA, Mistral, SmolLM2, ...), ``qwen2`` (Qwen2, Qwen2.5)
+    or ``qwen3`` (Qwen3), one tensor at a time.
+
+    Each tensor is converted to ``dtype`` on ``device`` as soon as it is read: F32, F16 and BF16 tensors directly,
+    quantized ones after ``gguf.quants.dequantize`` to float32 (one tensor at a time), so the host holds about one
+    tensor beyond the result. For ``llama`` the Q and K projections are un-permuted from llama.cpp's row order back to
+    HF's ``rotate_half`` order; ``qwen2`` / ``qwen3`` files keep HF's order (see ``GGUF_ARCHITECTURES``).
 
     Args:
         path: the ``.gguf`` file.
         dtype: floating-point dtype of the returned tensors.
         device: where the tensors are put.
         name: the ``ModelArgs.name`` (default: the file name without ``.gguf``).
+        progress: show a progress bar over the tensors (stderr).
 
     Returns:
         ``(args, state_dict, tokenizer_metadata)``: the config from the metadata (tied when there is no
@@ -588,7 +645,7 @@ def load_gguf(
 
     Raises:
         CheckpointError: the file is not a GGUF file, is truncated or has a corrupt header.
-        ValueError: an architecture other than ``llama``, or metadata zmzoo needs is missing.
+        ValueError: an architecture other than those of ``GGUF_ARCHITECTURES``, or metadata zmzoo needs is missing.
     """
     try:
         import gguf
@@ -600,10 +657,12 @@ def load_gguf(
     arch = meta.get("general.architecture")
     if arch is None:
         raise ValueError(f"{path}: GGUF metadata lacks general.architecture")
-    if arch != "llama":
+    spec = GGUF_ARCHITECTURES.get(arch)
+    if spec is None:
+        known = ", ".join(repr(a) for a in GGUF_ARCHITECTURES)
         raise ValueError(
-            f"{path}: GGUF architecture {arch!r} is not supported; zmzoo reads GGUF files of architecture 'llama' "
-            f"(LLaMA, Mistral, SmolLM2). For other models load the HF safetensors checkpoint."
+            f"{path}: GGUF architecture {arch!r} is not supported; zmzoo loads GGUF files of architecture {known} "
+            f"(LLaMA, Mistral, SmolLM2; Qwen2, Qwen2.5; Qwen3). For other models load the HF safetensors checkpoint."
         )
 
     def get(key: str, default: Any = ...) -> Any:
@@ -615,26 +674,29 @@ def load_gguf(
         return v
 
     tensors = {t.name: t for t in reader.tensors}
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens:
-        vocab_size = len(tokens)
+    if "token_embd.weight" in tensors:  # the embedding's rows are the vocabulary the weights need
+        vocab_size = int(tensors["token_embd.weight"].shape[-1])
+    elif meta.get("tokenizer.ggml.tokens"):
+        vocab_size = len(meta["tokenizer.ggml.tokens"])
     elif f"{arch}.vocab_size" in meta:
         vocab_size = int(meta[f"{arch}.vocab_size"])
-    elif "token_embd.weight" in tensors:
-        vocab_size = int(tensors["token_embd.weight"].shape[-1])
     else:
         raise ValueError(f"{path}: GGUF has no token_embd.weight and its metadata lacks tokenizer.ggml.tokens and "
                          f"{arch}.vocab_size")
     dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
     n_kv_heads = int(get("attention.head_count_kv", n_heads))
     head_dim = int(get("attention.key_length", dim // n_heads))
+    value_dim = int(get("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise ValueError(f"{path}: {arch}.attention.value_length {value_dim} differs from the key length {head_dim}; "
+                         f"zmzoo needs one head_dim")
     rope_dim = int(get("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise ValueError(f"{path}: partial RoPE ({arch}.rope.dimension_count {rope_dim} < head_dim {head_dim}) "
                          f"is not supported")
     args = ModelArgs(
         name=name or path.name.removesuffix(".gguf"),
-        model_type="llama",
+        model_type=spec.model_type,
         vocab_size=vocab_size,
         dim=dim,
         n_layers=int(get("block_count")),
@@ -647,30 +709,34 @@ def load_gguf(
         rope_scaling=_gguf_rope_scaling(meta, arch, path),
         max_position_embeddings=int(get("context_length", 4096)),
         qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm=spec.qk_norm,
         tie_embeddings="output.weight" not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        extra={"gguf_file": str(path), "gguf_name": meta.get("general.name")},
+        extra={"gguf_file": str(path), "gguf_name": meta.get("general.name"), "gguf_architecture": arch},
     )
 
     sd = StateDict(checkpoint=str(path), format="gguf")
-    for gname, t in tensors.items():
+    for t in _progress(reader.tensors, path.name, progress):
+        gname = t.name
         try:
-            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # float32, numpy (row-major) order
+            w, owned = _gguf_torch(t, gguf)
         except NotImplementedError as e:
             raise ValueError(f"{path}: tensor {gname!r} is of GGML type {t.tensor_type.name}, which the installed "
                              f"gguf package cannot dequantize ({e}); try a newer gguf or another quantization") from e
-        arr = arr.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims innermost first
-        w = torch.tensor(arr, dtype=torch.float32)  # a copy: the reader's memory map is not ours
         if gname == "rope_freqs.weight":
-            args.rope_scaling = _llama3_scaling_from_rope_freqs(w, args, path)
+            args.rope_scaling = _llama3_scaling_from_rope_freqs(w.float(), args, path)
             continue
         zname = gguf_to_zmzoo_name(gname) or gname
-        if ".attention.wq." in zname:
-            w = gguf_unpermute_qk(w, n_heads)
-        elif ".attention.wk." in zname:
-            w = gguf_unpermute_qk(w, n_kv_heads)
-        sd.add(zname, w.to(device=device, dtype=dtype), path, gname, t.tensor_type.name)
+        shape = w.shape
+        heads = n_heads if ".attention.wq." in zname else n_kv_heads if ".attention.wk." in zname else 0
+        if spec.permuted_qk and heads and shape[0] % (2 * heads) == 0:  # (mis-shaped ones: check_state_dict says so)
+            w = _unpermuted_view(w, heads)
+        # at most one copy, straight into the target dtype and device; a view of the file's memory map is always
+        # copied (the map is not ours to keep)
+        w = w.to(device=device, dtype=dtype if w.is_floating_point() else None, copy=not owned,
+                 memory_format=torch.contiguous_format).reshape(shape)
+        sd.add(zname, w, path, gname, t.tensor_type.name)
     tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
     tok_meta["general.architecture"] = arch
     return args, sd, tok_meta
