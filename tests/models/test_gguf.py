@@ -1,18 +1,26 @@
-"""GGUF (llama.cpp) -> zmzoo: metadata to ModelArgs, dequantization, Q/K un-permutation, and the bundled SmolLM2."""
+"""GGUF (llama.cpp) -> zmzoo: metadata to ModelArgs, dequantization, Q/K un-permutation (llama only), llama / qwen2 /
+qwen3 files against the same safetensors checkpoint, and the bundled SmolLM2."""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+import zmzoo
+from tests.conftest import tiny_args as family_args
+from tests.conftest import write_hf_checkpoint
 from zmzoo.models.config import ModelArgs
 from zmzoo.models.transformer import Transformer
 from zmzoo.models.weights import (
+    GGUF_ARCHITECTURES,
+    CheckpointError,
     bundled_smollm2_gguf,
     check_state_dict,
     gguf_permute_qk,
@@ -40,6 +48,8 @@ HF_TO_GGUF = {
     "self_attn.q_proj.bias": "attn_q.bias",
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
@@ -94,9 +104,12 @@ def hf_model(args: ModelArgs, seed: int = 0):
 
 
 def write_gguf(path: Path, args: ModelArgs, hf_sd: dict[str, torch.Tensor], qtype=None, arch: str = "llama",
-               rope_freqs: np.ndarray | None = None, linear_rope: float | None = None) -> Path:
-    """A GGUF as llama.cpp's converter writes it: metadata, gpt2 tokenizer, Q/K rows permuted, optional quantization
-    of the 2-D weights (norms stay F32, as llama.cpp keeps them)."""
+               rope_freqs: np.ndarray | None = None, linear_rope: float | None = None, pre: str = "smollm",
+               omit: tuple[str, ...] = ()) -> Path:
+    """A GGUF as llama.cpp's converter writes it: metadata, gpt2 tokenizer (padded with [PAD<i>] tokens up to the
+    vocabulary size), Q/K rows permuted for ``arch`` "llama" only (LlamaModel.permute; Qwen2Model / Qwen3Model keep
+    HF's order), optional quantization of the 2-D weights (norms stay F32, as llama.cpp keeps them). ``omit``: metadata
+    keys left out."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
     w.add_block_count(args.n_layers)
@@ -107,25 +120,33 @@ def write_gguf(path: Path, args: ModelArgs, hf_sd: dict[str, torch.Tensor], qtyp
     w.add_head_count_kv(args.n_kv_heads)
     w.add_rope_freq_base(args.rope_theta)
     w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_dimension_count(args.head_dim)
+    if arch == "llama":  # LlamaModel.set_gguf_parameters
+        w.add_rope_dimension_count(args.head_dim)
+    if arch == "qwen3" or args.head_dim != args.dim // args.n_heads:  # TextModel: when config.json has head_dim
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
     if linear_rope is not None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(linear_rope)
     tokens, types = tiny_vocab()
+    assert args.vocab_size >= len(tokens)
+    pad = [f"[PAD{i}]" for i in range(len(tokens), args.vocab_size)]  # TextModel.get_vocab_base pads like this
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens + pad)
+    w.add_token_types(types + [5] * len(pad))  # UNUSED
     w.add_token_merges(MERGES)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
+    for key in omit:
+        del w.kv_data[0][key]
     for name, t in hf_sd.items():
         arr = t.detach().float().numpy()
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             arr = llamacpp_permute(arr, args.n_heads, args.n_heads)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             arr = llamacpp_permute(arr, args.n_heads, args.n_kv_heads)
         if qtype is None or arr.ndim == 1:
             w.add_tensor(gguf_name(name), arr)
@@ -281,9 +302,11 @@ def test_gguf_tokenizer_from_metadata(tmp_path):
 
 def test_other_architecture_is_refused(tmp_path):
     args = tiny_args()
-    path = write_gguf(tmp_path / "q.gguf", args, hf_sd_of(hf_model(args), args), arch="qwen2")
-    with pytest.raises(ValueError, match="architecture 'qwen2' is not supported"):
+    path = write_gguf(tmp_path / "g.gguf", args, hf_sd_of(hf_model(args), args), arch="gemma2")
+    with pytest.raises(ValueError, match=r"g\.gguf: GGUF architecture 'gemma2' is not supported; zmzoo loads GGUF "
+                                         r"files of architecture 'llama', 'qwen2', 'qwen3' "):
         load_gguf(path)
+    assert list(GGUF_ARCHITECTURES) == ["llama", "qwen2", "qwen3"]
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         load_gguf(tmp_path / "nope.gguf")
 
@@ -311,6 +334,176 @@ def test_rope_scaling_metadata(tmp_path):
     assert got.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     assert "rope_freqs.weight" not in sd
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# llama / qwen2 / qwen3 GGUFs written from the weights of a tiny HF safetensors checkpoint
+
+VOCAB = len(tiny_vocab()[0]) + 7  # the tiny vocabulary, padded as the converter pads Qwen's
+
+
+def hf_checkpoint_and_gguf(tmp_path: Path, family: str, qtype=None) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A tiny HF checkpoint of ``family`` (safetensors + config.json) and the GGUF llama.cpp would convert it to."""
+    args = family_args(family, vocab_size=VOCAB)
+    d = write_hf_checkpoint(tmp_path / f"{family}-hf", args)
+    hf_sd = load_file(str(d / "model.safetensors"))
+    pre = "qwen2" if family.startswith("qwen") else "smollm"  # what the converter writes for these tokenizers
+    path = write_gguf(tmp_path / f"{family}.gguf", args, hf_sd, qtype=qtype, arch=family, pre=pre)
+    return d, path, hf_sd
+
+
+def load_cpu(path: Path, dtype=torch.float32):
+    return zmzoo.load(str(path), weights="pretrained", compile=False, device="cpu", dtype=dtype)
+
+
+@pytest.mark.filterwarnings("ignore:.*has no tokenizer")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_gguf_and_safetensors_give_the_same_logits(tmp_path, family):
+    d, path, hf_sd = hf_checkpoint_and_gguf(tmp_path, family)
+    # the converter permutes Q/K rows for llama only, so this test sees a missing or a needless un-permute
+    raw = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for gname, hname in (("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
+                         ("blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight")):
+        stored = torch.from_numpy(np.array(raw[gname].data))
+        assert torch.equal(stored, hf_sd[hname]) == (family != "llama"), gname
+    from_hf, from_gguf = load_cpu(d), load_cpu(path)
+    a, b = from_hf.model.args, from_gguf.model.args
+    assert b.model_type == family and b.extra["gguf_architecture"] == family
+    for field in ("model_type", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                  "intermediate_size", "norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+                  "qkv_bias", "qk_norm", "tie_embeddings"):
+        assert getattr(b, field) == getattr(a, field), field
+    assert (b.qkv_bias, b.qk_norm) == (family == "qwen2", family == "qwen3")
+    if family == "qwen3":
+        assert b.head_dim == 32 != b.dim // b.n_heads  # from qwen3.attention.key_length
+    with torch.no_grad():
+        want = from_hf.model.prefill(TOKENS, all_logits=True)
+        got = from_gguf.model.prefill(TOKENS, all_logits=True)
+    assert got.shape == (1, TOKENS.shape[1], VOCAB)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the file's tokenizer (tokenizer.ggml.pre "qwen2" for Qwen, "smollm" otherwise)
+    tok, (tokens, _) = from_gguf.tokenizer, tiny_vocab()
+    assert tok.encode(" the is") == [tokens.index("Ġthe"), tokens.index("Ġis")]
+    text = "<|im_start|>user\nhéllo wörld 123<|im_end|>"
+    assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.filterwarnings("ignore:.*has no tokenizer")
+@pytest.mark.parametrize("stored", ["F32", "F16", "BF16"])
+def test_bf16_from_a_float_gguf(tmp_path, stored):
+    qtype = getattr(gguf.GGMLQuantizationType, stored)
+    d, path, hf_sd = hf_checkpoint_and_gguf(tmp_path, "qwen3", qtype=None if stored == "F32" else qtype)
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} == {"F32", stored}
+    args, sd, _ = load_gguf(path, dtype=torch.bfloat16)
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16} and args.qk_norm
+    for name, t in sd.items():  # the values the stored ones round to, with no other rounding on the way
+        want = hf_sd[zmzoo_to_hf_name(name)]
+        if stored == "F16" and want.dim() == 2:
+            want = want.half()
+        assert torch.equal(t, want.bfloat16()), name
+    assert sd.origins["layers.0.attention.wq.weight"] == (str(path), "blk.0.attn_q.weight", stored)
+    with torch.no_grad():
+        ref = load_cpu(d).model.prefill(TOKENS, all_logits=True)
+        gen = load_cpu(path, dtype=torch.bfloat16)
+        got = gen.model.prefill(TOKENS, all_logits=True)
+    assert got.dtype == torch.bfloat16 and gen.model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_gguf_tensors_are_copies_not_views_of_the_file(tmp_path):
+    """F32 tensors need no conversion, but the file's memory map is not ours to keep: a later write to the file
+    must not show through."""
+    args = tiny_args()
+    hf_sd = hf_sd_of(hf_model(args), args)
+    path = write_gguf(tmp_path / "f32.gguf", args, hf_sd)
+    _, sd, _ = load_gguf(path)
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:  # overwrite in place (no truncation: that would unmap pages under a view)
+        fh.write(b"\0" * size)
+    for name, t in sd.items():
+        assert torch.equal(t, hf_sd[zmzoo_to_hf_name(name)]), name
+
+
+def test_progress_bar_names_the_file(tmp_path, capsys):
+    args = tiny_args()
+    path = write_gguf(tmp_path / "bar.gguf", args, hf_sd_of(hf_model(args), args))
+    load_gguf(path)
+    assert "bar.gguf" not in capsys.readouterr().err
+    load_gguf(path, progress=True)
+    err = capsys.readouterr().err
+    assert "bar.gguf" in err and f"/{len(gguf.GGUFReader(str(path)).tensors)} " in err  # the bar, over all tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# errors that name the file, what is wrong with it, and the tensor in GGUF's and zmzoo's names
+
+
+def tiny_gguf(tmp_path: Path, name: str = "tiny.gguf", edit=None, **kw) -> tuple[Path, ModelArgs]:
+    args = tiny_args()
+    hf_sd = hf_sd_of(hf_model(args), args)
+    if edit is not None:
+        edit(hf_sd)
+    return write_gguf(tmp_path / name, args, hf_sd, **kw), args
+
+
+def test_truncated_gguf_names_the_file_and_the_missing_bytes(tmp_path):
+    path, _ = tiny_gguf(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000])
+    want = (re.escape(str(path)) + rf" is truncated: it has {len(data) - 1000} bytes, its 21 tensors need (\d+) "
+            r"\((\d+) bytes of tensor data missing, from tensor '[\w.]+' on\)\. Delete it and download it again")
+    with pytest.raises(CheckpointError, match=want) as e:
+        zmzoo.load(str(path), compile=False, device="cpu")
+    need, missing = map(int, re.search(r"need (\d+) \((\d+)", str(e.value)).groups())
+    assert need - missing == len(data) - 1000 and 1000 - 32 < missing <= 1000  # the last tensor's alignment padding
+    path.write_bytes(data[:300])  # cut inside the metadata
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" is a corrupt or truncated GGUF file \(300 "
+                                              r"bytes\): its header could not be read"):
+        load_gguf(path)
+
+
+def test_garbage_gguf_names_the_file(tmp_path):
+    path = tmp_path / "page.gguf"
+    path.write_bytes(b"<!DOCTYPE html><html><body>404 Not Found</body></html>")  # a saved error page
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" is not a GGUF file: it starts with "
+                                              r"b'<!DO', not the GGUF magic b'GGUF'\. Delete it"):
+        zmzoo.load(str(path), compile=False, device="cpu")
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 4)  # the magic, then noise
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" is a corrupt or truncated GGUF file"):
+        load_gguf(path)
+    path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 99\n")
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" is a Git LFS pointer file"):
+        load_gguf(path)
+
+
+@pytest.mark.parametrize("key", ["llama.block_count", "llama.attention.head_count", "general.architecture"])
+def test_missing_metadata_key_names_key_and_file(tmp_path, key):
+    path, _ = tiny_gguf(tmp_path, omit=(key,))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: GGUF metadata lacks {key}")):
+        load_gguf(path)
+
+
+def test_misshaped_gguf_tensor_names_both_names_file_and_shapes(tmp_path):
+    def edit(sd):
+        sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # 4 KV heads' worth, metadata says 2
+
+    path, _ = tiny_gguf(tmp_path, edit=edit)
+    args, sd, _ = load_gguf(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    with pytest.raises(ValueError, match=r"tensor 'layers\.0\.attention\.wk\.weight' in " + re.escape(str(path))
+                       + r" \('blk\.0\.attn_k\.weight', F32\) has shape \(64, 64\), the model expects \(32, 64\)"):
+        load_weights_into(model, sd)
+
+
+def test_missing_gguf_tensor_names_both_names_and_file(tmp_path):
+    path, _ = tiny_gguf(tmp_path, edit=lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    args, sd, _ = load_gguf(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    with pytest.raises(ValueError, match=r"missing tensor 'layers\.1\.feed_forward\.w3\.weight' \(GGUF "
+                                         r"'blk\.1\.ffn_up\.weight'\): not in " + re.escape(str(path))):
+        load_weights_into(model, sd)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+import zmzoo
 from zmzoo.models.config import ModelArgs
 from zmzoo.models.transformer import Transformer
 from zmzoo.models.weights import (
     HF_TO_ZMZOO,
+    CheckpointError,
     check_state_dict,
     find_safetensors,
     hf_to_zmzoo_name,
@@ -174,12 +177,14 @@ def test_dtype_conversion(tmp_path):
                                tensors["model.layers.1.self_attn.k_proj.weight"].bfloat16(), rtol=0, atol=0)
 
 
-def _check_error(d: Path, args: ModelArgs) -> str:
+def _check_error(d: Path, args: ModelArgs, match: str | None = None) -> str:
+    """The error of loading checkpoint ``d`` into a model of ``args``, as the loader's StateDict names things."""
     sd = load_dir(d, args)
+    assert sd.checkpoint == str(d) and sd.format == "safetensors"
     with torch.device("meta"):
         model = Transformer(args)
-    with pytest.raises(ValueError) as e:
-        load_weights_into(model, sd, str(d))
+    with pytest.raises(ValueError, match=match) as e:
+        load_weights_into(model, sd)
     return str(e.value)
 
 
@@ -188,9 +193,8 @@ def test_missing_tensor_names_tensor_and_source(tmp_path):
     tensors = hf_tensors(hf_model(args), args)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     d = write_checkpoint(tmp_path / "ckpt", args, tensors, shards=2)
-    msg = _check_error(d, args)
-    assert "missing tensor 'layers.1.feed_forward.w3.weight'" in msg
-    assert "model.layers.1.mlp.up_proj.weight" in msg and str(d) in msg
+    _check_error(d, args, match=r"missing tensor 'layers\.1\.feed_forward\.w3\.weight' \(HF "
+                                r"'model\.layers\.1\.mlp\.up_proj\.weight'\): not in " + re.escape(str(d)))
 
 
 def test_unexpected_tensor_names_tensor_and_file(tmp_path):
@@ -203,8 +207,9 @@ def test_unexpected_tensor_names_tensor_and_file(tmp_path):
     index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     assert re.search(r"unexpected tensor 'model.layers.0.mlp.extra_proj.weight' in \S*"
                      + re.escape(index["model.layers.0.mlp.extra_proj.weight"]), msg)
-    assert "unexpected tensor 'layers.7.feed_forward.w3.weight'" in msg
-    assert index["model.layers.7.mlp.up_proj.weight"] in msg
+    assert re.search(r"unexpected tensor 'layers.7.feed_forward.w3.weight' in \S*"
+                     + re.escape(index["model.layers.7.mlp.up_proj.weight"])
+                     + r" \('model.layers.7.mlp.up_proj.weight'\)", msg)
 
 
 def test_misshaped_tensor_names_tensor_file_and_shapes(tmp_path):
@@ -212,11 +217,60 @@ def test_misshaped_tensor_names_tensor_file_and_shapes(tmp_path):
     tensors = hf_tensors(hf_model(args), args)
     tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # 4 KV heads' worth, config says 2
     d = write_checkpoint(tmp_path / "ckpt", args, tensors, shards=2)
-    msg = _check_error(d, args)
     fname = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][
         "model.layers.0.self_attn.k_proj.weight"]
-    assert "tensor 'layers.0.attention.wk.weight'" in msg and fname in msg
-    assert "(64, 64)" in msg and "(32, 64)" in msg
+    _check_error(d, args, match=r"tensor 'layers\.0\.attention\.wk\.weight' in " + re.escape(str(d / fname))
+                 + r" \('model\.layers\.0\.self_attn\.k_proj\.weight'\) has shape \(64, 64\), the model "
+                   r"expects \(32, 64\)")
+
+
+def _tiny_dir(tmp_path: Path) -> tuple[Path, Path]:
+    args = tiny_args()
+    d = write_checkpoint(tmp_path / "ckpt", args, hf_tensors(hf_model(args), args))
+    return d, d / "model.safetensors"
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    d, f = _tiny_dir(tmp_path)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    want = (re.escape(str(f)) + rf" is truncated: its header describes {len(data)} bytes, the file has "
+            rf"{len(data) // 2} \({len(data) - len(data) // 2} missing\)\. Delete it and download it again")
+    with pytest.raises(CheckpointError, match=want) as e:
+        zmzoo.load(str(d), compile=False, device="cpu")
+    assert isinstance(e.value.__cause__, SafetensorError)  # the original error, chained
+    f.write_bytes(data[:100])  # cut inside the header
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + r" is truncated: its header alone takes \d+ bytes, "
+                                              r"the file has 100"):
+        load_dir(d, tiny_args())
+
+
+def test_garbage_safetensors_names_the_file(tmp_path):
+    d, f = _tiny_dir(tmp_path)
+    f.write_bytes(b"<!DOCTYPE html><html><body>404 Not Found</body></html>")  # a saved error page
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + r" is not a safetensors file: its first 8 bytes"):
+        zmzoo.load(str(d), compile=False, device="cpu")
+    header = b"{not json at all}"
+    f.write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + r" has a corrupt header"):
+        load_dir(d, tiny_args())
+    f.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 99\n")
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + r" is a Git LFS pointer file"):
+        load_dir(d, tiny_args())
+    f.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + r" is truncated or not a safetensors file: it "
+                                              r"has only 0 bytes"):
+        load_dir(d, tiny_args())
+
+
+def test_progress_bar_names_each_file(tmp_path, capsys):
+    args = tiny_args()
+    d = write_checkpoint(tmp_path / "ckpt", args, hf_tensors(hf_model(args), args), shards=2)
+    load_safetensors_state_dict(find_safetensors(d), args, torch.float32)
+    assert "safetensors" not in capsys.readouterr().err
+    load_safetensors_state_dict(find_safetensors(d), args, torch.float32, progress=True)
+    err = capsys.readouterr().err
+    assert "model-00001-of-00002.safetensors" in err and "model-00002-of-00002.safetensors" in err
 
 
 def test_bias_mismatch_hint(tmp_path):

@@ -7,21 +7,30 @@ Tied embeddings: when ``args.tie_embeddings`` is set the model has no ``output.w
 embedding). A tied checkpoint that still carries ``lm_head.weight`` has it dropped, as HF transformers does when it
 ties the weights; if its values differ from the embedding a warning says so. An untied model keeps its
 ``lm_head.weight`` even when it happens to equal the embedding.
+
+Tensors are read one at a time and converted to the target dtype on the target device as soon as they are read, so
+the host holds about one tensor beyond the result. A file that cannot be read (truncated, not of its format, a corrupt
+header) raises ``CheckpointError`` naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import math
 import re
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from zmzoo.models.config import ModelArgs
 
@@ -50,7 +59,7 @@ ZMZOO_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_ZMZOO.items()}
 # HF checkpoint entries that are not weights (older LLaMA exports carry the RoPE table)
 HF_IGNORED: tuple[re.Pattern[str], ...] = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
 
-# llama.cpp GGUF (general.architecture "llama") -> zmzoo
+# llama.cpp GGUF (general.architecture "llama", "qwen2", "qwen3"; gguf-py's tensor_mapping) -> zmzoo
 GGUF_TO_ZMZOO: dict[str, str] = {
     "token_embd.weight": "tok_embeddings.weight",
     "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
@@ -61,12 +70,34 @@ GGUF_TO_ZMZOO: dict[str, str] = {
     "blk.{i}.attn_q.bias": "layers.{i}.attention.wq.bias",
     "blk.{i}.attn_k.bias": "layers.{i}.attention.wk.bias",
     "blk.{i}.attn_v.bias": "layers.{i}.attention.wv.bias",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attention.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attention.k_norm.weight",
     "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
     "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
     "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
     "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
     "output_norm.weight": "norm.weight",
     "output.weight": "output.weight",
+}
+ZMZOO_TO_GGUF: dict[str, str] = {v: k for k, v in GGUF_TO_ZMZOO.items()}
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How a llama.cpp architecture maps onto ``ModelArgs``."""
+
+    model_type: str
+    permuted_qk: bool  # the converter permuted Q/K rows for GGML's interleaved RoPE (undone on load)
+    qk_norm: bool  # per-head RMSNorm of q and k (blk.N.attn_q_norm / attn_k_norm)
+
+
+# The GGUF architectures zmzoo loads. llama.cpp's convert_hf_to_gguf.py permutes the Q/K rows only in LlamaModel
+# (LlamaModel.permute, for GGML's "normal" RoPE that rotates adjacent pairs); Qwen2Model and Qwen3Model write HF's
+# row order, which llama.cpp rotates NEOX-style (pairs j and j + d/2), the order zmzoo's RoPE uses.
+GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", permuted_qk=True, qk_norm=False),  # LLaMA 1-3, Mistral, SmolLM2, ...
+    "qwen2": GGUFArch("qwen2", permuted_qk=False, qk_norm=False),  # Qwen1.5, Qwen2, Qwen2.5 (q/k/v biases)
+    "qwen3": GGUFArch("qwen3", permuted_qk=False, qk_norm=True),  # Qwen3 dense
 }
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -103,12 +134,59 @@ def gguf_to_zmzoo_name(name: str) -> str | None:
     return _rename(name, GGUF_TO_ZMZOO)
 
 
-class StateDict(dict):
-    """A ``dict[str, Tensor]`` that remembers where each tensor came from (``sources[name]``: file and name there)."""
+def zmzoo_to_gguf_name(name: str) -> str | None:
+    """The llama.cpp GGUF name of a zmzoo parameter, or None when unknown."""
+    return _rename(name, ZMZOO_TO_GGUF)
 
-    def __init__(self, *args, **kwargs):
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: the message names the file, what is wrong with it and what to do."""
+
+
+class StateDict(dict):
+    """A ``dict[str, Tensor]`` that remembers where each tensor came from.
+
+    Attributes:
+        sources: zmzoo name -> ``"<file> ('<name in file>')"`` (GGUF: ``"<file> ('<name>', <GGML type>)"``).
+        origins: zmzoo name -> ``(file, name in file, GGML type or None)``.
+        checkpoint: the checkpoint as a whole (a directory or a ``.gguf`` file), or None.
+        format: ``"safetensors"`` (HF names), ``"gguf"`` (llama.cpp names) or None.
+    """
+
+    def __init__(self, *args, checkpoint: str | None = None, format: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sources: dict[str, str] = {}
+        self.origins: dict[str, tuple[str, str, str | None]] = {}
+        self.checkpoint = checkpoint
+        self.format = format
+
+    def add(self, name: str, tensor: Tensor, file: str | Path, stored_name: str, kind: str | None = None) -> None:
+        """Set ``self[name]`` and record that it is ``stored_name`` (of GGML type ``kind``) in ``file``."""
+        self[name] = tensor
+        self.sources[name] = f"{file} ({stored_name!r}{f', {kind}' if kind else ''})"
+        self.origins[name] = (str(file), stored_name, kind)
+
+    def pop_source(self, name: str) -> str:
+        """Drop ``name`` and its records; returns its ``sources`` entry."""
+        self.pop(name)
+        self.origins.pop(name, None)
+        return self.sources.pop(name)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StateDict:
+        """The floating-point tensors on ``device`` in ``dtype`` (others only moved), keeping the records."""
+        out = StateDict(checkpoint=self.checkpoint, format=self.format)
+        for k, t in self.items():
+            out[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        out.sources, out.origins = dict(self.sources), dict(self.origins)
+        return out
+
+
+def _progress(items: Any, desc: str, show: bool) -> Any:
+    """``items`` under a tqdm bar on stderr when ``show`` (looked up at call time, so redirected stderr is used)."""
+    return tqdm(items, desc=desc, disable=not show, leave=False, file=sys.stderr, unit="tensor")
+
+
+_REDOWNLOAD = "Delete it and download it again."
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,44 +239,97 @@ def find_safetensors(path: str | Path) -> list[Path]:
 
 
 def load_safetensors_state_dict(
-    files: list[Path], args: ModelArgs, dtype: torch.dtype, device: str | torch.device = "cpu"
+    files: list[Path],
+    args: ModelArgs,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> StateDict:
     """Read HF-named safetensors files (one or shards) into a zmzoo-named state dict.
 
-    Files are memory-mapped; floating-point tensors are converted to ``dtype`` on ``device``. Names outside
-    ``HF_TO_ZMZOO`` are kept as they are, so that ``check_state_dict`` reports them with their file.
+    Files are memory-mapped and read one tensor at a time; floating-point tensors are converted to ``dtype`` on
+    ``device`` as they are read. Names outside ``HF_TO_ZMZOO`` are kept as they are, so that ``check_state_dict``
+    reports them with their file.
 
     Args:
         files: the safetensors files (see ``find_safetensors``).
         args: the model's config; with ``args.tie_embeddings`` a stored ``lm_head.weight`` is dropped.
         dtype: floating-point dtype of the returned tensors.
         device: where the tensors are put.
+        progress: show a progress bar over each file's tensors (stderr).
 
     Returns:
         A ``StateDict`` whose ``sources`` maps each zmzoo name to ``"<file> ('<name in file>')"``.
+
+    Raises:
+        CheckpointError: a file is truncated, not a safetensors file or has a corrupt header (the error names it).
     """
-    sd = StateDict()
+    files = [Path(f) for f in files]
+    parents = list(dict.fromkeys(str(f.parent) for f in files))
+    sd = StateDict(checkpoint=parents[0] if len(parents) == 1 else ", ".join(map(str, files)), format="safetensors")
     for file in files:
-        file = Path(file)
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():
+        with _safe_open(file, device) as f:
+            keys = list(f.keys())
+            for key in _progress(keys, file.name, progress):
                 if any(p.search(key) for p in HF_IGNORED):
                     continue
                 name = hf_to_zmzoo_name(key) or key
                 if name in sd:
                     raise ValueError(f"tensor {key!r} is stored twice: in {sd.sources[name]} and in {file}")
-                t = f.get_tensor(key)
-                sd[name] = t.to(dtype) if t.is_floating_point() else t
-                sd.sources[name] = f"{file} ({key!r})"
+                try:
+                    t = f.get_tensor(key)
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{file}: tensor {key!r} could not be read ({e}). {_REDOWNLOAD}") from e
+                sd.add(name, t.to(dtype) if t.is_floating_point() else t, file, key)
     _drop_tied_output(sd, args)
     return sd
+
+
+def _safe_open(file: Path, device: str | torch.device) -> Any:
+    """``safe_open`` (a context manager), whose failure names the file and says what is wrong with it."""
+    try:
+        return safe_open(str(file), framework="pt", device=str(device))
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} {_safetensors_problem(file)}. {_REDOWNLOAD} (safetensors: {e})") from e
+
+
+def _safetensors_problem(file: Path) -> str:
+    """What is wrong with a file that safetensors refuses, read from its 8-byte header length and JSON header.
+
+    A safetensors file is ``<u64 little-endian N><N bytes of JSON header><tensor data>``; the header gives each
+    tensor's ``data_offsets`` into the data, and the data must end where the file ends.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if head.startswith(b"version "):
+            return "is a Git LFS pointer file, not the weights (fetch them with `git lfs pull` or huggingface_hub)"
+        if len(head) < 8:
+            return f"is truncated or not a safetensors file: it has only {size} bytes"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            if fh.read(1) == b"{" and n < 1 << 30:
+                return f"is truncated: its header alone takes {8 + n} bytes, the file has {size}"
+            return f"is not a safetensors file: its first 8 bytes ({head!r}) are no header length that fits the file"
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"has a corrupt header (not the JSON table of tensors safetensors writes: {e})"
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"is truncated: its header describes {expected} bytes, the file has {size} ({expected - size} missing)"
+    if size > expected:
+        return f"is corrupt: it has {size} bytes, {size - expected} more than its header describes"
+    return "could not be read"
 
 
 def _drop_tied_output(sd: StateDict, args: ModelArgs) -> None:
     if not args.tie_embeddings or "output.weight" not in sd:
         return
-    out, emb = sd.pop("output.weight"), sd.get("tok_embeddings.weight")
-    src = sd.sources.pop("output.weight")
+    out, emb = sd["output.weight"], sd.get("tok_embeddings.weight")
+    src = sd.pop_source("output.weight")
     if emb is not None and (out.shape != emb.shape or not torch.equal(out, emb)):
         warnings.warn(
             f"model {args.name!r} ties its output projection to the embedding (tie_embeddings), but the checkpoint's "
@@ -211,13 +342,18 @@ def _drop_tied_output(sd: StateDict, args: ModelArgs) -> None:
 # checking and loading
 
 
-def check_state_dict(sd: dict[str, Tensor], model: nn.Module, source: str) -> None:
+def check_state_dict(sd: dict[str, Tensor], model: nn.Module, source: str | None = None) -> None:
     """Compare ``sd`` with ``model.state_dict()`` (names and shapes; the tied output weight is not expected).
 
+    Every problem names zmzoo's tensor name and the checkpoint's: a missing tensor the name it would have in the
+    checkpoint's format (HF or GGUF) and the checkpoint; an unexpected or mis-shaped one its name in its file, the
+    file, and (mis-shaped) both shapes.
+
     Args:
-        sd: a zmzoo-named state dict; when it is a ``StateDict`` the errors name each tensor's file.
+        sd: a zmzoo-named state dict; when it is a ``StateDict`` the errors name each tensor's file and its name there.
         model: the model (typically built on the meta device).
-        source: the checkpoint, as the error messages should name it (a path or a repo).
+        source: the checkpoint, as the error messages should name it (a path or a repo); default: the
+            ``StateDict``'s ``checkpoint``.
 
     Raises:
         ValueError: listing every missing, unexpected and mis-shaped tensor.
@@ -227,52 +363,68 @@ def check_state_dict(sd: dict[str, Tensor], model: nn.Module, source: str) -> No
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if tied:
         expected.pop("output.weight", None)
-    sources = getattr(sd, "sources", {})
+    sources: dict[str, str] = getattr(sd, "sources", {})
+    origins: dict[str, tuple[str, str, str | None]] = getattr(sd, "origins", {})
+    fmt = getattr(sd, "format", None)
+    checkpoint = source or getattr(sd, "checkpoint", None) or "the state dict"
 
-    def where(name: str) -> str:
-        return sources.get(name, source)
-
-    def hf(name: str) -> str:
+    def stored_as(name: str) -> str:
+        """The name ``name`` has in the checkpoint's format."""
+        if fmt == "gguf":
+            g = zmzoo_to_gguf_name(name)
+            return f" (GGUF {g!r})" if g else ""
         h = zmzoo_to_hf_name(name)
         return f" (HF {h!r})" if h else ""
 
-    problems = []
+    def found(name: str) -> str:
+        """Where ``sd[name]`` came from: its name in its file, and the file."""
+        if name not in origins:
+            return f"in {sources.get(name, checkpoint)}"
+        file, stored, kind = origins[name]
+        what = ([repr(stored)] if stored != name else []) + ([kind] if kind else [])
+        return f"in {file}" + (f" ({', '.join(what)})" if what else "")
+
+    problems, misshaped = [], False
     for name in expected:
         if name not in sd:
-            problems.append(f"missing tensor {name!r}{hf(name)}: not in {source}")
+            problems.append(f"missing tensor {name!r}{stored_as(name)}: not in {checkpoint}")
     for name, t in sd.items():
         if name not in expected:
-            problems.append(f"unexpected tensor {name!r} in {where(name)}")
+            problems.append(f"unexpected tensor {name!r} {found(name)}")
         elif tuple(t.shape) != expected[name]:
-            problems.append(
-                f"tensor {name!r} in {where(name)} has shape {tuple(t.shape)}, the model expects {expected[name]}"
-            )
+            misshaped = True
+            problems.append(f"tensor {name!r} {found(name)} has shape {tuple(t.shape)}, the model expects "
+                            f"{expected[name]}")
     if not problems:
         return
     hints = []
     names = " ".join(problems)
-    if "missing tensor 'output.weight'" in names:
+    if "missing tensor 'output.weight'" in names and fmt != "gguf":
         hints.append("the checkpoint has no lm_head.weight: should tie_word_embeddings be true in config.json?")
     if ".bias'" in names:
         hints.append("q/k/v biases differ from the config (qkv_bias / attention_bias)")
     if "_norm.weight'" in names and ("q_norm" in names or "k_norm" in names):
         hints.append("q/k norms differ from the config (qk_norm, Qwen3)")
+    if misshaped:
+        config = "GGUF metadata" if fmt == "gguf" else "config (config.json)"
+        hints.append(f"tensor shapes that differ from the {config}: weights of another model size, or a wrong config")
     shown = problems[:25] + ([f"... and {len(problems) - 25} more"] if len(problems) > 25 else [])
     model_name = getattr(args, "name", type(model).__name__)
     raise ValueError(
-        f"weights from {source} do not fit model {model_name!r} ({len(problems)} problem(s)):\n  "
+        f"weights from {checkpoint} do not fit model {model_name!r} ({len(problems)} problem(s)):\n  "
         + "\n  ".join(shown)
         + "".join(f"\n  hint: {h}" for h in hints)
     )
 
 
-def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source: str = "the state dict") -> None:
+def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source: str | None = None) -> None:
     """Check ``sd`` against ``model``, assign its tensors as the parameters (``assign=True``) and re-tie weights.
 
     Args:
         model: a ``Transformer``, usually built on the meta device.
-        sd: a zmzoo-named state dict, already in the dtype and on the device wanted.
-        source: the checkpoint, as error messages should name it.
+        sd: a zmzoo-named state dict, already in the dtype and on the device wanted (a ``StateDict`` keeps the
+            names of files and tensors for the error messages).
+        source: the checkpoint, as error messages should name it (default: the ``StateDict``'s ``checkpoint``).
     """
     check_state_dict(sd, model, source)
     if getattr(getattr(model, "args", None), "tie_embeddings", False):
@@ -296,8 +448,13 @@ def gguf_permute_qk(w: Tensor, n_head: int) -> Tensor:
 
 def gguf_unpermute_qk(w: Tensor, n_head: int) -> Tensor:
     """The inverse of ``gguf_permute_qk``: GGUF -> HF ``rotate_half`` row order (for weights and biases)."""
+    return _unpermuted_view(w, n_head).reshape(w.shape)
+
+
+def _unpermuted_view(w: Tensor, n_head: int) -> Tensor:
+    """``gguf_unpermute_qk`` before its final reshape: a view of ``w``, (n_head, 2, d/2, ...)."""
     d = w.shape[0] // n_head // 2
-    return w.reshape(n_head, d, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_head, d, 2, *w.shape[1:]).transpose(1, 2)
 
 
 def _field_value(field: Any) -> Any:
@@ -372,39 +529,140 @@ def _llama3_scaling_from_rope_freqs(freqs: Tensor, args: ModelArgs, path: Path) 
     )
 
 
-def load_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", name: str | None = None
-) -> tuple[ModelArgs, StateDict, dict[str, Any]]:
-    """Read a llama.cpp GGUF file of architecture ``llama`` (LLaMA, Mistral, SmolLM2, ...).
+def _gguf_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} {what}. {_REDOWNLOAD}")
 
-    Quantized tensors are dequantized to float32 (``gguf.quants.dequantize``), then cast to ``dtype``. The Q and K
-    projections are un-permuted from llama.cpp's row order back to HF's ``rotate_half`` order.
+
+@functools.cache
+def _checked_gguf_reader() -> type:
+    """``gguf.GGUFReader`` that checks that the file holds every tensor's bytes before it views them.
+
+    The reader views each tensor's bytes with numpy, which on a truncated file fails with "When changing to a larger
+    dtype, its size must be a divisor..." or a reshape error that names neither the file nor the tensor.
+    """
+    import gguf
+
+    class CheckedGGUFReader(gguf.GGUFReader):
+        def __init__(self, path: Path):
+            self.zmzoo_path = path
+            super().__init__(str(path), mode="r")
+
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            size, need, first = len(self.data), 0, None
+            for field in fields:
+                name = bytes(field.parts[1]).decode("utf-8", "replace")
+                dims, raw_type, offset = field.parts[3], int(field.parts[4][0]), int(field.parts[5][0])
+                try:
+                    qtype = gguf.GGMLQuantizationType(raw_type)
+                except ValueError as e:
+                    raise CheckpointError(f"{self.zmzoo_path}: tensor {name!r} has GGML type {raw_type}, which the "
+                                          f"installed gguf package does not know (a newer gguf may)") from e
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                end = int(start_offs) + offset + math.prod(int(d) for d in dims) * type_size // block
+                if end > size and first is None:
+                    first = name
+                need = max(need, end)
+            if need > size:
+                raise _gguf_error(self.zmzoo_path, f"is truncated: it has {size} bytes, its {len(fields)} tensors "
+                                                   f"need {need} ({need - size} bytes of tensor data missing, from "
+                                                   f"tensor {first!r} on)")
+            super()._build_tensors(start_offs, fields)
+
+    return CheckedGGUFReader
+
+
+def open_gguf(path: str | Path) -> Any:
+    """A ``gguf.GGUFReader`` of ``path`` (memory-mapped, read-only), or a ``CheckpointError`` naming the file and what
+    is wrong with it (not a GGUF file, truncated, a corrupt header)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"version "):
+        raise _gguf_error(path, "is a Git LFS pointer file, not the model (fetch it with `git lfs pull` or "
+                                "huggingface_hub)")
+    if head[:4] != b"GGUF":
+        raise _gguf_error(path, f"is not a GGUF file: it starts with {head[:4]!r}, not the GGUF magic b'GGUF'")
+    try:
+        return _checked_gguf_reader()(path)
+    except CheckpointError:
+        raise
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
+        raise _gguf_error(path, f"is a corrupt or truncated GGUF file ({size} bytes): its header could not be read "
+                                f"({type(e).__name__}: {e})") from e
+
+
+def _gguf_torch(t: Any, gguf: Any) -> tuple[Tensor, bool]:
+    """A GGUF tensor as torch, in its stored dtype where torch has it (F32, F16, BF16, F64, integers) and else
+    dequantized to float32; row-major (HF) shape. Returns ``(tensor, owned)``: not owned is a view of the file's
+    memory map, which must be copied before it is kept."""
+    q = gguf.GGMLQuantizationType
+    shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
+    data = np.asarray(t.data)
+    if t.tensor_type == q.BF16:  # numpy has no bfloat16: the reader gives the bytes
+        return _from_mapped(data).view(torch.bfloat16).reshape(shape), False
+    if data.dtype != np.uint8:  # F32, F16, F64, I8..I64: the reader gives them in their numpy dtype
+        return _from_mapped(data).reshape(shape), False
+    arr = gguf.quants.dequantize(data, t.tensor_type)  # a new float32 array (NotImplementedError if unknown)
+    return torch.from_numpy(arr.reshape(shape)), True
+
+
+def _from_mapped(a: np.ndarray) -> Tensor:
+    """``torch.from_numpy`` of a read-only memory-mapped array; the caller copies the tensor before keeping it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def load_gguf(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    name: str | None = None,
+    progress: bool = False,
+) -> tuple[ModelArgs, StateDict, dict[str, Any]]:
+    """Read a llama.cpp GGUF file of architecture ``llama`` (LLaMA, Mistral, SmolLM2, ...), ``qwen2`` (Qwen2, Qwen2.5)
+    or ``qwen3`` (Qwen3), one tensor at a time.
+
+    Each tensor is converted to ``dtype`` on ``device`` as soon as it is read: F32, F16 and BF16 tensors directly,
+    quantized ones after ``gguf.quants.dequantize`` to float32 (one tensor at a time), so the host holds about one
+    tensor beyond the result. For ``llama`` the Q and K projections are un-permuted from llama.cpp's row order back to
+    HF's ``rotate_half`` order; ``qwen2`` / ``qwen3`` files keep HF's order (see ``GGUF_ARCHITECTURES``).
 
     Args:
         path: the ``.gguf`` file.
         dtype: floating-point dtype of the returned tensors.
         device: where the tensors are put.
         name: the ``ModelArgs.name`` (default: the file name without ``.gguf``).
+        progress: show a progress bar over the tensors (stderr).
 
     Returns:
         ``(args, state_dict, tokenizer_metadata)``: the config from the metadata (tied when there is no
         ``output.weight``), the zmzoo-named state dict and the ``tokenizer.*`` metadata (plus
         ``general.architecture``) for ``Tokenizer.from_gguf_metadata``.
+
+    Raises:
+        CheckpointError: the file is not a GGUF file, is truncated or has a corrupt header.
+        ValueError: an architecture other than those of ``GGUF_ARCHITECTURES``, or metadata zmzoo needs is missing.
     """
     try:
         import gguf
     except ImportError as e:
         raise ImportError("reading GGUF files needs the gguf package: pip install 'zmzoo[gguf]'") from e
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     meta = read_gguf_metadata(reader)
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    if arch is None:
+        raise ValueError(f"{path}: GGUF metadata lacks general.architecture")
+    spec = GGUF_ARCHITECTURES.get(arch)
+    if spec is None:
+        known = ", ".join(repr(a) for a in GGUF_ARCHITECTURES)
         raise ValueError(
-            f"{path}: GGUF architecture {arch!r} is not supported; zmzoo reads GGUF files of architecture 'llama' "
-            f"(LLaMA, Mistral, SmolLM2). For other models load the HF safetensors checkpoint."
+            f"{path}: GGUF architecture {arch!r} is not supported; zmzoo loads GGUF files of architecture {known} "
+            f"(LLaMA, Mistral, SmolLM2; Qwen2, Qwen2.5; Qwen3). For other models load the HF safetensors checkpoint."
         )
 
     def get(key: str, default: Any = ...) -> Any:
@@ -416,23 +674,29 @@ def load_gguf(
         return v
 
     tensors = {t.name: t for t in reader.tensors}
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens:
-        vocab_size = len(tokens)
+    if "token_embd.weight" in tensors:  # the embedding's rows are the vocabulary the weights need
+        vocab_size = int(tensors["token_embd.weight"].shape[-1])
+    elif meta.get("tokenizer.ggml.tokens"):
+        vocab_size = len(meta["tokenizer.ggml.tokens"])
     elif f"{arch}.vocab_size" in meta:
         vocab_size = int(meta[f"{arch}.vocab_size"])
     else:
-        vocab_size = int(tensors["token_embd.weight"].shape[-1])
+        raise ValueError(f"{path}: GGUF has no token_embd.weight and its metadata lacks tokenizer.ggml.tokens and "
+                         f"{arch}.vocab_size")
     dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
     n_kv_heads = int(get("attention.head_count_kv", n_heads))
     head_dim = int(get("attention.key_length", dim // n_heads))
+    value_dim = int(get("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise ValueError(f"{path}: {arch}.attention.value_length {value_dim} differs from the key length {head_dim}; "
+                         f"zmzoo needs one head_dim")
     rope_dim = int(get("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise ValueError(f"{path}: partial RoPE ({arch}.rope.dimension_count {rope_dim} < head_dim {head_dim}) "
                          f"is not supported")
     args = ModelArgs(
         name=name or path.name.removesuffix(".gguf"),
-        model_type="llama",
+        model_type=spec.model_type,
         vocab_size=vocab_size,
         dim=dim,
         n_layers=int(get("block_count")),
@@ -445,31 +709,34 @@ def load_gguf(
         rope_scaling=_gguf_rope_scaling(meta, arch, path),
         max_position_embeddings=int(get("context_length", 4096)),
         qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm=spec.qk_norm,
         tie_embeddings="output.weight" not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        extra={"gguf_file": str(path), "gguf_name": meta.get("general.name")},
+        extra={"gguf_file": str(path), "gguf_name": meta.get("general.name"), "gguf_architecture": arch},
     )
 
-    sd = StateDict()
-    for gname, t in tensors.items():
+    sd = StateDict(checkpoint=str(path), format="gguf")
+    for t in _progress(reader.tensors, path.name, progress):
+        gname = t.name
         try:
-            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # float32, numpy (row-major) order
+            w, owned = _gguf_torch(t, gguf)
         except NotImplementedError as e:
             raise ValueError(f"{path}: tensor {gname!r} is of GGML type {t.tensor_type.name}, which the installed "
                              f"gguf package cannot dequantize ({e}); try a newer gguf or another quantization") from e
-        arr = arr.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims innermost first
-        w = torch.tensor(arr, dtype=torch.float32)  # a copy: the reader's memory map is not ours
         if gname == "rope_freqs.weight":
-            args.rope_scaling = _llama3_scaling_from_rope_freqs(w, args, path)
+            args.rope_scaling = _llama3_scaling_from_rope_freqs(w.float(), args, path)
             continue
         zname = gguf_to_zmzoo_name(gname) or gname
-        if ".attention.wq." in zname:
-            w = gguf_unpermute_qk(w, n_heads)
-        elif ".attention.wk." in zname:
-            w = gguf_unpermute_qk(w, n_kv_heads)
-        sd[zname] = w.to(device=device, dtype=dtype)
-        sd.sources[zname] = f"{path} ({gname!r}, {t.tensor_type.name})"
+        shape = w.shape
+        heads = n_heads if ".attention.wq." in zname else n_kv_heads if ".attention.wk." in zname else 0
+        if spec.permuted_qk and heads and shape[0] % (2 * heads) == 0:  # (mis-shaped ones: check_state_dict says so)
+            w = _unpermuted_view(w, heads)
+        # at most one copy, straight into the target dtype and device; a view of the file's memory map is always
+        # copied (the map is not ours to keep)
+        w = w.to(device=device, dtype=dtype if w.is_floating_point() else None, copy=not owned,
+                 memory_format=torch.contiguous_format).reshape(shape)
+        sd.add(zname, w, path, gname, t.tensor_type.name)
     tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
     tok_meta["general.architecture"] = arch
     return args, sd, tok_meta
