@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from zmzoo.models.config import ModelArgs
 
@@ -18,6 +19,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+from zmzoo.cache.base import KVCache  # noqa: E402  (imports triton: only once TRITON_INTERPRET is set)
+
 TINY = {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 96, "vocab_size": 128}
 
 FAMILIES = {
@@ -27,6 +30,20 @@ FAMILIES = {
     "qwen3": ("qwen3-0.6b", {"head_dim": 32}),
     "smollm2": ("smollm2-135m", {"n_kv_heads": 1}),
 }
+
+
+class SDPACache(KVCache):
+    """Test-only stand-in for a KV cache: fp32 causal attention over the prompt (prefill only), for logit parity."""
+
+    method = "sdpa (test)"
+
+    def __init__(self):
+        torch.nn.Module.__init__(self)
+
+    def prefill(self, q, k, v, row):
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
 
 
 def tiny_args(family: str = "llama", **overrides) -> ModelArgs:
@@ -72,3 +89,39 @@ def tiny_ckpt(tmp_path):
 
 def read_json(p: Path) -> dict:
     return json.loads(Path(p).read_text())
+
+
+def assert_same_function(ref, got, prompts, max_new_tokens: int, *, rtol: float = 1e-4, atol: float = 1e-4,
+                         buffers: bool = False) -> None:
+    """Two generators that must compute the same function by different code paths (Triton vs torch ops, compiled vs
+    eager, a batch vs single runs): compare what they must match, never float-exact greedy tokens.
+
+    1. teacher-forced logits: both score the reference's greedy continuation of every prompt (as batch rows), equal
+       within ``rtol``/``atol``;
+    2. with ``buffers``, every cache buffer after those same forced tokens, within the same tolerance;
+    3. the candidate's own greedy tokens equal the reference's up to the first step whose top-2 margin (in the
+       reference's logits) is below ``2 * atol`` plus the tolerance's relative part: past a near-tie either token is
+       right, and the two runs part legitimately. Up to the first token where they part, the candidate's greedy run
+       is the forced path, so its greedy token at each step is the argmax of its forced logits there.
+    """
+    prompts = [list(p) for p in prompts]
+    want = ref.generate(prompts, max_new_tokens=max_new_tokens, return_ids=True)
+    lr = ref.score(prompts, want)
+    lg = got.score(prompts, want)
+    have = [b.argmax(-1).tolist() for b in lg]
+    for r, (a, b) in enumerate(zip(lr, lg)):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, r=r: f"row {r} teacher-forced logits: {m}")
+        top2 = a.topk(2, dim=-1).values
+        margin = top2[:, 0] - top2[:, 1]
+        tie = (margin <= 2 * (atol + rtol * top2[:, 0].abs())).nonzero()
+        n = int(tie[0, 0]) if len(tie) else len(want[r])
+        if have[r][:n] != want[r][:n]:
+            first = next(i for i in range(n) if have[r][i] != want[r][i])
+            raise AssertionError(f"row {r}: greedy tokens part at step {first}, before the first near-tie (step {n})")
+    if buffers:
+        for (name, a), (_, b) in zip(ref.model.named_buffers(), got.model.named_buffers()):
+            if name.startswith("layers.") and ".kv_cache." in name:
+                if a.is_floating_point():
+                    torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, n=name: f"buffer {n}: {m}")
+                else:
+                    assert torch.equal(a, b), name

@@ -34,27 +34,42 @@ def test_cached_decode_equals_uncached_forward(name):
     torch.testing.assert_close(got, full[6:29], rtol=1e-4, atol=1e-5)
 
 
-def test_batch_rows_match_single_runs():
+class SingleRuns:
+    """Each prompt alone through a batch-1 generator, as the batch tests' reference (``generate`` / ``score`` of a
+    list, like a Generator's)."""
+
+    def __init__(self, gen):
+        self.gen, self.model = gen, gen.model
+
+    def generate(self, prompts, **kw):
+        return [self.gen.generate(p, **kw) for p in prompts]
+
+    def score(self, prompts, conts):
+        return [self.gen.score(p, c) for p, c in zip(prompts, conts)]
+
+
+@pytest.mark.parametrize("method,kw", [("full", {}), ("zeromerge", {"kv_budget": 12})])
+def test_batch_rows_match_single_runs(method, kw):
+    """Every row of a batch computes what it computes alone: teacher-forced logits equal to fp32 tolerance, greedy
+    tokens up to the first near-tie (a batch of 4 rows multiplies other shapes than one row, so floats may part)."""
+    from tests.conftest import assert_same_function
+
     prompts = [[5, 9, 11, 3, 7, 1, 2], [8, 8, 1], list(range(20, 45))]
-    single = tiny_gen()
-    want = [single.generate(p, max_new_tokens=12, return_ids=True) for p in prompts]
-    want_scores = [single.score(p, [4, 5, 6]) for p in prompts]
-    batched = tiny_gen(max_batch_size=4)
-    got = batched.generate(prompts, max_new_tokens=12, return_ids=True)
-    assert got == want
-    # logits of a row inside a batch equal its single run (fp32 tolerance)
-    ids = [batched.encode_prompt(p) for p in prompts]
-    batched._check_lengths(ids, 3)
-    with torch.inference_mode():
-        first = batched._prefill(ids, 0.0, None, None, None)
-        logits = batched.decode_step(first, batched.pos)
-    for r, p in enumerate(prompts):
-        single.generate(p, max_new_tokens=1, return_ids=True)
-        with torch.inference_mode():
-            tok = torch.tensor([first[r].item()], device=DEVICE)
-            one = single.decode_step(tok, single.pos)
-        torch.testing.assert_close(logits[r], one[0], rtol=1e-5, atol=1e-5 if DEVICE == "cpu" else 1e-4)
-    assert all(s.shape == (3, 128) for s in want_scores)
+    single = SingleRuns(tiny_gen(method=method, **kw))
+    batched = tiny_gen(method=method, max_batch_size=4, **kw)
+    assert_same_function(single, batched, prompts, 12, rtol=1e-5, atol=1e-5 if DEVICE == "cpu" else 1e-4)
+
+
+def test_sampled_rows_match_single_runs():
+    """With sampling, each row draws from its own generator seeded with ``seed``: a batch gives every row the tokens
+    it gets alone (the batch's logits equal the single runs' to fp32 rounding, so the draws agree)."""
+    prompts = [[5, 9, 11, 3, 7, 1, 2], [8, 8, 1], list(range(20, 45))]
+    single, batched = tiny_gen(), tiny_gen(max_batch_size=4)
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=50, seed=7, return_ids=True)
+    assert batched.generate(prompts, **kw) == [single.generate(p, **kw) for p in prompts]
+    # different seeds draw differently (the rows are not all seeded alike by accident)
+    draws = {tuple(single.generate(prompts[0], **{**kw, "seed": s})) for s in range(4)}
+    assert len(draws) > 1
 
 
 @pytest.mark.parametrize("method", ["full", "zeromerge", "zeromerge:retrieval"])
@@ -133,21 +148,17 @@ def test_inductor_compiled_decode_matches_eager():
                                        # the full cache's append inside the attention launch, under a sliding window
                                        ("full", {"name": "mistral-7b-v0.1", "args_overrides": {"sliding_window": 10}})])
 def test_triton_generator_equals_torch(method, kw):
-    """The whole generator through the Triton kernels (interpreted on CPU) equals the plain-torch path: greedy tokens
-    identical over 64 steps in fp32, with prompts longer than the budget (prefill compression) in two batch rows,
-    and the cache buffers (keys, values, weights, scores) equal at the end."""
+    """The whole generator through the Triton kernels (interpreted on CPU) computes what the plain-torch path computes,
+    in fp32, with prompts longer than the budget (prefill compression) and shorter (append, then ring) in two batch
+    rows: teacher-forced logits over 64 steps and every cache buffer afterwards (keys, values, weights, scores) within
+    1e-4, greedy tokens equal up to the first near-tie."""
+    from tests.conftest import assert_same_function
+
     torch._dynamo.reset()
     prompts = [list(range(3, 43)), [7, 1, 9, 4, 4, 2, 30, 31]]  # 40 tokens > budget 24; 8 < budget (append, then ring)
     gens = {o: tiny_gen(method=method, ops=o, max_batch_size=2, max_seq_len=128, **kw) for o in ("torch", "triton")}
     assert gens["triton"].model.caches[0].backend == "triton"
-    out = {ops: g.generate(prompts, max_new_tokens=64, return_ids=True) for ops, g in gens.items()}
-    assert out["triton"] == out["torch"]
-    assert all(len(o) == 64 for o in out["torch"])
-    for (name, a), (_, b) in zip(gens["torch"].model.named_buffers(), gens["triton"].model.named_buffers()):
-        if a.is_floating_point():
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"buffer {name}")
-        else:
-            assert torch.equal(a, b), name
+    assert_same_function(gens["torch"], gens["triton"], prompts, 64, rtol=1e-4, atol=1e-4, buffers=True)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPU check: ZMZOO_TEST_DEVICE=cuda (bench/h200.sh runs it on the H200)")
@@ -159,6 +170,7 @@ def test_cuda_graph_decode(method, gemv):
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
 
+    from tests.conftest import assert_same_function
     from zmzoo.models.transformer import Transformer
 
     torch._dynamo.reset()
@@ -168,11 +180,7 @@ def test_cuda_graph_decode(method, gemv):
     gen.model.set_gemv(gemv)  # "triton": the decode step's products through zmzoo.ops.gemv (set before compiling)
     ref = tiny_gen(method=method, max_batch_size=2, ops="torch", **kw)
     ptrs = {n: b.data_ptr() for n, b in gen.model.named_buffers()}
-    prompts = [[1, 2, 3], list(range(10, 40))]
-    assert gen.generate(prompts, max_new_tokens=48, return_ids=True) == ref.generate(prompts, max_new_tokens=48,
-                                                                                      return_ids=True)
-    p, c = list(range(3, 25)), list(range(40, 80))
-    torch.testing.assert_close(gen.score(p, c), ref.score(p, c), rtol=1e-4, atol=1e-4)
+    assert_same_function(ref, gen, [[1, 2, 3], list(range(10, 40))], 48, rtol=1e-4, atol=1e-4)
     # one graph of the decode step (the prompt's fused elementwise kernels, fused_prefill, compile graphs of their own)
     assert len(_debug_get_cache_entry_list(Transformer.decode.__code__)) == 1, dict(counters["stats"])
     assert counters["inductor"]["cudagraph_skips"] == 0
@@ -200,30 +208,62 @@ def test_long_prompt_chunking_is_exact():
 
 @pytest.mark.parametrize("name", ["llama2-7b", "qwen3-0.6b"])  # qwen3: the per-head q/k norms fused as well
 def test_fused_prefill_equals_eager(name):
-    """The prompt's RMSNorm, RoPE and SiLU gate as compiled kernels (``fused_prefill``, on by default on CUDA with
-    compile) give the eager prefill's logits at every position, for prompts of different lengths (one dynamic-shape
-    compile serves them) and with the MLP in chunks."""
-    from zmzoo.models.transformer import _COMPILED, _rope, rms_norm, silu_mul
+    """The prompt's RMSNorm, RoPE and SiLU gate as compiled kernels (``PrefillKernels``, set by zmzoo.load on CUDA with
+    compile on) give the eager prefill's logits at every position, for prompts of different lengths (one dynamic-shape
+    compile serves them) and with the MLP in chunks; the compiled kernels did run (a counting backend sees each)."""
+    from torch._dynamo.testing import CompileCounter
 
+    from zmzoo.models.transformer import PrefillKernels
+
+    torch._dynamo.reset()
     gen = tiny_gen(name=name, max_seq_len=96)
     model = gen.model
+    counter = CompileCounter()
+    kernels = PrefillKernels(backend=counter)
     g = torch.Generator().manual_seed(3)
     for t in (9, 41):
         ids = torch.randint(0, 128, (1, t), generator=g).to(DEVICE)
         with torch.inference_mode():
-            model.fused_prefill = False
+            model.set_prefill_kernels(None)
             want = model.prefill(ids, row=0, all_logits=True)
-            model.fused_prefill = True
+            model.set_prefill_kernels(kernels)
             got = model.prefill(ids, row=0, all_logits=True)
             block = model.layers[0]
             h = torch.randn(1, t, gen.args.dim, generator=g).to(DEVICE)
             cos, sin = (x[:t].view(1, 1, t, -1) for x in (model.rope_cos, model.rope_sin))
-            chunked = block.prefill(h, cos, sin, 0, mlp_chunk=8, fused=True)
+            chunked = block.prefill(h, cos, sin, 0, mlp_chunk=8, kern=kernels)
             whole = block.prefill(h, cos, sin, 0)
-        model.fused_prefill = False
-        assert {rms_norm, _rope, silu_mul} <= set(_COMPILED)  # the fused path did run through the compiled kernels
+        model.set_prefill_kernels(None)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    # rms_norm, rope and silu_mul each compiled (a graph per input rank at most: qwen3's per-head norms are 4-D) and
+    # run through the compiled graphs
+    assert 3 <= counter.frame_count <= 8 and counter.op_count > 0
+
+
+def test_two_generators_keep_their_own_state():
+    """Process-wide state is gone: two models in one process have their own GEMV plans and tables and prefill
+    kernels; with_cache shares the weights (same tensors) but not the caches, and both generators stay usable."""
+    a = tiny_gen(method="zeromerge", kv_budget=12)
+    b = tiny_gen(method="full")
+    a.model.gemv_tuning["marker"] = None
+    assert "marker" not in b.model.gemv_tuning
+    c = a.with_cache("h2o", kv_budget=10)
+    assert c.cache_config.method == "h2o" and a.cache_config.method == "zeromerge"
+    assert c.model is not a.model and c.model.caches[0] is not a.model.caches[0]
+    assert c.model.layers[0].attention.wqkv.data_ptr() == a.model.layers[0].attention.wqkv.data_ptr()
+    assert c.model.tok_embeddings.weight is a.model.tok_embeddings.weight
+    assert "marker" in c.model.gemv_tuning  # a copy of a's table, not the table itself
+    c.model.gemv_tuning["other"] = None
+    assert "other" not in a.model.gemv_tuning
+    p, cont = list(range(3, 20)), list(range(30, 50))
+    before = a.score(p, cont)
+    c.score(p, cont)
+    torch.testing.assert_close(a.score(p, cont), before, rtol=0, atol=0)  # a's caches untouched by c
+    full = a.with_cache()  # no budget: the full cache on the same weights
+    with torch.inference_mode():
+        want = a.model.prefill(torch.tensor([p + cont]), row=0, all_logits=True)[0, len(p) - 1 : -1]
+    torch.testing.assert_close(full.score(p, cont), want, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_projections_share_memory_with_their_parameters():
@@ -235,3 +275,51 @@ def test_fused_projections_share_memory_with_their_parameters():
                          (ff.w13, (ff.w1.weight, ff.w3.weight))):
         assert all(p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for p in parts)
         assert torch.equal(torch.cat(parts, 0), fused)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"temperature": -1.0}, "temperature=-1.0 must be a finite number >= 0"),
+    ({"temperature": float("nan")}, "temperature=nan"),
+    ({"temperature": float("inf")}, "temperature=inf"),
+    ({"temperature": "hot"}, "temperature='hot'"),
+    ({"top_p": 0.0}, r"top_p=0.0 must be None or a number in \(0, 1\]"),
+    ({"top_p": 1.5}, "top_p=1.5"),
+    ({"top_k": 0}, "top_k=0 must be None or a whole number >= 1"),
+    ({"top_k": 2.5}, "top_k=2.5"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0 must be a whole number >= 1"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens=2.5"),
+    ({"max_new_tokens": True}, "max_new_tokens=True"),
+    ({"seed": 1.5}, "seed=1.5"),
+    ({"stop": ""}, "stop string"),
+])
+def test_generation_settings_are_checked(kw, match):
+    """Every sampling and length setting outside its range is refused with an error naming it and what it allows,
+    by generate and stream alike (nothing runs with a negative temperature or an empty nucleus)."""
+    gen = tiny_gen()
+    args = {"max_new_tokens": 4, **kw}
+    with pytest.raises(ValueError, match=match):
+        gen.generate([1, 2, 3], **args)
+    gen.tokenizer = object()  # stream checks its settings before it tokenizes
+    with pytest.raises(ValueError, match=match):
+        next(iter(gen.stream([1, 2, 3], **args)))
+
+
+def test_stream_pipelines_and_joins_to_generate():
+    """stream() yields one piece per token as it comes (the next step queued before the last token is read back) and
+    its pieces join to generate()'s text; a stop string cuts both the same way."""
+
+    class Chars:  # a tokenizer whose token i is one character (no special handling)
+        eos_ids: list[int] = []
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    gen = tiny_gen()
+    gen.tokenizer = Chars()
+    text = gen.generate([1, 2, 3], max_new_tokens=20)
+    pieces = list(gen.stream([1, 2, 3], max_new_tokens=20))
+    assert "".join(pieces) == text and len(text) == 20 and len(pieces) == 20
+    stop = text[8:10]
+    cut = gen.generate([1, 2, 3], max_new_tokens=20, stop=stop)
+    assert cut == text[: text.find(stop)]
+    assert "".join(gen.stream([1, 2, 3], max_new_tokens=20, stop=stop)) == cut

@@ -78,3 +78,40 @@ def test_load_time_errors(tmp_path):
                                      '"num_attention_heads": 2, "vocab_size": 64}')
     with pytest.raises(Exception, match="unpickle"):
         zmzoo.load(str(bad))
+
+
+@needs_smollm2
+def test_stream_detokenizes_incrementally(smollm2):
+    """Streaming decodes each new token against a few tokens of context, not the whole text again (which made a long
+    answer quadratic): the tokens decoded in all stay within a small multiple of the tokens generated, and the pieces
+    join to what generate returns, multi-byte characters included."""
+    tok = smollm2.tokenizer
+    decoded = []
+    real = tok.decode
+
+    def counting(ids, skip_special_tokens=False):
+        decoded.append(len(ids))
+        return real(ids, skip_special_tokens)
+
+    prompt = "Write a long story about a lighthouse keeper, with an emoji in every sentence."
+    want = smollm2.generate(prompt, chat=True, max_new_tokens=96)
+    tok.decode = counting
+    try:
+        pieces = list(smollm2.stream(prompt, chat=True, max_new_tokens=96))
+    finally:
+        tok.decode = real
+    n = len(smollm2.last_stats.new_tokens) and smollm2.last_stats.new_tokens[0]
+    assert "".join(pieces) == want
+    assert n >= 64 and sum(decoded) <= 12 * n, (n, sum(decoded))
+
+
+def test_load_says_what_it_loaded(capsys):
+    """zmzoo.load prints one line to stderr naming the model, device, dtype, cache and how the decode step runs
+    (verbose=False: nothing)."""
+    tiny = {"n_layers": 1, "dim": 32, "n_heads": 2, "n_kv_heads": 2, "intermediate_size": 32, "vocab_size": 64}
+    zmzoo.load("llama2-7b", weights="random", kv_budget=20, args_overrides=tiny, max_seq_len=64, device="cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[zmzoo] loaded llama2-7b"), err
+    assert "on cpu as float32" in err[0] and "zeromerge cache, 20 slots" in err[0] and "decode step eager" in err[0]
+    zmzoo.load("llama2-7b", weights="random", args_overrides=tiny, max_seq_len=64, device="cpu", verbose=False)
+    assert capsys.readouterr().err == ""

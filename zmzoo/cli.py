@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import runpy
 import sys
-import time
 from pathlib import Path
 
 
@@ -28,12 +27,11 @@ def _generate(ns: argparse.Namespace) -> int:
         kw["kv_ratio"] = ns.kv_ratio
     if ns.kv_budget is not None:
         kw["kv_budget"] = ns.kv_budget
-    t0 = time.perf_counter()
+    compile = {"auto": "auto", "on": True, "off": False}[ns.compile]
+    if ns.no_compile:
+        compile = False
     gen = zmzoo.load(ns.model, method=ns.method, device=ns.device, dtype=ns.dtype, max_seq_len=ns.max_seq_len,
-                     compile=not ns.no_compile, preset=ns.preset, **kw)
-    print(f"[zmzoo] loaded {gen.args.name} on {gen.device} ({str(gen.dtype).replace('torch.', '')}) "
-          f"in {time.perf_counter() - t0:.1f}s; cache: {gen.cache_config.method}"
-          + (f", {gen.cache_config.budget} slots" if gen.cache_config.budget else ""), file=sys.stderr)
+                     compile=compile, preset=ns.preset, revision=ns.revision, **kw)  # prints what it loaded
     n_prompt = len(gen.encode_prompt(prompt, chat=ns.chat))
     print(f"[zmzoo] prompt: {n_prompt} tokens", file=sys.stderr)
     for piece in gen.stream(prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, chat=ns.chat):
@@ -84,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="compile the decode step: auto (default) = on CUDA only; on = also on a CPU (inductor, the "
+                        "first call waits minutes); off = eager")
+    g.add_argument("--no-compile", action="store_true", help="the same as --compile off")
+    g.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub model")
     ns = p.parse_args(argv)
     if ns.cmd == "generate":
         return _generate(ns)

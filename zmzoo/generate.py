@@ -1,12 +1,15 @@
 """Generator: tokenize, prefill, the compiled (and on CUDA graph-captured) decode step, sampling, stop, stream, score.
 
 Every batch row is independent: each prompt is prefilled alone into its own cache row, then all rows decode together
-with per-row positions held in a device tensor. The decode step has static shapes and takes no host sync, so
-``torch.compile(fullgraph=True)`` compiles it once and, on CUDA, "reduce-overhead" replays one CUDA graph per token.
+with per-row positions held in a device tensor, and each row samples from its own random generator. The decode step
+has static shapes and takes no host sync, so ``torch.compile(fullgraph=True)`` compiles it once and, on CUDA,
+"reduce-overhead" replays one CUDA graph per token.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,12 +59,114 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
     return (probs / e).argmax(-1)
 
 
+def check_sampling(temperature: Any, top_k: Any, top_p: Any, seed: Any) -> None:
+    """Reject sampling settings outside their range, naming the setting and what it allows."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be None or a whole number >= 1")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not math.isfinite(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be None or a number in (0, 1]")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r} must be None or a whole number")
+
+
+class RowSampler:
+    """Samples every batch row from its own ``torch.Generator``, each seeded with ``seed`` (rows beyond ``rows``, the
+    unused ones, take the argmax), so a row draws the same tokens in a batch as alone. ``seed=None``: each row's
+    generator is seeded from torch's global random state."""
+
+    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, seed: int | None, rows: int,
+                 device: torch.device):
+        self.temperature, self.top_k, self.top_p, self.rows = temperature, top_k, top_p, rows
+        self.generators: list[torch.Generator] = []
+        if temperature > 0:
+            seeds = [seed] * rows if seed is not None else torch.randint(2**62, (rows,)).tolist()
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if not self.generators:
+            return logits.argmax(-1)
+        picked = [sample(logits[r : r + 1], self.temperature, self.top_k, self.top_p, g)
+                  for r, g in enumerate(self.generators)]
+        if logits.shape[0] > self.rows:
+            picked.append(logits[self.rows :].argmax(-1))
+        return torch.cat(picked)
+
+    def row(self, r: int, logits: Tensor) -> Tensor:
+        """Row ``r``'s token from its logits (1, V)."""
+        if not self.generators:
+            return logits.argmax(-1)
+        return sample(logits, self.temperature, self.top_k, self.top_p, self.generators[r])
+
+
+class RowText:
+    """One row's new text, detokenized incrementally (each token decodes a few tokens, not the whole text) and cut at
+    the first stop token or stop string. ``pieces`` collects what is safe to show: complete characters and nothing
+    that may be the start of a stop string."""
+
+    def __init__(self, tokenizer: Any, stop: list[str], stop_ids: set[int]):
+        self.tok, self.stop, self.stop_ids = tokenizer, stop, stop_ids
+        self.ids: list[int] = []  # up to the first stop token
+        self.text = ""  # decoded so far, cut at a stop string once one appears
+        self.done = False
+        self._prefix = self._read = 0  # ids[prefix:read] is the context the next piece is decoded against
+        self._shown = 0  # characters of text handed out by take()
+        self._longest = max((len(s) for s in stop), default=0)
+
+    def add(self, new_ids: Sequence[int]) -> None:
+        for t in new_ids:
+            if self.done:
+                return
+            if t in self.stop_ids:
+                self.done = True
+                return
+            self.ids.append(t)
+            if self.tok is None:
+                continue
+            context = self.tok.decode(self.ids[self._prefix : self._read])
+            full = self.tok.decode(self.ids[self._prefix :])
+            if len(full) > len(context) and not full.endswith("\ufffd"):  # a complete character (UTF-8) arrived
+                self._append(full[len(context) :])
+                self._prefix, self._read = self._read, len(self.ids)
+
+    def _append(self, piece: str) -> None:
+        old = len(self.text)
+        self.text += piece
+        if self.stop:
+            lo = max(0, old - self._longest + 1)
+            hits = [j for j in (self.text.find(s, lo) for s in self.stop) if j >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.done = True
+
+    def finish(self) -> None:
+        """Flush what an incomplete character held back (the text then equals a decode of all ids, cut at a stop)."""
+        if self.tok is not None and not self.done and self._read < len(self.ids):
+            context = self.tok.decode(self.ids[self._prefix : self._read])
+            self._append(self.tok.decode(self.ids[self._prefix :])[len(context) :])
+            self._prefix = self._read = len(self.ids)
+        self.done = True
+
+    def take(self) -> str:
+        """The text not handed out yet, holding back a tail that may begin a stop string (unless done)."""
+        end = len(self.text)
+        if not self.done:
+            end -= _holdback(self.text, self.stop)
+        piece = self.text[self._shown : end]
+        self._shown = max(self._shown, end)
+        return piece
+
+
 class Generator:
     """A loaded model with its preallocated caches. Build it with ``zmzoo.load``."""
 
     def __init__(self, model: Transformer, tokenizer: Any, args: ModelArgs, cache_config: CacheConfig, *,
                  device: torch.device, dtype: torch.dtype, max_seq_len: int, max_batch_size: int,
-                 compile: bool | str | Callable = True, backend: str = "torch"):
+                 compile: bool | str | Callable = False, backend: str = "torch", gemv: str = "torch",
+                 verbose: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.args = args
@@ -71,13 +176,14 @@ class Generator:
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.backend = backend
+        self.gemv = gemv
+        self.compile = compile
+        self.verbose = verbose
         with torch.inference_mode():  # every tensor fed to the compiled step is an inference tensor (one guard set)
             self.pos = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.last_stats = GenerationStats()
         self._decode_fn = self._make_decode(compile)
-        # the prompt's elementwise work in compiled kernels where compile is on and the GPU makes it pay (on the CPU
-        # the prompt is bound by its matrix products, and a first prefill would wait for the compiler)
-        model.fused_prefill = compile is True and torch.device(device).type == "cuda"
+        self._compiled = compile is False or compile is None  # True once the first (compiling) call is done
 
     # ------------------------------------------------------------------ setup
     def _make_decode(self, compile: bool | str | Callable) -> Callable[[Tensor, Tensor], Tensor]:
@@ -89,9 +195,41 @@ class Generator:
         return torch.compile(self.model.decode, fullgraph=True, dynamic=False, backend=compile)
 
     def decode_step(self, tokens: Tensor, pos: Tensor) -> Tensor:
-        """One decode step for every row (tokens, pos: (max_batch_size,)); returns logits (B, V) (a fresh tensor)."""
+        """One decode step for every row (tokens, pos: (max_batch_size,)); returns logits (B, V) (a fresh tensor).
+        The first call of a compiled step compiles it (and says so when the Generator is verbose)."""
+        if not self._compiled:
+            return self._first_call(tokens, pos)
         with torch.inference_mode():
             return self._decode_fn(tokens, pos).clone()
+
+    def _first_call(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        t0 = time.perf_counter()
+        if self.verbose:
+            where = "one CUDA graph replayed per token" if self.device.type == "cuda" else "inductor, CPU"
+            print(f"[zmzoo] compiling the decode step ({self.args.n_layers} layers, {where}); this first call waits "
+                  f"for the compiler, later ones do not", file=sys.stderr, flush=True)
+        with torch.inference_mode():
+            out = self._decode_fn(tokens, pos).clone()
+        self._compiled = True
+        if self.verbose:
+            print(f"[zmzoo] decode step compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return out
+
+    def with_cache(self, method: str | None = None, *, kv_ratio: float | None = None, kv_budget: int | None = None,
+                   preset: str | None = None, max_seq_len: int | None = None, max_batch_size: int | None = None,
+                   compile: bool | str | Callable | None = None, **cache_settings: Any) -> Generator:
+        """Another Generator on the same weights and tokenizer (shared, not copied) with caches of its own: the
+        settings as ``zmzoo.load`` takes them (method, budget, preset, cache settings; ``max_seq_len``,
+        ``max_batch_size`` and ``compile`` default to this Generator's). Both stay usable; drop one to free its
+        caches."""
+        from zmzoo.loading import make_generator
+
+        return make_generator(self.model.shared_copy(), self.tokenizer, self.args, device=self.device,
+                              dtype=self.dtype, max_seq_len=max_seq_len or self.max_seq_len,
+                              max_batch_size=max_batch_size or self.max_batch_size,
+                              compile=self.compile if compile is None else compile, backend=self.backend,
+                              gemv=self.gemv, verbose=self.verbose, method=method, kv_ratio=kv_ratio,
+                              kv_budget=kv_budget, preset=preset, **cache_settings)
 
     # ------------------------------------------------------------------ inputs
     def _need_tokenizer(self, what: str):
@@ -128,9 +266,9 @@ class Generator:
             return list(prompts), True
         raise ValueError("prompt must be a string, token ids, chat messages, or a non-empty list of those")
 
-    def _check_lengths(self, ids: list[list[int]], max_new_tokens: int) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    def _check_lengths(self, ids: list[list[int]], max_new_tokens: Any) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 1")
         if len(ids) > self.max_batch_size:
             raise ValueError(f"{len(ids)} prompts exceed max_batch_size {self.max_batch_size} (set it at zmzoo.load)")
         for i, seq in enumerate(ids):
@@ -143,78 +281,64 @@ class Generator:
                     f"max_new_tokens, or load with a larger max_seq_len (nothing is truncated silently)"
                 )
 
-    def _stop_ids(self) -> set[int]:
-        return set(self.tokenizer.eos_ids) if self.tokenizer is not None else set()
+    def _stops(self, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        for s in stops:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop={stop!r}: every stop string must be a non-empty str")
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (this generator has none): stop on token ids instead")
+        return stops
+
+    def _row_texts(self, n: int, stop: list[str]) -> list[RowText]:
+        stop_ids = set(self.tokenizer.eos_ids) if self.tokenizer is not None else set()
+        return [RowText(self.tokenizer, stop, stop_ids) for _ in range(n)]
 
     # ------------------------------------------------------------------ core loop
     @torch.inference_mode()
-    def _prefill(self, ids: list[list[int]], temperature, top_k, top_p, generator) -> Tensor:
+    def _prefill(self, ids: list[list[int]], sampler: RowSampler) -> Tensor:
         """Prefill every prompt into its row; returns the first sampled token of each row (B,)."""
         first = torch.zeros(self.max_batch_size, dtype=torch.int64, device=self.device)
         self.pos.zero_()
-        with torch.inference_mode():
-            for row, seq in enumerate(ids):
-                toks = torch.tensor([seq], dtype=torch.int64, device=self.device)
-                logits = self.model.prefill(toks, row=row)
-                first[row] = sample(logits, temperature, top_k, top_p, generator)[0]
-                self.pos[row] = len(seq)
+        for row, seq in enumerate(ids):
+            toks = torch.tensor([seq], dtype=torch.int64, device=self.device)
+            logits = self.model.prefill(toks, row=row)
+            first[row] = sampler.row(row, logits)[0]
+            self.pos[row] = len(seq)
         return first
 
     @torch.inference_mode()
-    def _token_iter(self, ids: list[list[int]], max_new_tokens: int, temperature: float, top_k, top_p, seed,
-                    sync_every: int, stop: list[str] | None = None) -> Iterator[Tensor]:
-        """Yields blocks of new tokens (B, n) on the host every ``sync_every`` steps (the only host syncs); stops
-        early once every row has hit an eos token or a stop string."""
-        generator = None
-        if temperature > 0 and seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+    def _token_iter(self, ids: list[list[int]], max_new_tokens: int, sampler: RowSampler,
+                    sync_every: int) -> Iterator[Tensor]:
+        """Yields blocks of new tokens (rows, n) on the host every ``sync_every`` tokens (the only host syncs). The
+        next step is queued before a block is read back, so the device keeps working while the host decodes text;
+        the caller stops the iteration when every row is done (one queued step is then wasted)."""
         stats = GenerationStats(prompt_tokens=[len(s) for s in ids])
         self.last_stats = stats
         t0 = time.perf_counter()
-        cur = self._prefill(ids, temperature, top_k, top_p, generator)
-        block = [cur.clone()]
+        cur = self._prefill(ids, sampler)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        rows: list[list[int]] = [[] for _ in ids]
-        n_out = 1
-        for step in range(1, max_new_tokens + 1):
-            if len(block) >= sync_every or step == max_new_tokens:
+        block, made, shown = [cur], 1, 0
+        while True:
+            last = made >= max_new_tokens
+            if not last:  # queued before the block below is read back
+                logits = self.decode_step(cur, self.pos)
+                self.pos += 1
+                cur = sampler(logits)
+                made += 1
+            if last or len(block) >= sync_every:
                 host = torch.stack(block, dim=1)[: len(ids)].cpu()
-                block = []
+                shown += host.shape[1]
                 stats.decode_s = time.perf_counter() - t1
-                stats.new_tokens = [n_out] * len(ids)
+                stats.new_tokens = [shown] * len(ids)
                 yield host
-                for r in range(len(ids)):
-                    rows[r].extend(host[r].tolist())
-                if step == max_new_tokens or all(self._finish(seq, stop)[2] for seq in rows):
-                    return
-            logits = self.decode_step(cur, self.pos)
-            self.pos += 1
-            cur = sample(logits, temperature, top_k, top_p, generator)
+                block = []
+            if last:
+                return
             block.append(cur)
-            n_out += 1
-
-    def _finish(self, seq: list[int], stop: list[str] | None) -> tuple[list[int], str, bool]:
-        """Cut a row's tokens at the first stop token / stop string; returns (ids, text, stopped)."""
-        stop_ids = self._stop_ids()
-        for i, t in enumerate(seq):
-            if t in stop_ids:
-                seq = seq[:i]
-                return seq, self._decode_text(seq, stop)[0], True
-        text, hit = self._decode_text(seq, stop)
-        return seq, text, hit
-
-    def _decode_text(self, seq: list[int], stop: list[str] | None) -> tuple[str, bool]:
-        if self.tokenizer is None:
-            return "", False
-        text = self.tokenizer.decode(seq)
-        for s in stop or []:
-            j = text.find(s)
-            if j >= 0:
-                return text[:j], True
-        return text, False
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: Any, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
@@ -228,74 +352,106 @@ class Generator:
             temperature: 0 for greedy; top_k / top_p filter the distribution when sampling.
             stop: string(s) that end generation (excluded from the text); eos tokens always stop.
             chat: apply the model's chat template to string prompts.
-            return_ids: return the new token ids instead of text.
+            seed: seeds each row's sampling (a row gives the same tokens in a batch as alone).
+            return_ids: return the new token ids (up to the first eos) instead of text.
         """
+        check_sampling(temperature, top_k, top_p, seed)
+        stops = self._stops(stop)
         batch, is_batch = self._as_batch(prompts)
-        stop = [stop] if isinstance(stop, str) else stop
         ids = [self.encode_prompt(p, chat) for p in batch]
         self._check_lengths(ids, max_new_tokens)
-        rows: list[list[int]] = [[] for _ in ids]
-        for host in self._token_iter(ids, max_new_tokens, temperature, top_k, top_p, seed, sync_every=16, stop=stop):
-            for r in range(len(ids)):
-                rows[r].extend(host[r].tolist())
-        results = []
-        for seq in rows:
-            cut, text, _ = self._finish(seq[:max_new_tokens], stop)
-            results.append(cut if return_ids else text)
+        rows = self._row_texts(len(ids), stops)
+        sampler = RowSampler(temperature, top_k, top_p, seed, len(ids), self.device)
+        for host in self._token_iter(ids, max_new_tokens, sampler, sync_every=16):
+            for r, row in enumerate(rows):
+                row.add(host[r].tolist())
+            if all(row.done for row in rows):
+                break
+        for row in rows:
+            row.finish()
+        results = [row.ids if return_ids else row.text for row in rows]
         return results if is_batch else results[0]
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, stop: str | list[str] | None = None, chat: bool = False,
                seed: int | None = None) -> Iterator[str]:
-        """Yield the new text piece by piece as tokens are generated (one prompt)."""
-        stop = [stop] if isinstance(stop, str) else stop
+        """Yield the new text piece by piece as tokens are generated (one prompt); the pieces join to what
+        ``generate`` returns for the same arguments."""
+        self._need_tokenizer("text streaming")
+        check_sampling(temperature, top_k, top_p, seed)
+        stops = self._stops(stop)
         ids = [self.encode_prompt(prompt, chat)]
         self._check_lengths(ids, max_new_tokens)
-        tok = self._need_tokenizer("text streaming")
-        seq: list[int] = []
-        emitted = ""
-        for host in self._token_iter(ids, max_new_tokens, temperature, top_k, top_p, seed, sync_every=1, stop=stop):
-            seq.extend(host[0].tolist())
-            cut, text, stopped = self._finish(seq, stop)
-            # hold back an incomplete UTF-8 piece and anything that may be the start of a stop string
-            safe = text if stopped else text[: len(text) - _holdback(text, stop)]
-            if safe.endswith("\ufffd"):
-                safe = safe.rstrip("\ufffd")
-            if len(safe) > len(emitted) and safe.startswith(emitted):
-                yield safe[len(emitted):]
-                emitted = safe
-            if stopped:
-                return
-        final = self._finish(seq, stop)[1]
-        if final.startswith(emitted) and len(final) > len(emitted):
-            yield final[len(emitted):]
-        del tok
+        (row,) = self._row_texts(1, stops)
+        sampler = RowSampler(temperature, top_k, top_p, seed, 1, self.device)
+        for host in self._token_iter(ids, max_new_tokens, sampler, sync_every=1):
+            row.add(host[0].tolist())
+            piece = row.take()
+            if piece:
+                yield piece
+            if row.done:
+                break
+        row.finish()
+        piece = row.take()
+        if piece:
+            yield piece
 
     @torch.inference_mode()
-    def score(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> Tensor:
+    def score(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+              continuation_ids: Sequence[int] | Sequence[Sequence[int]]) -> Tensor | list[Tensor]:
         """Teacher-forced logits through the decode path: (len(continuation), V) fp32; row i predicts
-        continuation[i] (row 0 comes from the prompt's prefill, row i from decoding continuation[i-1])."""
-        prompt = self.encode_prompt(list(prompt_ids))
-        cont = self.encode_prompt(list(continuation_ids)) if len(continuation_ids) else []
-        if not cont:
-            raise ValueError("score needs a non-empty continuation")
-        self._check_lengths([prompt], len(cont))
-        out = torch.empty(len(cont), self.args.vocab_size, dtype=torch.float32)
-        with torch.inference_mode():
-            self.pos.zero_()
-            logits = self.model.prefill(torch.tensor([prompt], device=self.device), row=0)
-            out[0] = logits[0].float().cpu()
-            self.pos[0] = len(prompt)
-            tokens = torch.zeros(self.max_batch_size, dtype=torch.int64, device=self.device)
-            cont_dev = torch.tensor(cont, dtype=torch.int64, device=self.device)
-            rows = []
-            for i in range(1, len(cont)):
-                tokens[0] = cont_dev[i - 1]
-                rows.append(self.decode_step(tokens, self.pos)[0].float())
-                self.pos += 1
-            if rows:
-                out[1:] = torch.stack(rows).cpu()
-        return out
+        continuation[i] (row 0 comes from the prompt's prefill, row i from decoding continuation[i-1]).
+
+        A list of prompts with a list of continuations (one each) scores them as batch rows together and returns a
+        list of such tensors."""
+        if isinstance(prompt_ids, Tensor):
+            prompt_ids = prompt_ids.tolist()
+        if isinstance(continuation_ids, Tensor):
+            continuation_ids = continuation_ids.tolist()
+        batched = len(prompt_ids) > 0 and not isinstance(prompt_ids[0], int)
+        prompts = [list(p) for p in prompt_ids] if batched else [list(prompt_ids)]
+        conts = [list(c) for c in continuation_ids] if batched else [list(continuation_ids)]
+        if len(prompts) != len(conts):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(conts)} continuations (one each)")
+        prompts = [self.encode_prompt(p) for p in prompts]
+        conts = [self.encode_prompt(c) if c else [] for c in conts]
+        if any(not c for c in conts):
+            raise ValueError("score needs a non-empty continuation for every prompt")
+        n = max(len(c) for c in conts)
+        if len(prompts) > self.max_batch_size:
+            raise ValueError(f"{len(prompts)} prompts exceed max_batch_size {self.max_batch_size} (set it at "
+                             f"zmzoo.load)")
+        for r, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"score: prompt #{r} is empty")
+            if len(p) + n > self.max_seq_len:
+                raise ValueError(f"score: prompt #{r} ({len(p)} tokens) and the longest continuation ({n}) exceed "
+                                 f"max_seq_len {self.max_seq_len}")
+        outs = [torch.empty(len(c), self.args.vocab_size, dtype=torch.float32) for c in conts]
+        self.pos.zero_()
+        for r, p in enumerate(prompts):
+            logits = self.model.prefill(torch.tensor([p], device=self.device), row=r)
+            outs[r][0] = logits[0].float().cpu()
+            self.pos[r] = len(p)
+        # a row whose continuation is shorter repeats its last token past it (those logits are not kept; no row reads
+        # another's cache, and every position stays below max_seq_len, checked above)
+        forced = torch.zeros(self.max_batch_size, n, dtype=torch.int64)
+        for r, c in enumerate(conts):
+            forced[r, : len(c)] = torch.tensor(c)
+            forced[r, len(c) :] = c[-1]
+        forced = forced.to(self.device)
+        chunk: list[Tensor] = []
+        for i in range(1, n):
+            chunk.append(self.decode_step(forced[:, i - 1].contiguous(), self.pos).float())
+            self.pos += 1
+            if len(chunk) == 64 or i == n - 1:  # to the host in blocks: (steps, V) per row stays bounded on device
+                host = torch.stack(chunk, 1).cpu()  # (B, steps, V)
+                for r, c in enumerate(conts):
+                    a = i - len(chunk) + 1  # first row index of outs this block fills
+                    if a < len(c):
+                        outs[r][a : min(i + 1, len(c))] = host[r, : min(i + 1, len(c)) - a]
+                chunk = []
+        return outs if batched else outs[0]
 
     def cache_stats(self) -> dict[str, Any]:
         """Bytes the caches hold and what a full cache of the same batch and max_seq_len would hold."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +15,9 @@ import torch
 from zmzoo.cache import build_caches, resolve_cache_config
 from zmzoo.generate import Generator
 from zmzoo.models.config import ModelArgs
-from zmzoo.models.transformer import Transformer
+from zmzoo.models.transformer import PrefillKernels, Transformer
 from zmzoo.ops import resolve_backend
-from zmzoo.ops.gemv import BACKENDS, MAX_ROWS
+from zmzoo.ops.gemv import BACKENDS
 
 
 def default_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
@@ -54,6 +57,87 @@ def _args_for_random(name_or_path: str) -> ModelArgs:
     return ModelArgs.from_name(name_or_path)
 
 
+def resolve_gemv(gemv: str, device: torch.device, backend: str) -> str:
+    """The decode step's GEMV backend for ``gemv`` on ``device`` with the cache ops ``backend`` (see ``load``)."""
+    if gemv not in BACKENDS:
+        raise ValueError(f"gemv={gemv!r} is not one of {BACKENDS}")
+    if gemv == "auto" and (device.type != "cuda" or backend != "triton"):
+        return "torch"  # nothing to time: the interpreter's timings mean nothing, and without Triton there is no kernel
+    if gemv == "triton" and device.type != "cuda" and backend != "triton":
+        raise RuntimeError("gemv='triton' on a CPU device runs the kernel in Triton's interpreter: pass ops='triton' "
+                           "with TRITON_INTERPRET=1 set before Python starts")
+    return gemv
+
+
+def resolve_compile(compile: bool | str | Callable, device: torch.device) -> bool | str | Callable:
+    """``compile="auto"``: on CUDA, True (the decode step compiled and replayed as a CUDA graph); elsewhere False."""
+    if compile == "auto":
+        return device.type == "cuda"
+    return compile
+
+
+def make_generator(model: Transformer, tokenizer: Any, args: ModelArgs, *, device: torch.device, dtype: torch.dtype,
+                   max_seq_len: int | None, max_batch_size: int, compile: bool | str | Callable, backend: str,
+                   gemv: str, verbose: bool = False, method: str | None = None, kv_ratio: float | None = None,
+                   kv_budget: int | None = None, preset: str | None = None, **cache_settings: Any) -> Generator:
+    """Caches for ``model`` (which must hold none) and the Generator around it: what ``load`` does once the weights
+    are in place, and ``Generator.with_cache`` on a shared copy of a loaded model."""
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive whole number")
+    if max_seq_len is None:
+        max_seq_len = args.max_position_embeddings
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len={max_seq_len!r} must be a whole number >= 2")
+    if max_seq_len > args.max_position_embeddings:
+        warnings.warn(
+            f"max_seq_len {max_seq_len} exceeds {args.name}'s trained context window "
+            f"({args.max_position_embeddings}); quality past it is not guaranteed",
+            stacklevel=3,
+        )
+    compile = resolve_compile(compile, device)
+    gemv = resolve_gemv(gemv, device, backend)
+    cache_config = resolve_cache_config(max_seq_len=max_seq_len, method=method, kv_ratio=kv_ratio,
+                                        kv_budget=kv_budget, preset=preset, **cache_settings)
+    caches = build_caches(cache_config, n_layers=args.n_layers, batch_size=max_batch_size, n_heads=args.n_heads,
+                          n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, max_seq_len=max_seq_len, dtype=dtype,
+                          device=device, sliding_window=args.sliding_window, backend=backend)
+    model.setup_caches(caches, max_seq_len)
+    model.set_gemv(gemv, rows=(max_batch_size,))
+    # the prompt's elementwise work in compiled kernels where compile is on and the GPU makes it pay (on the CPU the
+    # prompt is bound by its matrix products, and a first prefill would wait for the compiler)
+    if compile is True and device.type == "cuda":
+        model.set_prefill_kernels(model.prefill_kernels or PrefillKernels())
+    else:
+        model.set_prefill_kernels(None)
+    return Generator(model, tokenizer, args, cache_config, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                     max_batch_size=max_batch_size, compile=compile, backend=backend, gemv=gemv, verbose=verbose)
+
+
+def _describe(gen: Generator, source: str, seconds: float) -> str:
+    """The one line ``load`` prints: what was loaded, where, the cache, and what the first call will wait for."""
+    seen, n_params = set(), 0
+    for p in gen.model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n_params += p.numel()
+    cfg = gen.cache_config
+    if cfg.method == "full":
+        cache = f"full cache ({gen.max_seq_len} positions)"
+    else:
+        cache = (f"{cfg.method} cache, {cfg.budget} slots per layer and KV head "
+                 f"({100 * cfg.budget / gen.max_seq_len:.1f} % of max_seq_len {gen.max_seq_len})"
+                 + (f", preset {cfg.preset!r}" if cfg.preset else ""))
+    if gen.compile is False or gen.compile is None:
+        step = "decode step eager"
+    elif gen.device.type == "cuda":
+        step = "decode step compiled on the first call (CUDA graph)"
+    else:
+        step = "decode step compiled on the first call (inductor)"
+    dt = str(gen.dtype).replace("torch.", "")
+    return (f"[zmzoo] loaded {gen.args.name} ({n_params / 1e6:.0f}M parameters, {source}) on {gen.device} as {dt} "
+            f"in {seconds:.1f} s; {cache}; ops {gen.backend}; {step}")
+
+
 def load(
     name_or_path: str,
     *,
@@ -64,12 +148,15 @@ def load(
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
     max_batch_size: int = 1,
-    compile: bool | str = True,
+    compile: bool | str | Callable = "auto",
     weights: str = "pretrained",
     ops: str = "auto",
     gemv: str = "auto",
     preset: str | None = None,
     seed: int = 0,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    verbose: bool = True,
     args_overrides: dict[str, Any] | None = None,
     **cache_settings: Any,
 ) -> Generator:
@@ -84,8 +171,10 @@ def load(
         device, dtype: default CUDA + bf16 when a GPU is present, else CPU + fp32.
         max_seq_len: longest prompt + generation (default: the model's context window).
         max_batch_size: rows decoded together (each prompt of a batch gets its own row).
-        compile: ``torch.compile(fullgraph=True)`` the decode step (CUDA: with CUDA graphs); False for eager, or a
-            backend name / callable.
+        compile: "auto" (default): on CUDA, the decode step compiled with ``torch.compile(fullgraph=True)`` and
+            replayed as one CUDA graph per token (the first call waits for the compiler), elsewhere eager. True
+            compiles on any device (on a CPU with inductor), False runs eagerly, a backend name or callable compiles
+            with that backend.
         weights: "pretrained", or "random" to build the architecture with random weights (no download).
         ops: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
         gemv: the decode step's weight products (``Transformer.set_gemv``): "auto" (on CUDA with the Triton ops, each
@@ -93,45 +182,47 @@ def load(
             gate apart), where timing it on this GPU at load (~20-30 s for a 7B model) found it faster than cuBLAS
             with the elementwise work beside; else torch), "triton" (the kernel for every product) or "torch"
             (cuBLAS).
-        preset: a named set of ZeroMerge settings (``zmzoo.cache.PRESETS``); explicit settings override it.
-        **cache_settings: tail, dense, decay, logw_scale, metric, score_merge, score_window, score_pool, sinks.
+        preset: a named set of ZeroMerge settings (``zmzoo.cache.PRESETS``); explicit settings override them.
+        seed: the seed of ``weights="random"``.
+        revision, token: the hub revision (branch, tag or commit) and access token for hub downloads.
+        verbose: show a progress bar while reading weights and print one line saying what was loaded (stderr).
+        args_overrides: ModelArgs fields to replace (e.g. ``{"n_layers": 2}`` with random weights).
+        **cache_settings: tail, dense, decay, logw_scale, metric, score_merge, score_window, score_pool, sinks,
+            lookahead, lookahead_prompt_weight (``zmzoo.cache``: each validated, with an error naming it).
     """
+    t0 = time.perf_counter()
     dev, dt = default_device_dtype(device, dtype)
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive whole number")
     if weights not in ("pretrained", "random"):
         raise ValueError(f"weights={weights!r} must be 'pretrained' or 'random'")
     backend = resolve_backend(ops, dev)
-    if gemv not in BACKENDS:
-        raise ValueError(f"gemv={gemv!r} is not one of {BACKENDS}")
-    if gemv == "auto" and (dev.type != "cuda" or backend != "triton"):
-        gemv = "torch"  # nothing to time: the interpreter's timings mean nothing, and without Triton there is no kernel
-    if gemv == "triton" and dev.type != "cuda" and backend != "triton":
-        raise RuntimeError("gemv='triton' on a CPU device runs the kernel in Triton's interpreter: pass ops='triton' "
-                           "with TRITON_INTERPRET=1 set before Python starts")
+    resolve_gemv(gemv, dev, backend)  # fail before reading any weights
     tokenizer = None
     state_dict = None
     if weights == "random":
         args = _args_for_random(name_or_path)
+        source = "random weights"
     else:
         from zmzoo.hub import resolve
         from zmzoo.tokenizer import Tokenizer
 
-        res = resolve(name_or_path)
+        res = resolve(name_or_path, revision=revision, token=token)
         if res.kind == "gguf":
             from zmzoo.models.weights import load_gguf
 
-            args, state_dict, meta = load_gguf(res.path)
+            args, state_dict, meta = load_gguf(res.path, dtype=dt, device=dev, progress=verbose)
             tokenizer = Tokenizer.from_gguf_metadata(meta)
-            if res.args is not None:
-                args = args.replace(name=res.args.name, hf_repo=res.args.hf_repo)
+            args = args.replace(name=res.name, hf_repo=res.args.hf_repo if res.args is not None else None)
+            source = f"GGUF {res.path.name}"
         else:
             from zmzoo.models.weights import find_safetensors, load_safetensors_state_dict
 
             config = json.loads((Path(res.path) / "config.json").read_text())
             args = ModelArgs.from_hf_config(config, name=res.name)
             files = find_safetensors(Path(res.path))
-            state_dict = load_safetensors_state_dict(files, args, dt, device=dev)
+            state_dict = load_safetensors_state_dict(files, args, dt, device=dev, progress=verbose)
+            source = f"safetensors from {res.path}"
             tok_files = ("tokenizer.json", "tokenizer.model")
             if any((Path(res.path) / f).is_file() for f in tok_files):
                 tokenizer = Tokenizer.from_dir(Path(res.path))
@@ -139,36 +230,24 @@ def load(
                 warnings.warn(f"{res.path} has no tokenizer ({' or '.join(tok_files)}): pass token ids", stacklevel=2)
     if args_overrides:
         args = args.replace(**args_overrides)
-    if max_seq_len is None:
-        max_seq_len = args.max_position_embeddings
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len={max_seq_len!r} must be a whole number >= 2")
-    if max_seq_len > args.max_position_embeddings:
-        warnings.warn(
-            f"max_seq_len {max_seq_len} exceeds {args.name}'s trained context window "
-            f"({args.max_position_embeddings}); quality past it is not guaranteed",
-            stacklevel=2,
-        )
-    cache_config = resolve_cache_config(max_seq_len=max_seq_len, method=method, kv_ratio=kv_ratio,
-                                        kv_budget=kv_budget, preset=preset, **cache_settings)
 
     with torch.device("meta"):
         model = Transformer(args)
     if state_dict is None:
-        model = model.to_empty(device=dev).to(dt)
+        model = model.to(dtype=dt).to_empty(device=dev)  # built in the target dtype: no fp32 copy of the model
         random_init_(model, seed)
         model.tie_weights()
     else:
         from zmzoo.models.weights import load_weights_into
 
-        state_dict = {k: t.to(device=dev, dtype=dt) for k, t in state_dict.items()}
-        load_weights_into(model, state_dict)
+        load_weights_into(model, state_dict)  # errors name each tensor's file and its name there
+        del state_dict
     model.eval().requires_grad_(False)
     model.fuse_projections()
-    caches = build_caches(cache_config, n_layers=args.n_layers, batch_size=max_batch_size, n_heads=args.n_heads,
-                          n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, max_seq_len=max_seq_len, dtype=dt,
-                          device=dev, sliding_window=args.sliding_window, backend=backend)
-    model.setup_caches(caches, max_seq_len)
-    model.set_gemv(gemv, rows=(max_batch_size,) if max_batch_size <= MAX_ROWS else ())
-    return Generator(model, tokenizer, args, cache_config, device=dev, dtype=dt, max_seq_len=max_seq_len,
-                     max_batch_size=max_batch_size, compile=compile, backend=backend)
+    gen = make_generator(model, tokenizer, args, device=dev, dtype=dt, max_seq_len=max_seq_len,
+                         max_batch_size=max_batch_size, compile=compile, backend=backend, gemv=gemv,
+                         verbose=verbose, method=method, kv_ratio=kv_ratio, kv_budget=kv_budget, preset=preset,
+                         **cache_settings)
+    if verbose:
+        print(_describe(gen, source, time.perf_counter() - t0), file=sys.stderr, flush=True)
+    return gen

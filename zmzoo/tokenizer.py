@@ -490,9 +490,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """The tokenizer of a ``.gguf`` file (reads its metadata only)."""
-        import gguf
+        from zmzoo.models.weights import open_gguf, read_gguf_metadata
 
-        from zmzoo.models.weights import read_gguf_metadata
-
-        meta = read_gguf_metadata(gguf.GGUFReader(str(path)))
+        meta = read_gguf_metadata(open_gguf(path))  # a corrupt or truncated file: an error naming it
         return cls.from_gguf_metadata(meta, source=str(path))

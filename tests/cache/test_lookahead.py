@@ -63,7 +63,7 @@ def test_lookahead_selection_matches_reference(n, pool, weight):
         torch.testing.assert_close(cache.v[0], vv, rtol=1e-5, atol=1e-5, msg=f"layer {layer} values")
         torch.testing.assert_close(cache.w[0], ww, msg=f"layer {layer} weights")
         torch.testing.assert_close(cache.s[0], ss, rtol=1e-4, atol=1e-6, msg=f"layer {layer} scores")
-        assert cache.pending_lookahead() == 0
+        assert cache.draft_steps() == 0
 
 
 def test_lookahead_leaves_no_trace_when_the_prompt_fits():

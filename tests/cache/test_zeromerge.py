@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zmzoo.cache import build_caches, resolve_cache_config
-from zmzoo.cache.base import causal_attention
+from zmzoo.ops.prompt_attention import causal_attention
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 D = 8

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import zmzoo
+from tests.conftest import SDPACache, write_hf_checkpoint
 from tests.conftest import tiny_args as family_args
-from tests.conftest import write_hf_checkpoint
 from zmzoo.models.config import ModelArgs
 from zmzoo.models.transformer import Transformer
 from zmzoo.models.weights import (
@@ -168,15 +167,6 @@ def hf_sd_of(model, args: ModelArgs) -> dict[str, torch.Tensor]:
     if args.tie_embeddings:
         sd.pop("lm_head.weight")
     return sd
-
-
-class SDPACache(torch.nn.Module):
-    """Test-only stand-in for a KV cache: causal attention over the prompt (prefill only)."""
-
-    def prefill(self, q, k, v, row):
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
 
 
 def zmzoo_model(args: ModelArgs, sd) -> Transformer:

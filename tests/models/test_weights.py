@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import zmzoo
+from tests.conftest import SDPACache
 from zmzoo.models.config import ModelArgs
 from zmzoo.models.transformer import Transformer
 from zmzoo.models.weights import (
@@ -105,15 +105,6 @@ def expected_pairs(hf, args: ModelArgs) -> dict[str, torch.Tensor]:
         if args.qk_norm:
             out |= {p + "attention.q_norm.weight": a.q_norm.weight, p + "attention.k_norm.weight": a.k_norm.weight}
     return out
-
-
-class SDPACache(torch.nn.Module):
-    """Test-only stand-in for a KV cache: causal attention over the prompt (prefill only)."""
-
-    def prefill(self, q, k, v, row):
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
 
 
 def zmzoo_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:

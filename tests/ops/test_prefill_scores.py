@@ -75,11 +75,11 @@ def test_compile_fullgraph():
 def test_given_lse_equals_recomputed(n_heads, n_kv, t, d, dtype):
     """With the queries' log-sum-exp from the prompt's attention (the CPU flash kernel here, as ZeroMergeCache passes
     it), both the reference and the kernel's one-pass path give the two-pass scores."""
-    from zmzoo.cache.base import causal_attention_lse
+    from zmzoo.ops.prompt_attention import prompt_attention
 
     q, k_flat = make_inputs(n_heads, n_kv, t, d, torch.float32, seed=t)
     k = k_flat.unsqueeze(0)
-    out, lse = causal_attention_lse(q, k, torch.randn_like(k), sm_scale=d**-0.5)
+    out, lse = prompt_attention(q, k, torch.randn_like(k), sm_scale=d**-0.5, want_lse=True)
     assert lse is not None and lse.shape == (1, n_heads, t)
     n_q = decay_window(0.98, t)
     qw = q[0, :, t - n_q :].to(dtype)
@@ -93,9 +93,9 @@ def test_given_lse_equals_recomputed(n_heads, n_kv, t, d, dtype):
         prefill_scores(qw, kd, decay=0.98, lse=lse_w[:, 1:], backend="triton")
 
 
-def test_zeromerge_prefill_hands_the_attention_lse_to_the_kernel(monkeypatch):
-    """ZeroMergeCache with the Triton backend scores the prompt in one pass: the prompt's attention returns the
-    log-sum-exp and prefill_scores receives it (and the result is the two-pass one)."""
+def test_zeromerge_prefill_hands_the_attention_lse_to_the_scoring(monkeypatch):
+    """ZeroMergeCache scores the prompt in one pass whichever ops it runs: the prompt's attention returns the
+    log-sum-exp (the CPU flash kernel here) and prefill_scores receives it; the torch and Triton scorings agree."""
     import zmzoo.cache.zeromerge as zm
     from zmzoo.cache import build_caches, resolve_cache_config
 
@@ -112,7 +112,7 @@ def test_zeromerge_prefill_hands_the_attention_lse_to_the_kernel(monkeypatch):
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(1, 4, 40, 16, generator=g), torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 40, 16)
     outs = {b: c.prefill(q, k, v, 0) for b, c in caches.items()}
-    assert seen[0] is None and seen[1] is not None and seen[1].shape == (4, 40)
+    assert len(seen) == 2 and all(lse is not None and lse.shape == (4, 40) for lse in seen)
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(caches["triton"].s, caches["torch"].s, rtol=1e-5, atol=1e-6)
     assert torch.equal(caches["triton"].w, caches["torch"].w)

@@ -1,14 +1,23 @@
 """The cache protocol: one ``nn.Module`` per layer that owns attention.
 
-The model hands each layer's cache q, k, v after RoPE and gets the attention output back:
+The model hands each layer's cache q, k, v after RoPE and gets the attention output back. It never asks which cache
+it has: every method (full, zeromerge, h2o, streaming, snapkv) implements the same calls, with no-op defaults here
+for what does not apply to it.
 
 - ``prefill(q, k, v, row)``: q (1, H, T, D), k/v (1, Hkv, T, D) of one prompt at positions 0..T-1, stored into batch
   row ``row``; returns the causal attention output (1, H, T, D). Runs eagerly, once per prompt.
+- ``draft_steps()``, ``draft(q, k, v, step)``, ``finish_prefill()``: after the prompt's prefill the model asks every
+  cache how many greedy draft tokens it wants decoded over the prompt before it compresses it (ZeroMerge's
+  ``lookahead``; 0 for every other cache); it decodes that many, feeding each layer's q/k/v to ``draft``, then calls
+  ``finish_prefill`` on every cache. The draft is discarded: decoding starts at position T.
 - ``decode(q, k, v, pos)``: q (B, H, 1, D), k/v (B, Hkv, 1, D) of one new token per row at absolute positions
   ``pos`` (B,) (= tokens the row has seen before it); returns (B, H, 1, D). Static shapes, no host syncs, no Python
   branches on tensor values: ``torch.compile(fullgraph=True)`` and CUDA graphs capture it once.
+- ``extra_positions``: how many positions past ``max_seq_len`` the cache may be fed (the draft's), so the model builds
+  its RoPE tables that long.
 
-Buffers are allocated once in ``__init__`` (``persistent=False``) and only ever written in place.
+Buffers are allocated once in ``__init__`` (``persistent=False``) and only ever written in place. Which kernel runs
+(Triton or the torch reference) is the ops' business (``zmzoo.ops``): a cache passes its ``backend`` through.
 """
 
 from __future__ import annotations
@@ -16,52 +25,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None = None) -> Tensor:
-    """Causal (optionally sliding-window) attention of a prompt: q (1, H, T, D), k/v (1, Hkv, T, D)."""
-    t = q.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if sliding_window is None or t <= sliding_window:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    i = torch.arange(t, device=q.device)
-    mask = (i.view(-1, 1) >= i.view(1, -1)) & (i.view(-1, 1) - i.view(1, -1) < sliding_window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-def causal_attention_lse(q: Tensor, k: Tensor, v: Tensor, sm_scale: float) -> tuple[Tensor, Tensor | None]:
-    """``causal_attention`` plus each query's natural-log log-sum-exp (1, H, T) fp32, taken from the attention kernel
-    that computes the output anyway, so that prompt scoring need not recompute it: on CUDA fp16/bf16 cuDNN's (what
-    ``scaled_dot_product_attention`` picks on Hopper; the H200 ran a 40K prompt's layer in 22.8 ms with it against
-    41.4 ms with the flash kernel, log-sum-exps equal to 4e-6), then the flash kernel's; on the CPU its flash kernel.
-    Falls back to ``(causal_attention(q, k, v), None)`` wherever those kernels refuse the inputs (their checks run
-    before any launch)."""
-    aten = torch.ops.aten
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-        kernels = [lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=sm_scale)]
-        if torch.backends.cuda.cudnn_sdp_enabled():
-            kernels.insert(0, lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
-                                                                               scale=sm_scale))
-    elif q.device.type == "cpu":
-        kernels = [lambda: aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=sm_scale)]
-    else:
-        kernels = []
-    for kernel in kernels:
-        try:
-            out, lse = kernel()[:2]
-        except (RuntimeError, NotImplementedError):
-            continue
-        if out.shape == q.shape and lse.numel() == math.prod(q.shape[:3]):
-            return out, lse.reshape(q.shape[:3])  # cuDNN's is (B, H, T, 1)
-    return causal_attention(q, k, v), None
-
-
 class KVCache(nn.Module):
-    """Base class; subclasses set ``method`` and implement ``prefill`` and ``decode``."""
+    """Base class; subclasses set ``method`` and implement ``prefill`` and ``decode`` (see the module docstring)."""
 
     method = "base"
+    extra_positions = 0  # positions past max_seq_len this cache may be fed (the prefill draft's)
 
     def __init__(
         self,
@@ -100,6 +71,18 @@ class KVCache(nn.Module):
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         raise NotImplementedError
+
+    # prefill draft: a no-op for every cache but ZeroMerge with a lookahead
+    def draft_steps(self) -> int:
+        """Greedy draft tokens this cache wants decoded over the prompt it just prefilled before compressing it."""
+        return 0
+
+    def draft(self, q: Tensor, k: Tensor, v: Tensor, step: int) -> Tensor:
+        """Attention output (1, H, 1, D) of draft token ``step`` (at position T + step) over the pending prompt."""
+        raise RuntimeError(f"{self.method} cache: no draft pending (draft_steps() is 0)")
+
+    def finish_prefill(self) -> None:
+        """Called on every cache once the prompt's draft (if any) is done: compress what is pending."""
 
     def reset(self) -> None:
         for buf in self.buffers():

@@ -14,12 +14,15 @@ The eviction baselines (``zmzoo.cache.eviction``) reuse this frame with another 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from zmzoo.cache.base import KVCache, causal_attention, causal_attention_lse
+from zmzoo.cache.base import KVCache
 from zmzoo.ops.decode_attention import decode_attention
 from zmzoo.ops.prefill_scores import decay_window, pool_scores, prefill_scores
+from zmzoo.ops.prompt_attention import prompt_attention
 from zmzoo.ops.slot_insert import slot_insert
 
 
@@ -92,7 +95,12 @@ class ZeroMergeCache(KVCache):
         self.metric, self.score_merge = metric, score_merge
         self.score_window, self.score_pool = score_window, score_pool
         self.lookahead, self.lookahead_prompt_weight = lookahead, lookahead_prompt_weight
+        self.extra_positions = lookahead  # the draft runs at positions T .. T + lookahead - 1
         self._pending: dict | None = None  # a prompt waiting for its lookahead draft before compression
+        # diagnostics (bench/probes/needle_trace.py): called as prompt_hook(row, k, scores) with the prompt's keys
+        # (1, Hkv, T, D) and its scores (Hkv, T) before the selection; what it returns (scores or None for the same)
+        # is selected on
+        self.prompt_hook: Callable[[int, Tensor, Tensor | None], Tensor | None] | None = None
         dev = kw["device"]
         shape = (self.batch_size, self.n_kv_heads, budget)
         self.register_buffer("k", torch.zeros(shape + (self.head_dim,), dtype=self.dtype, device=dev),
@@ -159,13 +167,13 @@ class ZeroMergeCache(KVCache):
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
         t = self._check_prefill(q, k, row)
         need_scores = self._needs_prompt_scores(t)
-        lse = None
-        if need_scores and self.backend == "triton" and (self.sliding_window is None or t <= self.sliding_window):
-            # the Triton scoring skips its log-sum-exp pass when the attention hands it over
-            out, lse = causal_attention_lse(q, k, v, self.sm_scale)
-        else:
-            out = causal_attention(q, k, v, self.sliding_window)
+        # the scoring skips its log-sum-exp pass where the attention's kernel hands it over
+        out, lse = prompt_attention(q, k, v, sliding_window=self.sliding_window, sm_scale=self.sm_scale,
+                                    want_lse=need_scores)
         scores = self.prompt_scores(q, k, lse) if need_scores else None
+        if self.prompt_hook is not None:
+            hooked = self.prompt_hook(row, k, scores)
+            scores = scores if hooked is None else hooked
         self.w[row].zero_()
         self.s[row].zero_()
         self.base[row] = max(t, self.budget)
@@ -196,8 +204,8 @@ class ZeroMergeCache(KVCache):
         self.s[row].copy_(sc)
 
     # ------------------------------------------------------- lookahead (prefill only)
-    def pending_lookahead(self) -> int:
-        """Draft tokens this cache still wants before it compresses the prompt just prefilled (0: none)."""
+    def draft_steps(self) -> int:
+        """Draft tokens this cache wants before it compresses the prompt just prefilled (0: none pending)."""
         return self.lookahead if self._pending is not None else 0
 
     @torch.no_grad()

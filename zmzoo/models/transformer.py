@@ -10,14 +10,32 @@ The model computes q, k, v and RoPE and hands them to its layer's KV cache, whic
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zmzoo.models.config import ModelArgs
-from zmzoo.ops.gemv import BACKENDS, Fusion, gemv, rms_norm, silu_mul, tune
+from zmzoo.ops.gemv import (
+    BACKENDS,
+    MAX_ROWS,
+    Config,
+    Fusion,
+    Split,
+    Tuned,
+    gemv,
+    gemv_config,
+    rms_norm,
+    silu_mul,
+    tune,
+    tuning_key,
+)
+
+Plan = Config | Split | None  # how a decode-step product runs (``zmzoo.ops.gemv``): None is the torch composition
 
 
 class RMSNorm(nn.Module):
@@ -26,22 +44,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
-        return (compiled(rms_norm) if fused else rms_norm)(x, self.weight, self.eps)
+    def forward(self, x: Tensor, kern: PrefillKernels | None = None) -> Tensor:
+        return (kern.rms_norm if kern is not None else rms_norm)(x, self.weight, self.eps)
 
 
-_COMPILED: dict = {}
+class PrefillKernels:
+    """The prompt's elementwise work (RMSNorm, RoPE, SiLU gate), each compiled once for every shape
+    (``dynamic=True``): one fused kernel each instead of 2-8 eager ones with fp32 temporaries. Eager, these took a
+    quarter of a 40K-token prefill on the H200 (the decode step is compiled whole anyway). A model holds its own
+    (``Transformer.set_prefill_kernels``, which ``zmzoo.load`` calls on CUDA with compile on)."""
 
+    def __init__(self, backend: str | Callable = "inductor"):
+        def comp(fn):
+            return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
 
-def compiled(fn):
-    """``fn`` compiled once for every shape (``dynamic=True``): the prompt's elementwise work (RMSNorm, RoPE, SiLU
-    gate) as one fused kernel each instead of 2-8 eager ones with fp32 temporaries. Eager, these took a quarter of a
-    40K-token prefill on the H200 (the decode step is compiled whole anyway). Used where ``Transformer.fused_prefill``
-    is set (by the Generator on CUDA with ``compile=True``)."""
-    c = _COMPILED.get(fn)
-    if c is None:
-        c = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return c
+        self.rms_norm, self.rope, self.silu_mul = comp(rms_norm), comp(_rope), comp(silu_mul)
 
 
 def rope_inv_freq(args: ModelArgs) -> tuple[Tensor, float]:
@@ -102,14 +119,14 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rot * sin).to(x.dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096, fused: bool = False) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096, kern: PrefillKernels | None = None) -> Tensor:
     """x: (B, h, T, d); cos/sin: (B, 1, T, d) fp32. Rotation in fp32, result in x's dtype.
 
     Long prompts are rotated ``chunk`` positions at a time: the fp32 temporaries of a 40K-token prompt at 7B width
-    would otherwise be four copies of q in fp32 (2.5 GiB), more than the rest of the layer's activations. ``fused``:
-    one compiled kernel, which has no temporaries (see ``compiled``)."""
-    if fused:
-        return compiled(_rope)(x, cos, sin)
+    would otherwise be four copies of q in fp32 (2.5 GiB), more than the rest of the layer's activations. ``kern``:
+    one compiled kernel, which has no temporaries (see ``PrefillKernels``)."""
+    if kern is not None:
+        return kern.rope(x, cos, sin)
     t = x.shape[2]
     if t <= chunk:
         return _rope(x, cos, sin)
@@ -136,9 +153,11 @@ def fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
     return w, b
 
 
-class Attention(nn.Module):
-    gemv = "torch"  # backend of the decode step's projections (Transformer.set_gemv)
+def _gemv_kw(plan: Plan) -> dict:
+    return {"backend": "torch"} if plan is None else {"backend": "triton", "config": plan}
 
+
+class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -150,7 +169,10 @@ class Attention(nn.Module):
         if args.qk_norm:
             self.q_norm = RMSNorm(hd, args.norm_eps)
             self.k_norm = RMSNorm(hd, args.norm_eps)
+        self.register_buffer("wqkv", None, persistent=False)  # q|k|v as one matrix once fused (fuse)
+        self.register_buffer("bqkv", None, persistent=False)
         self.kv_cache = None  # a zmzoo.cache.KVCache, set by Transformer.setup_caches
+        self.gemv_plan: dict[str, Plan] = {}  # "qkv", "wo" -> how the decode step's product runs (set_gemv)
 
     def fuse(self) -> None:
         """One (q|k|v) matrix: a single GEMV reads all three (batch-1 decode is bound by weight reads, and one large
@@ -165,9 +187,9 @@ class Attention(nn.Module):
         bsz, t, _ = x.shape
         hd = self.args.head_dim
         nq, nkv = self.args.n_heads * hd, self.args.n_kv_heads * hd
-        if getattr(self, "wqkv", None) is not None:
+        if self.wqkv is not None:
             q, k, v = gemv(x, self.wqkv, self.bqkv, norm=norm.weight, eps=norm.eps,
-                           backend=self.gemv).split((nq, nkv, nkv), dim=-1)
+                           **_gemv_kw(self.gemv_plan.get("qkv"))).split((nq, nkv, nkv), dim=-1)
         else:
             x = norm(x)
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -179,7 +201,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _qkv_prefill(self, x: Tensor, cos: Tensor, sin: Tensor, fused: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv_prefill(self, x: Tensor, cos: Tensor, sin: Tensor,
+                     kern: PrefillKernels | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The prompt's q, k, v one projection at a time, each rotated as soon as it exists: a prompt's activations
         are large (320 MiB each at 40K tokens and 7B widths), and this keeps three of them alive where the fused
         projection kept its whole output (three) plus the two rotated copies. Prefill is bound by compute, so the
@@ -188,22 +211,22 @@ class Attention(nn.Module):
         hd = self.args.head_dim
         q = self.wq(x).view(bsz, t, self.args.n_heads, hd)
         if self.args.qk_norm:
-            q = self.q_norm(q, fused)
-        q = apply_rope(q.transpose(1, 2), cos, sin, fused=fused)
+            q = self.q_norm(q, kern)
+        q = apply_rope(q.transpose(1, 2), cos, sin, kern=kern)
         k = self.wk(x).view(bsz, t, self.args.n_kv_heads, hd)
         if self.args.qk_norm:
-            k = self.k_norm(k, fused)
-        k = apply_rope(k.transpose(1, 2), cos, sin, fused=fused)
+            k = self.k_norm(k, kern)
+        k = apply_rope(k.transpose(1, 2), cos, sin, kern=kern)
         v = self.wv(x).view(bsz, t, self.args.n_kv_heads, hd).transpose(1, 2)
         return q, k, v
 
     def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, norm: nn.Module | None = None,
-                fused: bool = False) -> Tensor:
+                kern: PrefillKernels | None = None) -> Tensor:
         """``norm`` (the block's attention norm) is applied here so that the normalised prompt can be freed as soon
-        as q, k, v exist; q, k, v are freed before the output projection. ``fused``: see ``compiled``."""
+        as q, k, v exist; q, k, v are freed before the output projection. ``kern``: see ``PrefillKernels``."""
         bsz, t, _ = x.shape
-        xn = norm(x, fused) if norm is not None else x
-        q, k, v = self._qkv_prefill(xn, cos, sin, fused)
+        xn = norm(x, kern) if norm is not None else x
+        q, k, v = self._qkv_prefill(xn, cos, sin, kern)
         del xn
         y = self.kv_cache.prefill(q, k, v, row)  # (1, H, T, hd)
         del q, k, v
@@ -213,7 +236,8 @@ class Attention(nn.Module):
         """The residual stream after attention: x + attention(norm(x)), the add inside the output projection."""
         q, k, v = self._qkv(x, cos, sin, norm)
         y = self.kv_cache.decode(q, k, v, pos)  # (B, H, 1, hd)
-        return gemv(y.transpose(1, 2).reshape(x.shape[0], 1, -1), self.wo.weight, residual=x, backend=self.gemv)
+        return gemv(y.transpose(1, 2).reshape(x.shape[0], 1, -1), self.wo.weight, residual=x,
+                    **_gemv_kw(self.gemv_plan.get("wo")))
 
     def draft(self, x: Tensor, cos: Tensor, sin: Tensor, step: int, norm: RMSNorm) -> Tensor:
         q, k, v = self._qkv(x, cos, sin, norm)
@@ -222,10 +246,10 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    gemv = "torch"  # see Attention.gemv; prompts (more than a few rows) always use F.linear
-
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.gemv_plan: dict[str, Plan] = {}  # "w13", "w2" (see Attention.gemv_plan); prompts always use F.linear
+        self.register_buffer("w13", None, persistent=False)  # gate|up as one matrix once fused (fuse)
         self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
@@ -234,20 +258,20 @@ class FeedForward(nn.Module):
         """One (gate|up) matrix (see ``Attention.fuse``)."""
         self.register_buffer("w13", fuse_linears(self.w1, self.w3)[0], persistent=False)
 
-    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+    def forward(self, x: Tensor, kern: PrefillKernels | None = None) -> Tensor:
         """The prompt's MLP (of the normalised x)."""
-        act = compiled(silu_mul) if fused else silu_mul
-        if getattr(self, "w13", None) is not None:
+        act = kern.silu_mul if kern is not None else silu_mul
+        if self.w13 is not None:
             return self.w2(act(*F.linear(x, self.w13).chunk(2, dim=-1)))
         return self.w2(act(self.w1(x), self.w3(x)))
 
     def decode(self, h: Tensor, norm: RMSNorm) -> Tensor:
         """The residual stream after the MLP: h + mlp(norm(h)). With gate|up fused, two products: the norm inside the
         first, SiLU gate and residual add inside the second."""
-        if getattr(self, "w13", None) is None:
+        if self.w13 is None:
             return h + self(norm(h))
-        gate_up = gemv(h, self.w13, norm=norm.weight, eps=norm.eps, backend=self.gemv)
-        return gemv(gate_up, self.w2.weight, silu=True, residual=h, backend=self.gemv)
+        gate_up = gemv(h, self.w13, norm=norm.weight, eps=norm.eps, **_gemv_kw(self.gemv_plan.get("w13")))
+        return gemv(gate_up, self.w2.weight, silu=True, residual=h, **_gemv_kw(self.gemv_plan.get("w2")))
 
 
 class TransformerBlock(nn.Module):
@@ -258,19 +282,19 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def _mlp(self, h: Tensor, fused: bool = False) -> Tensor:
-        return h + self.feed_forward(self.ffn_norm(h, fused), fused)
+    def _mlp(self, h: Tensor, kern: PrefillKernels | None = None) -> Tensor:
+        return h + self.feed_forward(self.ffn_norm(h, kern), kern)
 
     def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, mlp_chunk: int = 4096,
-                fused: bool = False) -> Tensor:
-        h = x + self.attention.prefill(x, cos, sin, row, norm=self.attention_norm, fused=fused)
+                kern: PrefillKernels | None = None) -> Tensor:
+        h = x + self.attention.prefill(x, cos, sin, row, norm=self.attention_norm, kern=kern)
         if h.shape[1] <= mlp_chunk:
-            return self._mlp(h, fused)
+            return self._mlp(h, kern)
         # long prompts: the MLP's (T, 2 x intermediate) activations in chunks, written into one output, bound
         # prefill's peak memory (GEMMs of 4096 rows still run at full speed)
         out = torch.empty_like(h)
         for a in range(0, h.shape[1], mlp_chunk):
-            out[:, a : a + mlp_chunk] = self._mlp(h[:, a : a + mlp_chunk], fused)
+            out[:, a : a + mlp_chunk] = self._mlp(h[:, a : a + mlp_chunk], kern)
         return out
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
@@ -292,35 +316,53 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_seq_len = 0
-        self.fused_prefill = False  # the prompt's elementwise work in compiled kernels (see ``compiled``)
-        self.gemv = "torch"
+        self.prefill_kernels: PrefillKernels | None = None  # the prompt's elementwise work compiled (see there)
+        self.gemv = "torch"  # the decode step's products (set_gemv)
+        self.gemv_plan: dict[str, Plan] = {}  # "output": the LM head's product (see Attention.gemv_plan)
+        self.gemv_tuning: dict[tuple, Tuned] = {}  # what zmzoo.ops.gemv.tune measured on this model's weights
 
-    def set_gemv(self, backend: str, rows: tuple[int, ...] = (1, 2, 4)) -> None:
+    def set_prefill_kernels(self, kernels: PrefillKernels | None) -> None:
+        """Run the prompt's RMSNorm, RoPE and SiLU gate through ``kernels`` (compiled), or eagerly with None."""
+        self.prefill_kernels = kernels
+
+    def set_gemv(self, backend: str, rows: tuple[int, ...] = (1,)) -> None:
         """Backend of the decode step's matrix-vector products (q|k|v, output projection, gate|up, down, LM head):
-        "torch" (F.linear: cuBLAS on CUDA), "triton" (``zmzoo.ops.gemv``'s kernel for steps of 1-4 rows, F.linear
-        beyond) or "auto" (per weight shape whichever of the two was faster). On CUDA, "triton" and "auto" first time
-        the kernel's launch settings and F.linear on this model's weights for steps of ``rows`` rows
-        (``zmzoo.ops.gemv.tune``: ~13 s for LLaMA-2-7B on an H200); set it before the decode step is compiled."""
+        "torch" (F.linear: cuBLAS on CUDA), "triton" (``zmzoo.ops.gemv``'s kernel) or "auto" (per product whichever
+        measured faster). The decode step runs ``rows[0]`` rows (its batch); more than ``MAX_ROWS`` always run
+        F.linear. On CUDA, "triton" and "auto" first time the kernel's launch settings and F.linear on this model's
+        weights (``zmzoo.ops.gemv.tune``: ~13 s for LLaMA-2-7B on an H200; shapes this model already timed are not
+        timed again) and keep the table in ``gemv_tuning``; untimed (CPU, the interpreter), "triton" runs the
+        kernel's default setting and "auto" runs F.linear. Set it before the decode step is compiled."""
         if backend not in BACKENDS:
             raise ValueError(f"gemv backend {backend!r} is not one of {BACKENDS}")
-        if backend != "torch":
-            tune(self.decode_products(), rows=rows)
+        m = rows[0] if rows else 0
+        if backend != "torch" and 0 < m <= MAX_ROWS:
+            self.gemv_tuning.update(tune(self.decode_products(), rows=(m,), known=self.gemv_tuning))
+        for owner, name, w, fusion in self._products():
+            plan = None
+            if backend != "torch" and 0 < m <= MAX_ROWS:
+                tuned = self.gemv_tuning.get(tuning_key(m, w, fusion))
+                plan = tuned.plan(backend) if tuned is not None else (gemv_config(m) if backend == "triton" else None)
+            owner.gemv_plan[name] = plan
         self.gemv = backend
+
+    def _products(self) -> list[tuple[nn.Module, str, Tensor, Fusion]]:
+        """(module, plan name, weight, fusion) of every product the decode step runs through ``gemv``."""
+        out = []
         for layer in self.layers:
-            layer.attention.gemv = layer.feed_forward.gemv = backend
+            att, ff = layer.attention, layer.feed_forward
+            if att.wqkv is not None:
+                out.append((att, "qkv", att.wqkv, Fusion(norm=True)))
+            out.append((att, "wo", att.wo.weight, Fusion(residual=True)))
+            if ff.w13 is not None:
+                out += [(ff, "w13", ff.w13, Fusion(norm=True)),
+                        (ff, "w2", ff.w2.weight, Fusion(silu=True, residual=True))]
+        return out + [(self, "output", self.output.weight, Fusion(norm=True))]
 
     def decode_products(self) -> list[tuple[Tensor, Fusion]]:
         """The matrices the decode step multiplies by through ``gemv``, with what each product fuses (q|k|v and
         gate|up once fused, see ``fuse_projections``; unfused ones go through their nn.Linear)."""
-        out = []
-        for layer in self.layers:
-            att, ff = layer.attention, layer.feed_forward
-            if getattr(att, "wqkv", None) is not None:
-                out.append((att.wqkv, Fusion(norm=True)))
-            out.append((att.wo.weight, Fusion(residual=True)))
-            if getattr(ff, "w13", None) is not None:
-                out += [(ff.w13, Fusion(norm=True)), (ff.w2.weight, Fusion(silu=True, residual=True))]
-        return out + [(self.output.weight, Fusion(norm=True))]
+        return [(w, fusion) for _, _, w, fusion in self._products()]
 
     def tie_weights(self) -> None:
         """Re-tie the output projection to the embedding (after ``load_state_dict(assign=True)``)."""
@@ -341,12 +383,28 @@ class Transformer(nn.Module):
         for layer, cache in zip(self.layers, caches):
             layer.attention.kv_cache = cache
         device = self.tok_embeddings.weight.device
-        # positions past max_seq_len only for the lookahead draft of caches that score the prompt with one
-        extra = max((getattr(c, "lookahead", 0) for c in caches), default=0)
+        # positions past max_seq_len only for a prefill draft (ZeroMerge's lookahead; see zmzoo/cache/base.py)
+        extra = max((c.extra_positions for c in caches), default=0)
         cos, sin = rope_tables(self.args, max_seq_len + extra)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
         self.max_seq_len = max_seq_len
+
+    def detach_caches(self) -> None:
+        """Let go of the layers' caches (their memory can then be freed)."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def shared_copy(self) -> Transformer:
+        """A second model on the same weights: every parameter and buffer (the fused matrices, the RoPE tables) is
+        the same tensor, nothing is copied; it has no caches (``setup_caches``) and its own GEMV plans and
+        ``gemv_tuning`` (starting from this model's), so the two can run side by side with different caches."""
+        memo: dict[int, object] = {id(t): t for t in itertools.chain(self.parameters(), self.buffers())}
+        for cache in self.caches:
+            memo[id(cache)] = None
+        if self.prefill_kernels is not None:  # compiled pure functions: shared
+            memo[id(self.prefill_kernels)] = self.prefill_kernels
+        return copy.deepcopy(self, memo)
 
     @property
     def caches(self) -> list[nn.Module]:
@@ -366,17 +424,20 @@ class Transformer(nn.Module):
         sin = self.rope_sin[:t].view(1, 1, t, -1)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer.prefill(x, cos, sin, row, fused=self.fused_prefill)
+            x = layer.prefill(x, cos, sin, row, kern=self.prefill_kernels)
         x = x if all_logits else x[:, -1:]
         logits = self.output(self.norm(x))
-        self._lookahead(logits[:, -1], t)
+        self._draft(logits[:, -1], t)
+        for c in self.caches:
+            c.finish_prefill()
         return logits if all_logits else logits[:, 0]
 
-    def _lookahead(self, last_logits: Tensor, t: int) -> None:
-        """Caches that score the prompt with a lookahead (ZeroMerge's ``lookahead`` setting) hold the whole prompt
-        after prefill: draft that many greedy tokens through full attention over it (their probabilities join the
-        prompt's scores), then let every cache compress. The draft is discarded; decoding starts at position T."""
-        n = max((c.pending_lookahead() for c in self.caches if hasattr(c, "pending_lookahead")), default=0)
+    def _draft(self, last_logits: Tensor, t: int) -> None:
+        """The cache protocol's prefill draft (zmzoo/cache/base.py): caches that want one (ZeroMerge's
+        ``lookahead``) hold the whole prompt after prefill; draft that many greedy tokens through every layer (each
+        cache attends them over the prompt and folds their attention into the prompt's scores). The draft is
+        discarded; decoding starts at position T."""
+        n = max((c.draft_steps() for c in self.caches), default=0)
         if n == 0:
             return
         tok = last_logits.argmax(-1)  # (1,)
@@ -388,9 +449,6 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 x = layer.draft(x, cos, sin, step)
             tok = self.output(self.norm(x))[:, 0].argmax(-1)
-        for c in self.caches:
-            if hasattr(c, "finish_prefill"):
-                c.finish_prefill()
 
     def decode(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """One token per batch row: tokens (B,) at absolute positions pos (B,) -> logits (B, V)."""
@@ -400,4 +458,5 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens.view(bsz, 1))
         for layer in self.layers:
             x = layer.decode(x, cos, sin, pos)
-        return gemv(x, self.output.weight, norm=self.norm.weight, eps=self.norm.eps, backend=self.gemv)[:, 0]
+        return gemv(x, self.output.weight, norm=self.norm.weight, eps=self.norm.eps,
+                    **_gemv_kw(self.gemv_plan.get("output")))[:, 0]

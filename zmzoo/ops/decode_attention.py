@@ -37,7 +37,7 @@ def slot_range(start: Tensor | None, end: Tensor, end_offset: int = 0, window: i
     """(start, end) tensors of the valid range, as the kernels derive it (before clamping to [0, S))."""
     end = end + end_offset if end_offset else end
     if start is None:
-        start = (end - window).clamp(min=0) if window else torch.zeros_like(end)
+        start = (end - window).clamp(min=0) if window is not None else torch.zeros_like(end)
     return start, end
 
 
@@ -436,7 +436,7 @@ def _decode_attention_launch(
     scores_arg = scores if has_scores else dummy
     has_start = start is not None
     start_arg = start if has_start else end
-    window_arg = int(window) if window else 1 << 30
+    window_arg = 1 << 30 if window is None or window < 0 else int(window)  # the op passes -1 for no window
     w_strides = w.stride() if has_w else (0, 0, 0)
     s_strides = scores.stride() if has_scores else (0, 0, 0)
 
@@ -542,11 +542,11 @@ def decode_attention_triton(
         _check_store_new(k_new, v_new, end_offset)
         out, new_score = torch.ops.zmzoo.decode_attention_store(
             q, k, v, start, end, k_new, v_new, w, scores, float(logw_scale), float(decay), float(sm_scale),
-            int(window or 0)
+            -1 if window is None else int(window)
         )
     else:
         out, new_score = torch.ops.zmzoo.decode_attention(
             q, k, v, start, end, k_new, v_new, w, scores, float(logw_scale), float(decay), float(sm_scale),
-            int(end_offset), int(window or 0)
+            int(end_offset), -1 if window is None else int(window)
         )
     return out, (new_score if k_new is not None and scores is not None else None)

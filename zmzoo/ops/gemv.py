@@ -18,9 +18,10 @@ kept in registers: no split-K, no second kernel.
 
 Which launch setting is fastest depends on the shape, the fusion and the GPU, and cuBLAS plus a separate elementwise
 kernel is faster for some. So ``tune(products)`` times every setting of ``CANDIDATES`` and the compiled torch
-composition on the weights themselves, on the device, before the decode step is compiled (``Transformer.set_gemv``
-calls it), and records per (rows, N, K, dtype, fusion) the winner: ``backend="auto"`` then runs whichever was
-faster, ``backend="triton"`` the kernel's best setting.
+composition on the weights themselves, on the device, before the decode step is compiled, and returns per (rows, N,
+K, dtype, fusion) what it measured. ``Transformer.set_gemv`` keeps that table on the model (two models in one process
+never see each other's) and gives each product its plan: the kernel's fastest ``Config``, a ``Split``, or None for
+the torch composition; ``gemv(..., config=plan)`` runs it.
 """
 
 from __future__ import annotations
@@ -83,10 +84,15 @@ class Split(NamedTuple):
     config: Config
 
 
-# (rows bucket, N, K, dtype, device, Fusion) -> (what "auto" runs: the kernel's fastest Config, a Split, or None where
-# the torch composition was faster; what "triton" runs: the kernel's fastest Config)
-_TUNED: dict[tuple, tuple[Optional[Config | Split], Config]] = {}  # noqa: UP045
-_TIMES: dict[tuple, dict[str, float]] = {}  # the same key -> seconds per call of each setting ("torch" included)
+class Tuned(NamedTuple):
+    """What ``tune`` measured for one (rows bucket, N, K, dtype, device, Fusion)."""
+    auto: Optional[Config | Split]  # noqa: UP045  # the fastest: a kernel Config, a Split, or None (torch won)
+    best: Config  # the kernel's fastest Config with the whole fusion inside (what backend "triton" runs)
+    times: dict  # seconds per call of every setting timed, "torch" (the compiled composition) included
+
+    def plan(self, backend: str) -> Optional[Config | Split]:  # noqa: UP045
+        """What a product runs under ``backend`` ("auto": the fastest; "triton": the kernel; "torch": None)."""
+        return {"auto": self.auto, "triton": self.best}.get(backend)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -190,7 +196,8 @@ def gemv_config(m: int) -> Config:
 PLAIN = Fusion()
 
 
-def _key(m: int, w: Tensor, fusion: Fusion = PLAIN) -> tuple:
+def tuning_key(m: int, w: Tensor, fusion: Fusion = PLAIN) -> tuple:
+    """The tuning table's key of a product of ``m`` rows by ``w`` with ``fusion``."""
     return next_pow2(m), w.shape[0], w.shape[1], w.dtype, w.device, fusion
 
 
@@ -218,19 +225,17 @@ def _check(x: Tensor, w: Tensor, b: Tensor | None, norm: Tensor | None, silu: bo
 
 def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None = None, eps: float = 1e-6,
          silu: bool = False, residual: Tensor | None = None, backend: str = "torch",
-         config: Config | None = None) -> Tensor:
+         config: Config | Split | None = None) -> Tensor:
     """``gemv_ref``: ``F.linear(pro(x), w, b)`` (+ ``residual``), with pro(x) = ``rms_norm(x, norm, eps)`` when
     ``norm`` is given, ``silu_mul`` of x's two halves with ``silu`` (x is gate|up, 2K wide), else x.
 
     ``backend="triton"`` runs the kernel, prologue and epilogue inside it, when x has at most ``MAX_ROWS`` rows (in
-    all its leading dimensions; more fall back to ``gemv_ref``), with ``config``, else the setting ``tune`` found
-    for this shape and fusion, else ``gemv_config``. ``backend="auto"`` runs the kernel only where ``tune`` measured
-    it faster than the compiled torch composition, with the SiLU gate computed apart by torch where that measured
-    fastest (a ``Split``). In low precision the kernel rounds once, at the end, where the
-    composition rounds the normalised or gated input and the product before the add: results agree to that
-    rounding."""
-    if backend not in BACKENDS:
-        raise ValueError(f"gemv backend {backend!r} is not one of {BACKENDS}")
+    all its leading dimensions; more run ``gemv_ref``), at ``config`` (default ``gemv_config``); a ``Split`` config
+    computes the SiLU gate apart by torch and runs the rest in the kernel at ``Split.config``. ``backend="torch"``
+    runs ``gemv_ref``. In low precision the kernel rounds once, at the end, where the composition rounds the
+    normalised or gated input and the product before the add: results agree to that rounding."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"gemv backend {backend!r} is not one of ('torch', 'triton')")
     fusion = dict(norm=norm, eps=eps, silu=silu, residual=residual)
     if backend == "torch":
         return gemv_ref(x, w, b, **fusion)
@@ -241,15 +246,11 @@ def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None =
     m = x.numel() // width if width else 0
     if m == 0 or m > MAX_ROWS:
         return gemv_ref(x, w, b, **fusion)
-    key = _key(m, w, Fusion(norm is not None, bool(silu), residual is not None))
     if config is None:
-        auto, best = _TUNED.get(key, (None, gemv_config(m)))
-        config = best if backend == "triton" else auto
-        if config is None:
-            return gemv_ref(x, w, b, **fusion)
-        if isinstance(config, Split):
-            x, silu, config = silu_mul(*x.chunk(2, dim=-1)), False, config.config
-            width //= 2
+        config = gemv_config(m)
+    if isinstance(config, Split):
+        x, silu, config = silu_mul(*x.chunk(2, dim=-1)), False, config.config
+        width //= 2
     x2 = x.reshape(m, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -269,16 +270,17 @@ def _composite(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor]
 
 @torch.no_grad()
 def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int] = (1,),
-         candidates: Sequence[Config] = CANDIDATES, calls: int = 24) -> dict[tuple, Optional[Config | Split]]:  # noqa: UP045
+         candidates: Sequence[Config] = CANDIDATES, calls: int = 24,
+         known: dict[tuple, Tuned] | None = None) -> dict[tuple, Tuned]:
     """Time the torch composition and the kernel at every candidate setting for each (rows, weight shape, fusion) on
-    its CUDA device, and record the fastest for ``gemv``. ``products``: weights, or (weight, Fusion) pairs for the
-    products that carry a prologue or epilogue. The composition is what a compiled decode step runs without the
-    kernel: ``gemv_ref`` under torch.compile (F.linear, and the norm, SiLU gate or residual add as one fused
-    elementwise kernel beside it). A product with the SiLU gate is also timed as a ``Split``: the gate compiled apart,
-    the kernel at each setting without it. Weights of one shape are cycled through (``calls`` products in a CUDA
-    graph), so several layers' matrices keep the timing off the L2 cache as in a real step. A setting that fails to
-    launch is skipped. Returns {(rows bucket, N, K, dtype, device, Fusion): Config, Split or None (torch won)} for
-    what was tuned. Does nothing on CPU (the interpreter's timings mean nothing)."""
+    its CUDA device, and return what was measured (keys already in ``known`` are taken from it, not timed again).
+    ``products``: weights, or (weight, Fusion) pairs for the products that carry a prologue or epilogue. The
+    composition is what a compiled decode step runs without the kernel: ``gemv_ref`` under torch.compile (F.linear,
+    and the norm, SiLU gate or residual add as one fused elementwise kernel beside it). A product with the SiLU gate is
+    also timed as a ``Split``: the gate compiled apart, the kernel at each setting without it. Weights of one shape are
+    cycled through (``calls`` products in a CUDA graph), so several layers' matrices keep the timing off the L2 cache
+    as in a real step. A setting that fails to launch is skipped. Returns {(rows bucket, N, K, dtype, device, Fusion):
+    Tuned} (see ``tuning_key``). Does nothing on CPU (the interpreter's timings mean nothing)."""
     groups: dict[tuple, list[Tensor]] = {}
     for item in products:
         w, fusion = item if isinstance(item, tuple) else (item, PLAIN)
@@ -292,9 +294,9 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
         g = torch.Generator(device=device).manual_seed(0)
         n, k = shape
         for m in sorted({next_pow2(r) for r in rows if 0 < r <= MAX_ROWS}):
-            key = _key(m, ws[0], fusion)
-            if key in _TUNED:
-                out[key] = _TUNED[key][0]
+            key = tuning_key(m, ws[0], fusion)
+            if known and key in known:
+                out[key] = known[key]
                 continue
 
             def rand(*size):
@@ -323,13 +325,5 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
                                    f"({fusion})")
             best = min(kernel, key=kernel.get)
             fastest = min(times, key=times.get)
-            auto = None if fastest == "torch" else fastest
-            _TIMES[key], _TUNED[key] = times, (auto, best)
-            out[key] = auto
+            out[key] = Tuned(None if fastest == "torch" else fastest, best, times)
     return out
-
-
-def tuned() -> dict[tuple, dict]:
-    """What ``tune`` measured: {key: {"choice": what "auto" runs (Config, Split or "torch"), "best": the kernel's
-    fastest Config with everything inside, "times": {setting: seconds}}}."""
-    return {k: {"choice": _TUNED[k][0] or "torch", "best": _TUNED[k][1], "times": dict(_TIMES[k])} for k in _TUNED}
