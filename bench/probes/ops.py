@@ -1,7 +1,7 @@
 """Parity and speed of zmzoo's Triton ops (decode_attention, slot_insert, prefill_scores) against their references.
 
-    python bench/ops.py --out OUT          # CUDA: parity at LLaMA-2-7B sizes, copy bandwidth, timings (~2-3 min)
-    python bench/ops.py --cpu --out OUT    # no GPU: Triton's interpreter, tiny sizes, parity and compile only
+    python -m bench.probes.ops --out OUT          # CUDA: parity at LLaMA-2-7B sizes, copy bandwidth, timings (~2-3 min)
+    python -m bench.probes.ops --cpu --out OUT    # no GPU: Triton's interpreter, tiny sizes, parity and compile only
 
 (a) Parity, on LLaMA-2-7B shapes (32 heads, 32 KV heads, D=128) and a GQA variant (32/8), bf16 unless noted:
     decode attention: max abs/rel error of ``out`` against the reference on fp32-upcast inputs must be at most twice
@@ -34,7 +34,6 @@ if "--cpu" in sys.argv:  # must precede the first kernel launch (kernels are dec
 import argparse
 import json
 import math
-import statistics
 import time
 import traceback
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.timing import copy_bandwidth
 from zmzoo.environment import environment
 from zmzoo.ops._interpreter import fix_interpreter_bf16
 from zmzoo.ops._launch import time_graph
@@ -258,24 +258,6 @@ def run_parity(device, cpu: bool) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------- timing
-def copy_bandwidth(device, nbytes=2 * 2**30, repeats=10) -> dict[str, Any]:
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    med = statistics.median(times)
-    return {"bytes_per_s": 2 * nbytes / med, "buffer_bytes": nbytes, "median_s": med, "counted": "read + written"}
-
-
 def n_copies(bytes_per_call: int) -> int:
     return max(1, min(64, math.ceil(L2_FLUSH_BYTES / max(bytes_per_call, 1))))
 
@@ -520,7 +502,7 @@ def row(r) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.probes.ops", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for ops.json")
     p.add_argument("--cpu", action="store_true", help="no GPU: Triton's interpreter, tiny parity cases, no timing")
     p.add_argument("--no-sweep", action="store_true", help="skip the decode kernel's launch-settings sweep")

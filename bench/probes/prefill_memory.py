@@ -1,6 +1,6 @@
 """Prefill's transient memory without a GPU: the peak resident memory one layer's prefill adds, on the CPU.
 
-    python bench/prefill_memory.py --model llama2-7b --context 40960 --method zeromerge --kv-budget 2048
+    python -m bench.probes.prefill_memory --model llama2-7b --context 40960 --method zeromerge --kv-budget 2048
 
 Builds the model with one layer at its real widths (bf16, random weights), prefills a random prompt of ``--context``
 tokens and reports the process's peak resident set size above where it stood before the prefill. Large CPU
@@ -33,14 +33,14 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.probes.prefill_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--context", type=int, default=40960)
     p.add_argument("--method", default="zeromerge")
     p.add_argument("--kv-budget", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
-    ns = p.parse_args()
+    ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
     zm_module.prefill_scores = lambda q, k, **kw: torch.rand(k.shape[0], k.shape[1])
     kw = {} if ns.method == "full" else {"kv_budget": ns.kv_budget}

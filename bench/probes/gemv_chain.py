@@ -11,24 +11,21 @@ layers' weights (more than the L2 cache holds) in one CUDA graph. Variants:
 
 Prints microseconds per layer, and the weight bytes per layer over that time against the measured copy bandwidth.
 
-    python bench/gemv_chain.py --layers 8 --out out/gemv_chain
+    python -m bench.probes.gemv_chain --layers 8 --out out/gemv_chain
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.ops import copy_bandwidth
+from bench.timing import copy_bandwidth
 from zmzoo.environment import environment
 from zmzoo.ops._launch import time_graph
-from zmzoo.ops.gemv import Fusion, gemv, tune, tuned
+from zmzoo.ops.gemv import Config, Fusion, gemv, tune, tuning_key
 
 DIM, HIDDEN, QKV = 4096, 11008, 3 * 4096
 
@@ -44,31 +41,38 @@ def make_layers(n: int, device) -> list[dict[str, torch.Tensor]]:
              "g1": 1 + rand(DIM, scale=0.1), "g2": 1 + rand(DIM, scale=0.1)} for _ in range(n)]
 
 
-def chain(x: torch.Tensor, layers: list[dict[str, torch.Tensor]], backend: str) -> torch.Tensor:
+def chain(x: torch.Tensor, layers: list[dict[str, torch.Tensor]], backend: str,
+          plans: dict[str, Config] | None = None) -> torch.Tensor:
+    """The four products of every layer; ``plans``: the kernel's launch setting per product (backend "triton")."""
+    c = plans or {}
     for p in layers:
-        qkv = gemv(x, p["wqkv"], norm=p["g1"], eps=1e-5, backend=backend)
-        h = gemv(qkv[:, :DIM], p["wo"], residual=x, backend=backend)  # q stands in for the attention's output
-        gate_up = gemv(h, p["w13"], norm=p["g2"], eps=1e-5, backend=backend)
-        x = gemv(gate_up, p["w2"], silu=True, residual=h, backend=backend)
+        qkv = gemv(x, p["wqkv"], norm=p["g1"], eps=1e-5, backend=backend, config=c.get("wqkv"))
+        h = gemv(qkv[:, :DIM], p["wo"], residual=x, backend=backend, config=c.get("wo"))  # q: the attention's output
+        gate_up = gemv(h, p["w13"], norm=p["g2"], eps=1e-5, backend=backend, config=c.get("w13"))
+        x = gemv(gate_up, p["w2"], silu=True, residual=h, backend=backend, config=c.get("w2"))
     return x
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+FUSIONS = {"wqkv": Fusion(norm=True), "wo": Fusion(residual=True), "w13": Fusion(norm=True),
+           "w2": Fusion(silu=True, residual=True)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.probes.gemv_chain", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("out/gemv_chain"))
-    ns = p.parse_args()
+    ns = p.parse_args(argv)
     ns.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)["bytes_per_s"]
     layers = make_layers(ns.layers, dev)
     layer_bytes = sum(t.numel() * t.element_size() for t in layers[0].values())
-    tune([(layers[0]["wqkv"], Fusion(norm=True)), (layers[0]["wo"], Fusion(residual=True)),
-          (layers[0]["w13"], Fusion(norm=True)), (layers[0]["w2"], Fusion(silu=True, residual=True))], rows=(1,))
-    for key, rec in tuned().items():
-        print(f"[tune] {key[1]} x {key[2]} {key[5]}: torch {rec['times']['torch'] * 1e6:.1f} us, kernel "
-              f"{rec['times'][rec['best']] * 1e6:.1f} us at {tuple(rec['best'])}", flush=True)
+    tuned = tune([(layers[0][name], fusion) for name, fusion in FUSIONS.items()], rows=(1,))
+    for key, rec in tuned.items():
+        print(f"[tune] {key[1]} x {key[2]} {key[5]}: torch {rec.times['torch'] * 1e6:.1f} us, kernel "
+              f"{rec.times[rec.best] * 1e6:.1f} us at {tuple(rec.best)}", flush=True)
+    plans = {name: tuned[tuning_key(1, layers[0][name], fusion)].best for name, fusion in FUSIONS.items()}
     x = torch.randn(1, DIM, device=dev, dtype=torch.bfloat16)
     compiled = torch.compile(chain, fullgraph=True, dynamic=False)
     want = chain(x, layers, "torch").float()
@@ -80,7 +84,7 @@ def main() -> None:
                     return compiled(x, layers, "torch")
             else:
                 def fn():
-                    return chain(x, layers, "triton")
+                    return chain(x, layers, "triton", plans)
             got = fn().float()
             err = ((got - want).abs().max() / want.abs().max()).item()
             t = time_graph([fn], reps=ns.reps) / ns.layers

@@ -1,7 +1,7 @@
 """Sweep of launch settings beyond the ones ``zmzoo.load`` tunes over: the GEMV (``zmzoo.ops.gemv``) per product and
 fusion, and the decode attention's split kernel at batch 1, on the GPU, against what the kernels run by default.
 
-    python bench/launch_sweep.py --out OUT
+    python -m bench.probes.launch_sweep --out OUT
 
 GEMV: LLaMA-2-7B products (bf16, 1 row), each timed on 8 matrices of its shape cycled in a CUDA graph (more than the
 L2 holds), every setting of ``--gemv-grid`` whose fp32 accumulator stays within 16-64 registers a thread; prints the
@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.ops import copy_bandwidth, decode_bytes, decode_inputs
+from bench.probes.ops import decode_bytes, decode_inputs
+from bench.timing import copy_bandwidth
 from zmzoo.environment import environment
 from zmzoo.ops._launch import sm_count, time_graph
 from zmzoo.ops.decode_attention import _decode_attention_launch
-from zmzoo.ops.gemv import _TIMES, CANDIDATES, Config, Fusion, tune
+from zmzoo.ops.gemv import CANDIDATES, Config, Fusion, tune, tuning_key
 
 DIM, HIDDEN, QKV = 4096, 11008, 3 * 4096
 PRODUCTS = {  # name: (N, K, Fusion)
@@ -53,9 +51,7 @@ def sweep_gemv(dev, names: list[str], bw: float) -> dict:
     for name in names:
         n, k, fusion = PRODUCTS[name]
         ws = [(torch.randn(n, k, device=dev, generator=g) * k ** -0.5).to(torch.bfloat16) for _ in range(8)]
-        tune([(w, fusion) for w in ws], rows=(1,), candidates=cands)
-        key = next(kk for kk in _TIMES if kk[1] == n and kk[2] == k and kk[5] == fusion)
-        times = _TIMES[key]
+        times = tune([(w, fusion) for w in ws], rows=(1,), candidates=cands)[tuning_key(1, ws[0], fusion)].times
         torch_s = times["torch"]
         default = min((times[c] for c in CANDIDATES if c in times), default=float("nan"))
         ranked = sorted(((t, c) for c, t in times.items() if c != "torch"), key=lambda x: x[0])
@@ -99,11 +95,11 @@ def sweep_attention(dev, bw: float) -> list:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.probes.launch_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--products", default=",".join(PRODUCTS))
     p.add_argument("--out", type=Path, default=Path("out/launch_sweep"))
-    ns = p.parse_args()
+    ns = p.parse_args(argv)
     ns.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)["bytes_per_s"]

@@ -1,7 +1,7 @@
 """Where the prefill's time goes: the prompt's attention under each SDPA backend, and a kernel-by-kernel profile of
 one prefill of a few layers at real widths.
 
-    python bench/profile_prefill.py --method zeromerge --context 40960 --layers 2 --out OUT
+    python -m bench.probes.profile_prefill --method zeromerge --context 40960 --layers 2 --out OUT
 
 Part 1 times causal attention of one layer's q, k, v (1, H, T, D) with every backend PyTorch offers (the default
 choice, flash, cuDNN, memory-efficient, and the flash/cuDNN ops that also return the log-sum-exp that prompt scoring
@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 import zmzoo
+from zmzoo.models.transformer import PrefillKernels
 
 
 def sync() -> None:
@@ -79,8 +80,8 @@ def attention_backends(t: int, h: int, d: int, dtype: torch.dtype) -> list[str]:
     return lines
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.probes.profile_prefill", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--method", default="zeromerge")
     p.add_argument("--context", type=int, default=40960)
@@ -90,7 +91,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--eager-prefill", action="store_true", help="no compiled elementwise kernels in the prefill")
     p.add_argument("--out", type=Path, default=Path("out/profile_prefill"))
-    ns = p.parse_args()
+    ns = p.parse_args(argv)
     ns.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     report: list[str] = []
@@ -102,7 +103,8 @@ def main() -> None:
     gen = zmzoo.load(ns.model, weights="random", device=dev, dtype=dtype, compile=False, method=ns.method,
                      max_seq_len=max_seq_len, ops=ns.ops, gemv="torch",  # prompts never use the decode kernel
                      args_overrides={"n_layers": ns.layers, "max_position_embeddings": max_seq_len}, **kw)
-    gen.model.fused_prefill = cuda and not ns.eager_prefill  # as zmzoo.load(compile=True) sets it on CUDA
+    # the prompt's elementwise work compiled, as zmzoo.load(compile=True) sets it on CUDA
+    gen.model.set_prefill_kernels(PrefillKernels() if cuda and not ns.eager_prefill else None)
     a = gen.args
     with torch.inference_mode():
         if cuda:

@@ -1,7 +1,7 @@
 """Probe: how much of the copy bandwidth a read of a given size reaches, and whether the next weight product's matrix
 can be pulled into the L2 cache while the latency-bound part of a ZeroMerge decode layer runs.
 
-    python bench/overlap_probe.py --out OUT
+    python -m bench.probes.overlap_probe --out OUT
 
 1. Read bandwidth against size: a Triton kernel sums a buffer of 8 MB .. 1 GB (distinct buffers cycled in a CUDA
    graph, so nothing is served by the L2), best of a few launch settings, as a fraction of the copy bandwidth. The
@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.ops import copy_bandwidth, decode_inputs
+from bench.probes.ops import decode_inputs
+from bench.timing import copy_bandwidth
 from zmzoo.environment import environment
 from zmzoo.ops._launch import time_graph
 from zmzoo.ops.decode_attention import decode_attention
-from zmzoo.ops.gemv import Fusion, gemv, tune, tuned
+from zmzoo.ops.gemv import Fusion, gemv, tune, tuning_key
 from zmzoo.ops.slot_insert import slot_insert
 
 
@@ -111,10 +109,11 @@ def layer_probe(dev, bw, n_layers: int) -> dict:
         wo = (torch.randn(h * d, h * d, device=dev) * (h * d) ** -0.5).to(torch.bfloat16)
         x = torch.randn(1, h * d, device=dev, dtype=torch.bfloat16)
         layers.append((inp, wo, x))
-    tune([(layers[0][1], Fusion(residual=True))], rows=(1,))
-    for key, rec in tuned().items():
-        print(f"[tune] {key[1]} x {key[2]} {key[5]}: torch {rec['times']['torch'] * 1e6:.1f} us, kernel "
-              f"{rec['times'][rec['best']] * 1e6:.1f} us", flush=True)
+    tuned = tune([(layers[0][1], Fusion(residual=True))], rows=(1,))
+    for key, rec in tuned.items():
+        print(f"[tune] {key[1]} x {key[2]} {key[5]}: torch {rec.times['torch'] * 1e6:.1f} us, kernel "
+              f"{rec.times[rec.best] * 1e6:.1f} us", flush=True)
+    wo_plan = tuned[tuning_key(1, layers[0][1], Fusion(residual=True))].plan("auto")  # None: torch measured faster
     pos = torch.tensor([s_len + 100], device=dev)
     base = torch.tensor([s_len], device=dev)
     ins = dict(dense=1, ring=s_len // 10 - 1, policy="merge", metric="dot", score_merge="max", backend="triton")
@@ -128,7 +127,7 @@ def layer_probe(dev, bw, n_layers: int) -> dict:
         slot_insert(inp["k"], inp["v"], inp["w"], inp["scores"], inp["k_new"], inp["v_new"], s_new, pos, base, **ins)
 
     def wo_gemv(out, wo, x):
-        return gemv(out.view(1, -1), wo, residual=x, backend="auto")
+        return gemv(out.view(1, -1), wo, residual=x, backend="torch" if wo_plan is None else "triton", config=wo_plan)
 
     def make(variant):
         def one(inp, wo, x):
@@ -170,11 +169,11 @@ def layer_probe(dev, bw, n_layers: int) -> dict:
     return {k: v * 1e6 for k, v in res.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.probes.overlap_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("out/overlap_probe"))
-    ns = p.parse_args()
+    ns = p.parse_args(argv)
     ns.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)["bytes_per_s"]

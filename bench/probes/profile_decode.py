@@ -1,7 +1,7 @@
 """Where the decode step's time goes: a kernel-by-kernel profile of the compiled step (no CUDA graphs, so every
 kernel shows), beside the CUDA-graph step time of the same configuration.
 
-    python bench/profile_decode.py --method full --context 16384 --layers 2 --out OUT
+    python -m bench.probes.profile_decode --method full --context 16384 --layers 2 --out OUT
 
 Per-layer kernels are the same at any depth, so a few layers of the real widths compile in seconds. Prints the
 profiler's table (CUDA time per kernel, summed over ``--steps`` steps, divided per step) and writes it with a Chrome
@@ -21,8 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 import zmzoo
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.probes.profile_decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--method", default="full")
     p.add_argument("--context", type=int, default=16384)
@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--gemv", default="auto", choices=["torch", "triton", "auto"],
                    help="the decode step's weight products (zmzoo.load's gemv)")
     p.add_argument("--out", type=Path, default=Path("out/profile"))
-    ns = p.parse_args()
+    ns = p.parse_args(argv)
     ns.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
     kw = {} if ns.method == "full" else {"kv_budget": ns.kv_budget}

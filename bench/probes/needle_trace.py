@@ -1,7 +1,7 @@
 """Where does a compressed cache lose the passkey? A diagnostic beside bench/quality.py.
 
-For passkey prompts (the harness's own builder), each configuration is run alone through the model: prefill,
-then greedy decoding. Three stages are told apart:
+For passkey prompts (the harness's own builder, ``bench.tasks.passkey``), each configuration is run alone
+(``Generator.with_cache``): prefill, then greedy decoding. Three stages are told apart:
 
 - prefill selection: after prefill (and the lookahead draft, if any), the share of (layer, KV head) pairs that still
   hold every digit token of the key as an individual slot (weight 1, key bit-identical to the prompt's);
@@ -9,9 +9,11 @@ then greedy decoding. Three stages are told apart:
 - the answer: correct or not.
 
 ``oracle`` configurations add a large bonus to the key's digit tokens in every head's prompt scores, so they are kept
-by the selection: if an oracle run answers correctly, what the method lacks is the selection, not the budget.
+by the selection: if an oracle run answers correctly, what the method lacks is the selection, not the budget. The
+prompt's keys and the bonus go through the caches' diagnostic hook (``ZeroMergeCache.prompt_hook``), which sees the
+prompt's keys and scores before the selection.
 
-    python bench/needle_trace.py --lengths 1024 --depths 0.25,0.5 --budget 0.1 \
+    python -m bench.probes.needle_trace --lengths 1024 --depths 0.25,0.5 --budget 0.1 \
         --configs full,zeromerge,zeromerge+oracle,zeromerge:retrieval,snapkv,h2o
 """
 
@@ -27,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality as Q
+from bench.tasks import passkey
+from bench.tasks.texts import load_texts, prose_sentences
 
 
 def find_sub(ids: list[int], sub: list[int]) -> int:
@@ -49,48 +51,46 @@ def kept_share(caches, prompt_keys: list[torch.Tensor], positions: list[int]) ->
 
 
 def run(base, ids: list[int], spec: str, frac: float, positions: list[int], steps: int):
-    from zmzoo.cache import build_caches, resolve_cache_config
-
-    a = base.args
+    """``spec`` ("method[:preset][+oracle]") alone on ``ids``: (answer, kept after prefill, kept after decoding)."""
     t = len(ids)
     oracle = spec.endswith("+oracle")
     method, _, preset = spec.removesuffix("+oracle").partition(":")
     kw = {} if method == "full" else {"kv_budget": math.floor(frac * t), "preset": preset or None}
-    cfg = resolve_cache_config(max_seq_len=t + steps + 1, method=method, **kw)
-    caches = build_caches(cfg, batch_size=1, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-                          head_dim=a.head_dim, max_seq_len=t + steps + 1, dtype=base.dtype, device=base.device,
-                          sliding_window=a.sliding_window, backend=base.backend)
-    keys: list[torch.Tensor] = []
-    for c in caches:
-        def prefill(q, k, v, row, _orig=c.prefill):
-            keys.append(k[0].clone())
-            return _orig(q, k, v, row)
+    gen = base.with_cache(method, max_seq_len=t + steps + 1, max_batch_size=1, compile=False, **kw)
+    caches = gen.model.caches
+    keys: list[torch.Tensor | None] = [None] * len(caches)
+    for layer, c in enumerate(caches if method != "full" else []):  # the full cache keeps every token: no trace
 
-        c.prefill = prefill
-        if oracle:
-            def scores(q, k, lse=None, _orig=c.prompt_scores):
-                s = _orig(q, k, lse).clone()
-                s[:, positions] += 1e6
-                return s
+        def hook(row, k, scores, layer=layer):
+            keys[layer] = k[0].clone()  # (Hkv, T, D)
+            if not oracle:
+                return None
+            if scores is None:
+                raise SystemExit(f"{spec}: {method} does not score the prompt, so there is nothing for an oracle to "
+                                 f"add to")
+            scores = scores.clone()
+            scores[:, positions] += 1e6
+            return scores
 
-            c.prompt_scores = scores
-    base.model.setup_caches(caches, t + steps + 1)
+        c.prompt_hook = hook
     with torch.inference_mode():
-        tok = base.model.prefill(torch.tensor([ids], device=base.device), row=0).argmax(-1)
+        gen.pos.zero_()
+        tok = gen.model.prefill(torch.tensor([ids], device=gen.device), row=0).argmax(-1)
+        gen.pos[0] = t
         after_prefill = kept_share(caches, keys, positions) if method != "full" else (1.0, 1.0)
-        out, pos = [tok.item()], torch.tensor([t], device=base.device)
+        out = [tok.item()]
         for _ in range(steps - 1):
-            tok = base.model.decode(tok.view(1), pos).argmax(-1)
-            pos += 1
+            tok = gen.decode_step(tok, gen.pos).argmax(-1)
+            gen.pos += 1
             out.append(tok.item())
         after_decode = kept_share(caches, keys, positions) if method != "full" else (1.0, 1.0)
-    eos = set(base.tokenizer.eos_ids)
+    eos = set(gen.tokenizer.eos_ids)
     cut = next((i for i, x in enumerate(out) if x in eos), len(out))
-    return base.tokenizer.decode(out[:cut], skip_special_tokens=True).strip(), after_prefill, after_decode
+    return gen.tokenizer.decode(out[:cut], skip_special_tokens=True).strip(), after_prefill, after_decode
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.probes.needle_trace", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--configs", default="full,zeromerge,zeromerge+oracle,zeromerge:retrieval,snapkv,h2o")
     p.add_argument("--budget", type=float, default=0.1, help="fraction of each prompt's length")
@@ -100,20 +100,22 @@ def main(argv=None) -> int:
     p.add_argument("--style", default="passkey")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32")
     p.add_argument("--out", help="write the rows as JSON here")
     ns = p.parse_args(argv)
     import zmzoo
 
-    base = zmzoo.load(ns.model, method="full", compile=False, max_seq_len=64, device="cpu", dtype=torch.float32)
+    base = zmzoo.load(ns.model, method="full", compile=False, max_seq_len=64, device=ns.device, dtype=ns.dtype)
     tok = base.tokenizer
-    prose = [s for t in Q.load_texts(None) for s in Q.sentences(t["text"]) if 20 <= len(s) <= 400]
+    prose = prose_sentences(load_texts(None))
     rows = []
     for filler, length, depth in itertools.product(ns.filler.split(","), [int(x) for x in ns.lengths.split(",")],
                                                    [float(x) for x in ns.depths.split(",")]):
         rng = random.Random(f"{ns.seed}-{filler}-{length}-{depth}")
         key = str(rng.randrange(10000, 100000))
-        ids, _ = Q.build_passkey_prompt(tok, length=length, depth=depth, filler=filler, style=ns.style, key=key,
-                                        prose=prose, rng=rng)
+        ids, _ = passkey.build_prompt(tok, length=length, depth=depth, filler=filler, style=ns.style, key=key,
+                                      prose=prose, rng=rng)
         digits = tok.encode(key, add_bos=False)
         at = find_sub(ids, digits)
         if at < 0:
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
         cells = [f"{filler:6s} {len(ids):5d} tok depth {depth:g} key {key}"]
         for spec in ns.configs.split(","):
             answer, pre, dec = run(base, ids, spec, ns.budget, positions, ns.steps)
-            ok = Q.passkey_correct(answer, key)
+            ok = passkey.correct(answer, key)
             rows.append({"filler": filler, "prompt_len": len(ids), "depth": depth, "key": key, "config": spec,
                          "answer": answer, "correct": ok, "heads_keeping_all_digits_after_prefill": pre[0],
                          "digits_kept_after_prefill": pre[1], "heads_keeping_all_digits_after_decode": dec[0],

@@ -1,0 +1,23 @@
+"""python -m zmzoo bench | eval: the benchmark programs of a source checkout, or a clear message without one."""
+
+from __future__ import annotations
+
+import pytest
+
+from zmzoo import cli
+
+
+@pytest.mark.parametrize("cmd,module", [("bench", "bench.decode"), ("eval", "bench.quality")])
+def test_bench_and_eval_run_the_checkout_programs(cmd, module, capsys):
+    assert cli.main([cmd, "--help"]) == 0
+    assert f"usage: python -m {module}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd,program", [("bench", "bench/decode.py"), ("eval", "bench/quality.py")])
+def test_installed_package_says_the_benchmarks_ship_with_the_checkout(cmd, program, monkeypatch, tmp_path, capsys):
+    """An installed (non-editable) zmzoo has no bench/ beside it: here its site-packages is a temp dir."""
+    (tmp_path / "zmzoo").mkdir()
+    monkeypatch.setattr(cli, "_checkout", lambda: tmp_path)
+    assert cli.main([cmd, "--help"]) == 2
+    err = capsys.readouterr().err
+    assert f"runs {program}, which ships with the source checkout" in err and "not with the installed package" in err
