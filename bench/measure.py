@@ -64,14 +64,11 @@ def prefill(gen, context: int, seed: int, all_rows: bool) -> tuple[torch.Tensor,
         gen.pos.zero_()
         sync(gen.device)
         t0 = time.perf_counter()
-        logits = gen.model.prefill(ids, row=0)
-        gen.pos[0] = context
+        (logits,) = gen.prefill(ids.tolist())  # with the caches' prefill draft (a lookahead), as generate runs it
         sync(gen.device)
         seconds = time.perf_counter() - t0
         if all_rows:
-            for r in range(1, b):
-                gen.model.prefill(ids, row=r)
-                gen.pos[r] = context
+            gen.prefill(ids.tolist() * b)
         else:
             replicate_row0(gen)
         first = logits.argmax(-1).expand(b).contiguous()
@@ -135,7 +132,7 @@ def measure(gen, ns, rec: dict[str, Any], context: int, steps: int, repeats: int
     # shapes); the timed prefill then overwrites every piece of row state
     g = torch.Generator().manual_seed(ns.seed + 1)
     with torch.inference_mode():
-        gen.model.prefill(torch.randint(0, gen.args.vocab_size, (1, context), generator=g).to(device), row=0)
+        gen.prefill(torch.randint(0, gen.args.vocab_size, (1, context), generator=g).tolist())
     sync(device)
     reset_peak(device)
     first, pre_s = prefill(gen, context, ns.seed, ns.prefill_all_rows)

@@ -91,6 +91,20 @@ def read_json(p: Path) -> dict:
     return json.loads(Path(p).read_text())
 
 
+class SingleRuns:
+    """Each prompt alone through a batch-1 generator, as a batch test's reference (``generate`` / ``score`` of a
+    list, like a Generator's)."""
+
+    def __init__(self, gen):
+        self.gen, self.model = gen, gen.model
+
+    def generate(self, prompts, **kw):
+        return [self.gen.generate(p, **kw) for p in prompts]
+
+    def score(self, prompts, conts):
+        return [self.gen.score(p, c) for p, c in zip(prompts, conts)]
+
+
 def assert_same_function(ref, got, prompts, max_new_tokens: int, *, rtol: float = 1e-4, atol: float = 1e-4,
                          buffers: bool = False) -> None:
     """Two generators that must compute the same function by different code paths (Triton vs torch ops, compiled vs

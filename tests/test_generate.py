@@ -34,25 +34,11 @@ def test_cached_decode_equals_uncached_forward(name):
     torch.testing.assert_close(got, full[6:29], rtol=1e-4, atol=1e-5)
 
 
-class SingleRuns:
-    """Each prompt alone through a batch-1 generator, as the batch tests' reference (``generate`` / ``score`` of a
-    list, like a Generator's)."""
-
-    def __init__(self, gen):
-        self.gen, self.model = gen, gen.model
-
-    def generate(self, prompts, **kw):
-        return [self.gen.generate(p, **kw) for p in prompts]
-
-    def score(self, prompts, conts):
-        return [self.gen.score(p, c) for p, c in zip(prompts, conts)]
-
-
 @pytest.mark.parametrize("method,kw", [("full", {}), ("zeromerge", {"kv_budget": 12})])
 def test_batch_rows_match_single_runs(method, kw):
     """Every row of a batch computes what it computes alone: teacher-forced logits equal to fp32 tolerance, greedy
     tokens up to the first near-tie (a batch of 4 rows multiplies other shapes than one row, so floats may part)."""
-    from tests.conftest import assert_same_function
+    from tests.conftest import SingleRuns, assert_same_function
 
     prompts = [[5, 9, 11, 3, 7, 1, 2], [8, 8, 1], list(range(20, 45))]
     single = SingleRuns(tiny_gen(method=method, **kw))

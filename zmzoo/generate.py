@@ -296,15 +296,32 @@ class Generator:
 
     # ------------------------------------------------------------------ core loop
     @torch.inference_mode()
-    def _prefill(self, ids: list[list[int]], sampler: RowSampler) -> Tensor:
-        """Prefill every prompt into its row; returns the first sampled token of each row (B,)."""
-        first = torch.zeros(self.max_batch_size, dtype=torch.int64, device=self.device)
+    def prefill(self, ids: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Prefill prompt i (token ids) into batch row i, then run the caches' prefill draft if they want one
+        (``Transformer.finish_prefill``: ZeroMerge's lookahead, drafted through this Generator's decode step). Returns
+        each row's last-position logits (1, V) and leaves ``pos`` at the prompts' lengths, ready for ``decode_step``:
+        what ``generate`` and ``score`` do first, for benchmarks and probes that drive the decode step themselves."""
+        ids = [list(seq) for seq in ids]
+        if len(ids) > self.max_batch_size or not all(ids):
+            raise ValueError(f"prefill takes 1 to max_batch_size ({self.max_batch_size}) non-empty prompts")
         self.pos.zero_()
+        greedy = torch.zeros(self.max_batch_size, dtype=torch.int64, device=self.device)
+        out = []
         for row, seq in enumerate(ids):
             toks = torch.tensor([seq], dtype=torch.int64, device=self.device)
             logits = self.model.prefill(toks, row=row)
-            first[row] = sampler.row(row, logits)[0]
+            out.append(logits)
+            greedy[row] = logits[0].argmax()
             self.pos[row] = len(seq)
+        self.model.finish_prefill(greedy, self.pos, self.decode_step)
+        return out
+
+    @torch.inference_mode()
+    def _prefill(self, ids: list[list[int]], sampler: RowSampler) -> Tensor:
+        """Prefill every prompt into its row; returns the first sampled token of each row (B,)."""
+        first = torch.zeros(self.max_batch_size, dtype=torch.int64, device=self.device)
+        for row, logits in enumerate(self.prefill(ids)):
+            first[row] = sampler.row(row, logits)[0]
         return first
 
     @torch.inference_mode()
@@ -428,11 +445,8 @@ class Generator:
                 raise ValueError(f"score: prompt #{r} ({len(p)} tokens) and the longest continuation ({n}) exceed "
                                  f"max_seq_len {self.max_seq_len}")
         outs = [torch.empty(len(c), self.args.vocab_size, dtype=torch.float32) for c in conts]
-        self.pos.zero_()
-        for r, p in enumerate(prompts):
-            logits = self.model.prefill(torch.tensor([p], device=self.device), row=r)
+        for r, logits in enumerate(self.prefill(prompts)):
             outs[r][0] = logits[0].float().cpu()
-            self.pos[r] = len(p)
         # a row whose continuation is shorter repeats its last token past it (those logits are not kept; no row reads
         # another's cache, and every position stays below max_seq_len, checked above)
         forced = torch.zeros(self.max_batch_size, n, dtype=torch.int64)

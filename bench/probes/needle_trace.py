@@ -74,9 +74,7 @@ def run(base, ids: list[int], spec: str, frac: float, positions: list[int], step
 
         c.prompt_hook = hook
     with torch.inference_mode():
-        gen.pos.zero_()
-        tok = gen.model.prefill(torch.tensor([ids], device=gen.device), row=0).argmax(-1)
-        gen.pos[0] = t
+        tok = gen.prefill([ids])[0].argmax(-1)  # with the prefill draft, where the configuration has a lookahead
         after_prefill = kept_share(caches, keys, positions) if method != "full" else (1.0, 1.0)
         out = [tok.item()]
         for _ in range(steps - 1):

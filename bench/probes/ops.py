@@ -87,6 +87,8 @@ def decode_inputs(bsz, n_heads, n_kv, s_len, d, dtype, device, *, kind="zm", row
         inp["v_new"] = torch.randn(bsz, n_kv, d, generator=gen, device=device).to(dtype)
         inp["w"] = torch.randint(1, 9, (bsz, n_kv, s_len), generator=gen, device=device).float()
         inp["scores"] = torch.rand(bsz, n_kv, s_len, generator=gen, device=device)
+        inp["dense_k"] = k[:, :, :1].float().contiguous()  # one dense slot, as the cache keeps it (fp32)
+        inp["dense_v"] = v[:, :, :1].float().contiguous()
     return inp
 
 
@@ -103,13 +105,15 @@ def decode_bytes(inp) -> int:
     return n
 
 
-def slot_inputs(bsz, n_kv, s_len, d, dtype, device, *, seed=0):
+def slot_inputs(bsz, n_kv, s_len, d, dtype, device, *, seed=0, dense=1):
+    """k, v, w, s and the fp32 dense slots (k, v's first ``dense`` slots their rounded copies, as the cache keeps
+    them)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     k = torch.randn(bsz, n_kv, s_len, d, generator=gen, device=device).to(dtype)
     v = torch.randn(bsz, n_kv, s_len, d, generator=gen, device=device).to(dtype)
     w = torch.randint(1, 6, (bsz, n_kv, s_len), generator=gen, device=device).float()
     s = torch.rand(bsz, n_kv, s_len, generator=gen, device=device)
-    return [k, v, w, s]
+    return [k, v, w, s, k[:, :, :dense].float().contiguous(), v[:, :, :dense].float().contiguous()]
 
 
 def slot_token(bsz, n_kv, d, dtype, device, *, seed=0):
@@ -190,8 +194,8 @@ def parity_slot(name, state, pos, base, steps, **kw) -> dict[str, Any]:
     for step in range(steps):
         got = [t.clone() for t in ref_state]  # both start every step from the reference's state
         token = slot_token(bsz, n_kv, d, k.dtype, k.device, seed=step)
-        slot_insert_ref(*ref_state, *token, pos + step, base, **kw)
-        slot_insert(*got, *token, pos + step, base, backend="triton", **kw)
+        slot_insert_ref(*ref_state[:4], *token, pos + step, base, *ref_state[4:], **kw)
+        slot_insert(*got[:4], *token, pos + step, base, *got[4:], backend="triton", **kw)
         same_choice &= torch.equal(got[2], ref_state[2]) and torch.equal(got[3], ref_state[3])
         tol = 2.0 ** -7 if k.dtype == torch.bfloat16 else (2.0 ** -10 if k.dtype == torch.float16 else 1e-6)
         for i, key in ((0, "k"), (1, "v")):
@@ -242,7 +246,7 @@ def run_parity(device, cpu: bool) -> list[dict[str, Any]]:
         for policy, metric, merge, dense, dtype in [("merge", "dot", "max", 1, bf16), ("merge", "l2", "sum", 20, bf16),
                                                     ("merge", "dot", "max", 20, torch.float32),
                                                     ("evict", "dot", "max", 1, bf16), ("ring", "dot", "max", 1, bf16)]:
-            state = slot_inputs(4, hkv, n_slots, d, dtype, device, seed=dense)
+            state = slot_inputs(4, hkv, n_slots, d, dtype, device, seed=dense, dense=dense)
             res.append(parity_slot(f"{model} {policy}/{metric}/{merge} dense={dense} S={n_slots}", state, pos, base,
                                    steps=4, dense=dense, ring=ring, policy=policy, metric=metric, score_merge=merge))
             log(f"parity {res[-1]['case']} {dtype}: ok={res[-1]['ok']}")
@@ -309,7 +313,7 @@ def time_slot(device, bw) -> list[dict[str, Any]]:
         _, hkv = MODELS[model]
         dense, ring = 1, max(1, s_len // 10 - 1)  # ZeroMerge defaults: one dense slot, tail 0.1 * budget
         nbytes = slot_bytes(1, hkv, s_len, HEAD_DIM, 2, dense, ring, "merge")
-        sets = [slot_inputs(1, hkv, s_len, HEAD_DIM, torch.bfloat16, device, seed=i)
+        sets = [slot_inputs(1, hkv, s_len, HEAD_DIM, torch.bfloat16, device, seed=i, dense=dense)
                 for i in range(n_copies(2 * 1 * hkv * s_len * HEAD_DIM * 2))]
         token = slot_token(1, hkv, HEAD_DIM, torch.bfloat16, device)
         pos = torch.tensor([s_len + 5], device=device)
@@ -317,9 +321,9 @@ def time_slot(device, bw) -> list[dict[str, Any]]:
         kw = dict(dense=dense, ring=ring, policy="merge", metric="dot", score_merge="max")
         rec = {"op": "slot_insert", "model": model, "batch": 1, "slots": s_len, "bytes": nbytes, "dense": dense,
                "ring": ring}
-        timed(rec, "triton_s", [lambda st=st: slot_insert(*st, *token, pos, base, backend="triton", **kw)
+        timed(rec, "triton_s", [lambda st=st: slot_insert(*st[:4], *token, pos, base, *st[4:], backend="triton", **kw)
                                 for st in sets])
-        timed(rec, "torch_s", [lambda st=st: slot_insert_ref(*st, *token, pos, base, **kw) for st in sets])
+        timed(rec, "torch_s", [lambda st=st: slot_insert_ref(*st[:4], *token, pos, base, *st[4:], **kw) for st in sets])
         res.append(finish(rec, bw))
         log(row(rec))
         del sets
@@ -439,8 +443,8 @@ class DecodeStep(torch.nn.Module):
 
     def __init__(self, bsz, n_heads, n_kv, s_len, d, dtype, device, pos0):
         super().__init__()
-        state = slot_inputs(bsz, n_kv, s_len, d, dtype, device, seed=7)
-        for name, t in zip("kvws", state):
+        state = slot_inputs(bsz, n_kv, s_len, d, dtype, device, seed=7, dense=2)
+        for name, t in zip(("k", "v", "w", "s", "dense_k", "dense_v"), state):
             self.register_buffer(name, t, persistent=False)
         self.register_buffer("pos", torch.tensor(pos0, device=device), persistent=False)
         self.register_buffer("base", torch.full((bsz,), s_len, device=device), persistent=False)
@@ -449,8 +453,8 @@ class DecodeStep(torch.nn.Module):
     def forward(self, q, k_new, v_new):
         out, s_new = decode_attention(q, self.k, self.v, None, self.pos, k_new, v_new, w=self.w,
                                       scores=self.s, logw_scale=LOGW_SCALE, decay=DECAY, backend="triton")
-        slot_insert(self.k, self.v, self.w, self.s, k_new, v_new, s_new, self.pos, self.base, dense=self.dense,
-                    ring=self.ring, backend="triton")
+        slot_insert(self.k, self.v, self.w, self.s, k_new, v_new, s_new, self.pos, self.base, self.dense_k,
+                    self.dense_v, dense=self.dense, ring=self.ring, backend="triton")
         self.pos.add_(1)
         return out
 

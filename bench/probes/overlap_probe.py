@@ -124,7 +124,8 @@ def layer_probe(dev, bw, n_layers: int) -> dict:
         return out, s_new
 
     def insert(inp, s_new):
-        slot_insert(inp["k"], inp["v"], inp["w"], inp["scores"], inp["k_new"], inp["v_new"], s_new, pos, base, **ins)
+        slot_insert(inp["k"], inp["v"], inp["w"], inp["scores"], inp["k_new"], inp["v_new"], s_new, pos, base,
+                    inp["dense_k"], inp["dense_v"], **ins)
 
     def wo_gemv(out, wo, x):
         return gemv(out.view(1, -1), wo, residual=x, backend="torch" if wo_plan is None else "triton", config=wo_plan)

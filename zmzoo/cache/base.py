@@ -6,10 +6,13 @@ for what does not apply to it.
 
 - ``prefill(q, k, v, row)``: q (1, H, T, D), k/v (1, Hkv, T, D) of one prompt at positions 0..T-1, stored into batch
   row ``row``; returns the causal attention output (1, H, T, D). Runs eagerly, once per prompt.
-- ``draft_steps()``, ``draft(q, k, v, step)``, ``finish_prefill()``: after the prompt's prefill the model asks every
-  cache how many greedy draft tokens it wants decoded over the prompt before it compresses it (ZeroMerge's
-  ``lookahead``; 0 for every other cache); it decodes that many, feeding each layer's q/k/v to ``draft``, then calls
-  ``finish_prefill`` on every cache. The draft is discarded: decoding starts at position T.
+- ``draft_request()``, ``rescore(q, k, v, row)``, ``finish_prefill()``: a cache may want the prompts it just
+  prefilled scored again by a short greedy draft (ZeroMerge's ``lookahead``; every other cache wants nothing, the
+  default). Once every row is prefilled, the model asks every cache for ``draft_request()`` (row -> draft tokens),
+  drafts that many tokens with the ordinary decode step (``snapshot()`` before and ``restore()`` after, so the draft
+  leaves no trace in any cache), then runs each requesting row's draft through every layer, handing the layer's
+  cache the draft's q/k/v in ``rescore`` (which returns their attention output), and finally calls
+  ``finish_prefill`` on every cache. The draft is discarded: decoding starts at the prompt's end.
 - ``decode(q, k, v, pos)``: q (B, H, 1, D), k/v (B, Hkv, 1, D) of one new token per row at absolute positions
   ``pos`` (B,) (= tokens the row has seen before it); returns (B, H, 1, D). Static shapes, no host syncs, no Python
   branches on tensor values: ``torch.compile(fullgraph=True)`` and CUDA graphs capture it once.
@@ -73,16 +76,26 @@ class KVCache(nn.Module):
         raise NotImplementedError
 
     # prefill draft: a no-op for every cache but ZeroMerge with a lookahead
-    def draft_steps(self) -> int:
-        """Greedy draft tokens this cache wants decoded over the prompt it just prefilled before compressing it."""
-        return 0
+    def draft_request(self) -> dict[int, int]:
+        """Rows whose prompt this cache wants scored again by a greedy draft, with the draft tokens each wants."""
+        return {}
 
-    def draft(self, q: Tensor, k: Tensor, v: Tensor, step: int) -> Tensor:
-        """Attention output (1, H, 1, D) of draft token ``step`` (at position T + step) over the pending prompt."""
-        raise RuntimeError(f"{self.method} cache: no draft pending (draft_steps() is 0)")
+    def rescore(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
+        """Attention output (1, H, N, D) of ``row``'s draft tokens q (1, H, N, D), k/v (1, Hkv, N, D) at positions
+        T .. T + N - 1, over the prompt and themselves; the cache uses their attention for the row."""
+        raise RuntimeError(f"{self.method} cache: no draft was requested (draft_request() is empty)")
 
     def finish_prefill(self) -> None:
-        """Called on every cache once the prompt's draft (if any) is done: compress what is pending."""
+        """Called on every cache once the prompts' drafts (if any) are done."""
+
+    def snapshot(self) -> list[Tensor] | None:
+        """What ``restore`` needs to undo decode steps (the prefill draft's): a copy of every buffer."""
+        return [b.clone() for b in self.buffers()]
+
+    def restore(self, snap: list[Tensor] | None) -> None:
+        if snap is not None:
+            for b, saved in zip(self.buffers(), snap):
+                b.copy_(saved)
 
     def reset(self) -> None:
         for buf in self.buffers():

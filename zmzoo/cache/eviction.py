@@ -52,8 +52,8 @@ class StreamingCache(ZeroMergeCache):
     def _needs_prompt_scores(self, t: int) -> bool:
         return False  # sinks + the most recent tokens: no scores needed
 
-    def select(self, k: Tensor, v: Tensor, scores: Tensor | None):
+    def _select(self, k: Tensor, v: Tensor, scores: Tensor | None):
         n_kv, t, d = k.shape
         keep = torch.cat([torch.arange(self.sinks), torch.arange(t - self.ring, t)]).to(k.device)
         ww = torch.ones(n_kv, self.budget, dtype=torch.float32, device=k.device)
-        return k[:, keep], v[:, keep], ww, torch.zeros_like(ww)
+        return k[:, keep], v[:, keep], ww, torch.zeros_like(ww), None, None

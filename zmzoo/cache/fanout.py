@@ -31,9 +31,9 @@ class FanoutCache(KVCache):
     - ``prefill(q, k, v, row=0)``: the one prompt, into every configuration (and the shadow's every row); returns the
       causal attention output, which is the same for every cache whatever its method (the largest difference seen is
       kept in ``prefill_max_diff``, a float).
-    - ``draft_steps()`` / ``draft`` / ``finish_prefill``: the most draft tokens any configuration wants; draft step i
-      goes to every configuration that wants at least i + 1 (their outputs are the same: full attention over the
-      pending prompt and the earlier draft tokens) and the first one's output is returned; ``finish_prefill`` to all.
+    - ``draft_request()`` / ``rescore`` / ``finish_prefill``: row i wants what configuration i wants for its row;
+      row i's draft is rescored by configuration i; ``finish_prefill`` to all. (Each row drafts its own tokens, through
+      its own configuration, as the rows of one batch.)
     - ``decode(q, k, v, pos)``: q (N, H, 1, D) ... for N configurations; row i through configuration i.
 
     With ``shadow`` (a ``FullCache`` of batch N and the same shapes), ``decode`` adds each row's relative error
@@ -92,14 +92,12 @@ class FanoutCache(KVCache):
             self.shadow.v[1:, :, :t] = self.shadow.v[:1, :, :t]
         return outs[0]
 
-    def draft_steps(self) -> int:
-        return max(c.draft_steps() for c in self.configs)
+    def draft_request(self) -> dict[int, int]:
+        """Row i (configuration i) asks for what its configuration asks for its one row."""
+        return {i: want[0] for i, c in enumerate(self.configs) if 0 in (want := c.draft_request())}
 
-    def draft(self, q: Tensor, k: Tensor, v: Tensor, step: int) -> Tensor:
-        outs = [c.draft(q, k, v, step) for c in self.configs if step < c.draft_steps()]
-        if not outs:
-            raise RuntimeError(f"FanoutCache: draft step {step} but no configuration wants that many draft tokens")
-        return outs[0]
+    def rescore(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
+        return self.configs[row].rescore(q, k, v, 0)
 
     def finish_prefill(self) -> None:
         for c in self.configs:

@@ -26,6 +26,11 @@ class FullCache(KVCache):
         self.v[row, :, :t] = v[0]
         return prompt_attention(q, k, v, sliding_window=self.sliding_window, sm_scale=self.sm_scale)[0]
 
+    def snapshot(self) -> None:
+        """Nothing to copy: a decode step at position p writes slot p only, and decoding from the prompt's end T
+        attends to slots below its position, so slots a draft wrote at T and beyond are overwritten before any read."""
+        return None
+
     def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         # slots [pos + 1 - window, pos) from the cache and the new token apart, which the op also writes into slot
         # pos (store_new): the Triton kernel inside its split kernel (no elementwise launch of its own), the reference

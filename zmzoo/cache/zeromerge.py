@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from zmzoo.cache.base import KVCache
@@ -96,7 +97,8 @@ class ZeroMergeCache(KVCache):
         self.score_window, self.score_pool = score_window, score_pool
         self.lookahead, self.lookahead_prompt_weight = lookahead, lookahead_prompt_weight
         self.extra_positions = lookahead  # the draft runs at positions T .. T + lookahead - 1
-        self._pending: dict | None = None  # a prompt waiting for its lookahead draft before compression
+        self._pending: dict[int, dict] = {}  # row -> its stashed prompt, waiting for the lookahead's rescore
+        self._copy_stream = None  # CUDA side stream of the stash's copies to the host
         # diagnostics (bench/probes/needle_trace.py): called as prompt_hook(row, k, scores) with the prompt's keys
         # (1, Hkv, T, D) and its scores (Hkv, T) before the selection; what it returns (scores or None for the same)
         # is selected on
@@ -109,6 +111,12 @@ class ZeroMergeCache(KVCache):
                              persistent=False)
         self.register_buffer("w", torch.zeros(shape, dtype=torch.float32, device=dev), persistent=False)
         self.register_buffer("s", torch.zeros(shape, dtype=torch.float32, device=dev), persistent=False)
+        # the dense slots' keys and values in fp32 (merge only): k, v hold their rounded copies, which the attention
+        # reads; merging into a bf16 mean would stop moving once its weight passes ~256 (ops/slot_insert.py)
+        n_dense = self.dense if self.policy == "merge" else 0
+        dshape = (self.batch_size, self.n_kv_heads, n_dense, self.head_dim)
+        self.register_buffer("dense_k", torch.zeros(dshape, dtype=torch.float32, device=dev), persistent=False)
+        self.register_buffer("dense_v", torch.zeros(dshape, dtype=torch.float32, device=dev), persistent=False)
         # max(prompt length, budget): the ring pointer of row b is (pos - base[b]) mod ring once full
         self.register_buffer("base", torch.full((self.batch_size,), budget, dtype=torch.int64, device=dev),
                              persistent=False)
@@ -130,6 +138,10 @@ class ZeroMergeCache(KVCache):
     def select(self, k: Tensor, v: Tensor, scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Compress a prompt longer than the budget: k, v (Hkv, T, D), scores (Hkv, T) ->
         k, v (Hkv, B, D), w, s (Hkv, B) laid out ``[dense chunks | top (ascending position) | last tail]``."""
+        return self._select(k, v, scores)[:4]
+
+    def _select(self, k: Tensor, v: Tensor, scores: Tensor | None) -> tuple[Tensor, ...]:
+        """``select`` plus the dense chunks' mean keys and values in fp32 (Hkv, dense, D) (None without merging)."""
         n_kv, t, d = k.shape
         b, tail, dense = self.budget, self.tail, (self.dense if self.policy == "merge" else 0)
         n_top = b - dense - tail
@@ -144,7 +156,7 @@ class ZeroMergeCache(KVCache):
         ww = torch.ones(n_kv, b - dense, dtype=torch.float32, device=k.device)
         ss = scores.gather(1, keep)
         if dense == 0:
-            return kk, vv, ww, ss
+            return kk, vv, ww, ss, None, None
         # the remaining tokens, in sequence order, cut into `dense` consecutive chunks -> one dense slot each
         kept = torch.zeros(n_kv, t, dtype=torch.bool, device=k.device)
         kept.scatter_(1, keep, True)
@@ -156,9 +168,10 @@ class ZeroMergeCache(KVCache):
         cnt = torch.tensor([q_len + 1] * r_len + [q_len] * (dense - r_len), dtype=torch.float32, device=k.device)
         cnt = cnt.expand(n_kv, dense)
         kd, vd, sd = chunk_sums(k, v, scores, cid, dense, self.score_merge)
-        kd = (kd / cnt.unsqueeze(-1)).to(k.dtype)
-        vd = (vd / cnt.unsqueeze(-1)).to(v.dtype)
-        return (torch.cat([kd, kk], 1), torch.cat([vd, vv], 1), torch.cat([cnt, ww], 1), torch.cat([sd, ss], 1))
+        kd = (kd / cnt.unsqueeze(-1)).float()
+        vd = (vd / cnt.unsqueeze(-1)).float()
+        return (torch.cat([kd.to(k.dtype), kk], 1), torch.cat([vd.to(v.dtype), vv], 1), torch.cat([cnt, ww], 1),
+                torch.cat([sd, ss], 1), kd, vd)
 
     def _needs_prompt_scores(self, t: int) -> bool:
         return self.decode_scores or t > self.budget
@@ -176,61 +189,113 @@ class ZeroMergeCache(KVCache):
             scores = scores if hooked is None else hooked
         self.w[row].zero_()
         self.s[row].zero_()
+        self.dense_k[row].zero_()
+        self.dense_v[row].zero_()
         self.base[row] = max(t, self.budget)
         if t <= self.budget:
             self.k[row, :, :t] = k[0]
             self.v[row, :, :t] = v[0]
             self.w[row, :, :t] = 1.0
+            n = min(t, self.dense_k.shape[2])  # the first slots are the dense region once decoding fills the cache
+            self.dense_k[row, :, :n] = k[0, :, :n].float()
+            self.dense_v[row, :, :n] = v[0, :, :n].float()
             if scores is not None:
                 self.s[row, :, :t] = scores
-        elif self.lookahead:
-            # keep the whole prompt until the model has drafted `lookahead` tokens (draft / finish_prefill)
-            n = self.lookahead
-            pk = k.new_zeros(1, self.n_kv_heads, t + n, self.head_dim)
-            pv = v.new_zeros(1, self.n_kv_heads, t + n, self.head_dim)
-            ps = torch.zeros(1, self.n_kv_heads, t + n, dtype=torch.float32, device=k.device)
-            pk[:, :, :t], pv[:, :, :t] = k, v
-            ps[:, :, :t] = scores * self.lookahead_prompt_weight
-            self._pending = dict(k=pk, v=pv, s=ps, t=t, row=row, steps=0)
         else:
             self._write_selection(row, k[0], v[0], scores)
+        if self.lookahead and t > self.budget:  # a prompt that fits is not compressed: nothing to score again
+            self._stash_prompt(row, k, v, scores)
         return out
 
     def _write_selection(self, row: int, k: Tensor, v: Tensor, scores: Tensor | None) -> None:
-        kc, vc, wc, sc = self.select(k, v, scores)
+        kc, vc, wc, sc, kd, vd = self._select(k, v, scores)
         self.k[row].copy_(kc)
         self.v[row].copy_(vc)
         self.w[row].copy_(wc)
         self.s[row].copy_(sc)
+        if kd is not None:
+            self.dense_k[row].copy_(kd)
+            self.dense_v[row].copy_(vd)
 
     # ------------------------------------------------------- lookahead (prefill only)
-    def draft_steps(self) -> int:
-        """Draft tokens this cache wants before it compresses the prompt just prefilled (0: none pending)."""
-        return self.lookahead if self._pending is not None else 0
+    # With ``lookahead = N`` the prompt is compressed twice. The first pass is plain ZeroMerge, layer by layer, and
+    # each layer also stashes the prompt's keys and values (on the host when they would not fit the device's memory
+    # headroom, see ``_stash_on_host``). The model then drafts N greedy tokens through the compressed caches with the
+    # ordinary decode step, and runs those tokens again through every layer (``Transformer.finish_prefill``):
+    # ``rescore`` gives each layer the draft's q/k/v, attends them over the whole stashed prompt, folds their
+    # attention into the prompt's scores as N decode steps would, and selects the row's cache again from the stashed
+    # prompt with those scores. The draft is discarded; decoding starts at the prompt's end.
+
+    def _stash_on_host(self, t: int, device: torch.device) -> bool:
+        """Whether a prompt of t tokens is stashed on the host: on CUDA when the stash of every layer would exceed the
+        cache itself twice over (a 40K prompt with 2048 slots: 20x), so prefill's peak stays plain ZeroMerge's."""
+        return device.type == "cuda" and t > 2 * self.budget
+
+    def _stash_prompt(self, row: int, k: Tensor, v: Tensor, scores: Tensor | None) -> None:
+        """Keep the prompt's k, v (1, Hkv, T, D) with room for the draft after it, and its scores."""
+        t, n = k.shape[2], self.lookahead
+        if scores is None:
+            scores = torch.zeros(self.n_kv_heads, t, dtype=torch.float32, device=k.device)
+        stash = {"t": t, "s": scores * self.lookahead_prompt_weight}
+        if self._stash_on_host(t, k.device):
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(k.device)
+            side = self._copy_stream
+            side.wait_stream(torch.cuda.current_stream(k.device))
+            with torch.cuda.stream(side):
+                for name, x in (("k", k), ("v", v)):
+                    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                    host.copy_(x, non_blocking=True)
+                    x.record_stream(side)  # the caching allocator keeps x until the copy is done
+                    stash[name] = host
+            stash["ready"] = torch.cuda.Event()
+            stash["ready"].record(side)
+        else:
+            for name, x in (("k", k), ("v", v)):
+                buf = x.new_empty(1, self.n_kv_heads, t + n, self.head_dim)
+                buf[:, :, :t] = x
+                stash[name] = buf
+        self._pending[row] = stash
+
+    def draft_request(self) -> dict[int, int]:
+        """Rows whose prompt is stashed, each with the draft tokens it wants (see the section comment)."""
+        return {row: self.lookahead for row in self._pending}
 
     @torch.no_grad()
-    def draft(self, q: Tensor, k: Tensor, v: Tensor, step: int) -> Tensor:
-        """Draft token ``step`` (position T + step) of the pending prompt: full attention over the prompt and the
-        earlier draft tokens, its probabilities folded into the prompt's scores as a decode step would
-        (``s = decay * s + p``). q (1, H, 1, D), k/v (1, Hkv, 1, D) -> (1, H, 1, D)."""
-        p = self._pending
-        if p is None or step != p["steps"] or step >= self.lookahead:
-            raise RuntimeError(f"{self.method} cache: draft step {step} without a pending prompt at that step")
-        end = torch.full((1,), p["t"] + step, dtype=torch.int64, device=k.device)
-        out, _ = decode_attention(q[:, :, 0], p["k"], p["v"], torch.zeros_like(end), end, k[:, :, 0], v[:, :, 0],
-                                  scores=p["s"], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
-        p["k"][:, :, p["t"] + step] = k[:, :, 0]
-        p["v"][:, :, p["t"] + step] = v[:, :, 0]
-        p["steps"] = step + 1
-        return out.unsqueeze(2)
+    def rescore(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
+        """Draft tokens at positions T .. T + N - 1 of ``row``: q (1, H, N, D), k/v (1, Hkv, N, D). Returns their
+        attention output (1, H, N, D) over the stashed prompt and themselves (causal), and selects the row's cache
+        again from the stashed prompt with the scores ``s = decay^N * w * s_prompt + sum_i decay^(N-1-i) * p_i``
+        (``w`` = lookahead_prompt_weight, ``p_i`` draft token i's attention over the prompt, summed over its group),
+        which is what N decode steps would fold into the prompt's scores (``ops.prefill_scores`` of the N queries as
+        the last ones of the sequence)."""
+        st = self._pending.pop(row, None)
+        if st is None:
+            raise RuntimeError(f"{self.method} cache: rescore of row {row}, whose prompt is not stashed")
+        t, n = st["t"], q.shape[2]
+        if n > self.lookahead:
+            raise ValueError(f"{self.method} cache: {n} draft tokens, the stash has room for {self.lookahead}")
+        if "ready" in st:  # on the host: to the device, after the prefill's copy is done
+            torch.cuda.current_stream(k.device).wait_event(st["ready"])
+            kk = k.new_empty(1, self.n_kv_heads, t + n, self.head_dim)
+            vv = v.new_empty(1, self.n_kv_heads, t + n, self.head_dim)
+            kk[:, :, :t].copy_(st["k"], non_blocking=True)
+            vv[:, :, :t].copy_(st["v"], non_blocking=True)
+        else:
+            kk, vv = st["k"][:, :, : t + n], st["v"][:, :, : t + n]
+        kk[:, :, t:] = k
+        vv[:, :, t:] = v
+        keys = torch.arange(t + n, device=q.device)
+        seen = keys.view(1, -1) <= t + torch.arange(n, device=q.device).view(-1, 1)  # (N, T + N): causal
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=seen, scale=self.sm_scale,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        draft = prefill_scores(q[0], kk[0], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
+        self._write_selection(row, kk[0, :, :t], vv[0, :, :t], self.decay**n * st["s"] + draft[:, :t])
+        return out
 
-    @torch.no_grad()
     def finish_prefill(self) -> None:
-        """Compress the pending prompt with the scores its draft tokens added (the draft itself is not kept)."""
-        p, self._pending = self._pending, None
-        if p is not None:
-            t = p["t"]
-            self._write_selection(p["row"], p["k"][0, :, :t], p["v"][0, :, :t], p["s"][0, :, :t])
+        """Drop what a prefill stashed and no rescore consumed."""
+        self._pending.clear()
 
     # ---------------------------------------------------------------- decode
     def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
@@ -243,7 +308,7 @@ class ZeroMergeCache(KVCache):
             logw_scale=self.logw_scale, decay=self.decay, sm_scale=self.sm_scale, backend=self.backend,
         )
         slot_insert(
-            self.k, self.v, self.w, self.s, k_new, v_new, s_new, pos, self.base,
+            self.k, self.v, self.w, self.s, k_new, v_new, s_new, pos, self.base, self.dense_k, self.dense_v,
             dense=self.dense, ring=self.ring, policy=self.policy, metric=self.metric,
             score_merge=self.score_merge, backend=self.backend,
         )

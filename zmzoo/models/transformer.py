@@ -239,10 +239,13 @@ class Attention(nn.Module):
         return gemv(y.transpose(1, 2).reshape(x.shape[0], 1, -1), self.wo.weight, residual=x,
                     **_gemv_kw(self.gemv_plan.get("wo")))
 
-    def draft(self, x: Tensor, cos: Tensor, sin: Tensor, step: int, norm: RMSNorm) -> Tensor:
-        q, k, v = self._qkv(x, cos, sin, norm)
-        y = self.kv_cache.draft(q, k, v, step)  # (1, H, 1, hd)
-        return x + self.wo(y.transpose(1, 2).reshape(1, 1, -1))
+    def rescore(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, norm: RMSNorm) -> Tensor:
+        """The prefill draft's tokens x (1, N, dim) of ``row`` through this layer's attention (see
+        ``Transformer.finish_prefill``): the residual stream after it."""
+        bsz, n, _ = x.shape
+        q, k, v = self._qkv_prefill(norm(x), cos, sin)
+        y = self.kv_cache.rescore(q, k, v, row)  # (1, H, N, hd)
+        return x + self.wo(y.transpose(1, 2).reshape(bsz, n, -1))
 
 
 class FeedForward(nn.Module):
@@ -301,8 +304,8 @@ class TransformerBlock(nn.Module):
         h = self.attention.decode(x, cos, sin, pos, self.attention_norm)
         return self.feed_forward.decode(h, self.ffn_norm)
 
-    def draft(self, x: Tensor, cos: Tensor, sin: Tensor, step: int) -> Tensor:
-        return self._mlp(self.attention.draft(x, cos, sin, step, self.attention_norm))
+    def rescore(self, x: Tensor, cos: Tensor, sin: Tensor, row: int) -> Tensor:
+        return self._mlp(self.attention.rescore(x, cos, sin, row, self.attention_norm))
 
 
 class Transformer(nn.Module):
@@ -427,28 +430,50 @@ class Transformer(nn.Module):
             x = layer.prefill(x, cos, sin, row, kern=self.prefill_kernels)
         x = x if all_logits else x[:, -1:]
         logits = self.output(self.norm(x))
-        self._draft(logits[:, -1], t)
-        for c in self.caches:
-            c.finish_prefill()
         return logits if all_logits else logits[:, 0]
 
-    def _draft(self, last_logits: Tensor, t: int) -> None:
-        """The cache protocol's prefill draft (zmzoo/cache/base.py): caches that want one (ZeroMerge's
-        ``lookahead``) hold the whole prompt after prefill; draft that many greedy tokens through every layer (each
-        cache attends them over the prompt and folds their attention into the prompt's scores). The draft is
-        discarded; decoding starts at position T."""
-        n = max((c.draft_steps() for c in self.caches), default=0)
-        if n == 0:
-            return
-        tok = last_logits.argmax(-1)  # (1,)
-        for step in range(n):
-            p = t + step
-            cos = self.rope_cos[p : p + 1].view(1, 1, 1, -1)
-            sin = self.rope_sin[p : p + 1].view(1, 1, 1, -1)
-            x = self.tok_embeddings(tok.view(1, 1))
-            for layer in self.layers:
-                x = layer.draft(x, cos, sin, step)
-            tok = self.output(self.norm(x))[:, 0].argmax(-1)
+    @torch.no_grad()
+    def finish_prefill(self, first: Tensor, pos: Tensor, decode: Callable[[Tensor, Tensor], Tensor] | None = None
+                       ) -> None:
+        """After every row's prefill: the cache protocol's prefill draft (zmzoo/cache/base.py). Caches that ask for
+        it (ZeroMerge's ``lookahead``) get each requesting row's greedy draft run through every layer (``rescore``),
+        which they use to compress the row again; then every cache's ``finish_prefill``.
+
+        The draft is greedy from ``first`` (B,) (each row's prefill argmax) at positions ``pos`` (B,) (each row's
+        prompt length), decoded for all rows together by ``decode`` (default: ``self.decode``; a Generator passes its
+        compiled step) over the caches as prefill left them; every cache's state is restored afterwards, so the
+        draft leaves no trace."""
+        requests: dict[int, int] = {}
+        for c in self.caches:
+            for row, n in c.draft_request().items():
+                requests[row] = max(n, requests.get(row, 0))
+        if requests:
+            n = max(requests.values())
+            decode = decode or self.decode
+            snaps = [c.snapshot() for c in self.caches]
+            tok, p = first.clone(), pos.clone()
+            draft = [tok]
+            for _ in range(n - 1):
+                tok = decode(tok, p).argmax(-1)
+                p += 1
+                draft.append(tok)
+            draft = torch.stack(draft, 1)  # (B, n)
+            for c, snap in zip(self.caches, snaps):
+                c.restore(snap)
+            del snaps
+            for row, want in sorted(requests.items()):
+                self._rescore(draft[row : row + 1, :want], row, int(pos[row]))
+        for c in self.caches:
+            c.finish_prefill()
+
+    def _rescore(self, tokens: Tensor, row: int, start: int) -> None:
+        """Draft ``tokens`` (1, N) of ``row`` at positions start .. start + N - 1 through every layer's ``rescore``."""
+        n = tokens.shape[1]
+        cos = self.rope_cos[start : start + n].view(1, 1, n, -1)
+        sin = self.rope_sin[start : start + n].view(1, 1, n, -1)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer.rescore(x, cos, sin, row)
 
     def decode(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """One token per batch row: tokens (B,) at absolute positions pos (B,) -> logits (B, V)."""
