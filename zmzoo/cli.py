@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--kv-ratio", type=float, help="cache budget as a fraction of max_seq_len (selects ZeroMerge)")
     g.add_argument("--kv-budget", type=int, help="cache budget in slots (selects ZeroMerge)")
-    g.add_argument("--method", choices=["full", "zeromerge", "h2o", "streaming", "snapkv"])
+    g.add_argument("--method", choices=["full", "zeromerge", "h2o", "streaming", "snapkv", "tova", "knorm"])
     g.add_argument("--preset", help="named ZeroMerge settings, e.g. retrieval")
     g.add_argument("--max-seq-len", type=int)
     g.add_argument("--device")

@@ -167,7 +167,7 @@ def load(
             config.json + safetensors, or a ``.gguf`` file.
         kv_ratio / kv_budget: cache budget as a fraction of ``max_seq_len`` or a slot count; selects ZeroMerge
             unless ``method`` says otherwise. With neither (and no method), the full static cache is used.
-        method: "full", "zeromerge", "h2o", "streaming" or "snapkv".
+        method: "full", "zeromerge", "h2o", "streaming", "snapkv", "tova" or "knorm".
         device, dtype: default CUDA + bf16 when a GPU is present, else CPU + fp32.
         max_seq_len: longest prompt + generation (default: the model's context window).
         max_batch_size: rows decoded together (each prompt of a batch gets its own row).

@@ -14,18 +14,20 @@ from typing import Any
 import torch
 
 from zmzoo.cache.base import KVCache
-from zmzoo.cache.eviction import H2OCache, SnapKVCache, StreamingCache
+from zmzoo.cache.eviction import H2OCache, KNormCache, SnapKVCache, StreamingCache, TOVACache
 from zmzoo.cache.fanout import FanoutCache
 from zmzoo.cache.full import FullCache
 from zmzoo.cache.zeromerge import ZeroMergeCache
 
-METHODS = ("full", "zeromerge", "h2o", "streaming", "snapkv")
+METHODS = ("full", "zeromerge", "h2o", "streaming", "snapkv", "tova", "knorm")
 CACHE_CLASSES: dict[str, type[KVCache]] = {
     "full": FullCache,
     "zeromerge": ZeroMergeCache,
     "h2o": H2OCache,
     "streaming": StreamingCache,
     "snapkv": SnapKVCache,
+    "tova": TOVACache,
+    "knorm": KNormCache,
 }
 
 # settings each method accepts, with defaults (ZEROMERGE.md "Settings and defaults")
@@ -37,6 +39,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "h2o": dict(tail=0.1, decay=0.98, score_window=None, score_pool=None),
     "snapkv": dict(tail=0.1, score_window=32, score_pool=5),
     "streaming": dict(sinks=4),
+    # TOVA's decay is 0 (each step's attention replaces the scores), fixed by its cache class rather than a setting
+    "tova": dict(tail=0.1),
+    "knorm": dict(tail=0.1),
 }
 
 # named variants of ZeroMerge's settings (explicit settings override them)
@@ -177,6 +182,8 @@ def resolve_cache_config(
         if budget <= tail:
             raise ValueError(f"kv budget {budget} must exceed tail {tail} (max_seq_len {max_seq_len})")
         cfg.update(dense=0)
+    if method == "tova":
+        cfg["decay"] = 0.0  # what TOVACache runs with (not a setting: the check below is for decays that accumulate)
     if "decay" in vals:
         d = vals["decay"]
         if not isinstance(d, (int, float)) or not 0 < d <= 1:
@@ -227,5 +234,6 @@ def full_cache_nbytes(*, n_layers: int, batch_size: int, n_kv_heads: int, head_d
     return 2 * n_layers * batch_size * n_kv_heads * max_seq_len * head_dim * itemsize
 
 
-__all__ = ["KVCache", "FullCache", "ZeroMergeCache", "H2OCache", "StreamingCache", "SnapKVCache", "FanoutCache",
-           "CacheConfig", "METHODS", "PRESETS", "resolve_cache_config", "build_caches", "full_cache_nbytes"]
+__all__ = ["KVCache", "FullCache", "ZeroMergeCache", "H2OCache", "StreamingCache", "SnapKVCache", "TOVACache",
+           "KNormCache", "FanoutCache", "CacheConfig", "METHODS", "PRESETS", "resolve_cache_config", "build_caches",
+           "full_cache_nbytes"]

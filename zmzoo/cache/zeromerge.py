@@ -298,6 +298,11 @@ class ZeroMergeCache(KVCache):
         self._pending.clear()
 
     # ---------------------------------------------------------------- decode
+    def new_token_score(self, k_new: Tensor, s_new: Tensor | None) -> Tensor | None:
+        """The score (B, Hkv) fp32 the new token's slot starts with, from its key k_new (B, Hkv, D) and the attention
+        it got (``s_new``, None without decode scores: the insert then writes 0). Default: that attention."""
+        return s_new
+
     def decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         k_new, v_new = k[:, :, 0], v[:, :, 0]
         # slots [0, min(pos, budget)): the kernel clamps pos to the slot count itself (no start/end tensors)
@@ -307,6 +312,7 @@ class ZeroMergeCache(KVCache):
             scores=self.s if self.decode_scores else None,
             logw_scale=self.logw_scale, decay=self.decay, sm_scale=self.sm_scale, backend=self.backend,
         )
+        s_new = self.new_token_score(k_new, s_new)
         slot_insert(
             self.k, self.v, self.w, self.s, k_new, v_new, s_new, pos, self.base, self.dense_k, self.dense_v,
             dense=self.dense, ring=self.ring, policy=self.policy, metric=self.metric,
