@@ -156,7 +156,7 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
         logits0 = model.prefill(torch.tensor([prompt], device=dev), row=0)  # (1, V)
         pos = torch.full((n,), t, dtype=torch.int64, device=dev)
         tok = logits0.argmax(-1).expand(n).contiguous()
-        model.finish_prefill(tok, pos, step)  # the prefill drafts (ZeroMerge's lookahead), each row its own
+        model.finish_prefill(tok, pos, step, prompts=[prompt] * n)  # the prefill drafts (ZeroMerge's lookahead)
         toks = [tok]
         host: list[Tensor] = []  # logits blocks (N, steps in block, V) on the host
         block = [logits0.float().expand(n, -1)] if forced is not None else []

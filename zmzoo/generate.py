@@ -313,7 +313,7 @@ class Generator:
             out.append(logits)
             greedy[row] = logits[0].argmax()
             self.pos[row] = len(seq)
-        self.model.finish_prefill(greedy, self.pos, self.decode_step)
+        self.model.finish_prefill(greedy, self.pos, self.decode_step, prompts=ids)
         return out
 
     @torch.inference_mode()

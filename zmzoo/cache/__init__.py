@@ -35,7 +35,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "full": {},
     "zeromerge": dict(tail=0.1, dense=1, decay=0.98, logw_scale=1.0, metric="dot", score_merge="max",
                       score_window=None, score_pool=None, lookahead=0,
-                      lookahead_prompt_weight=1.0),
+                      lookahead_prompt_weight=1.0, lookahead_rounds=1, lookahead_greedy=0),
     "h2o": dict(tail=0.1, decay=0.98, score_window=None, score_pool=None),
     "snapkv": dict(tail=0.1, score_window=32, score_pool=5),
     "streaming": dict(sinks=4),
@@ -73,6 +73,8 @@ class CacheConfig:
     score_pool: int | None = None
     lookahead: int = 0
     lookahead_prompt_weight: float = 1.0
+    lookahead_rounds: int = 1
+    lookahead_greedy: int = 0
     sinks: int | None = None
     preset: str | None = None
 
@@ -176,8 +178,16 @@ def resolve_cache_config(
         lpw = vals["lookahead_prompt_weight"]
         if isinstance(lpw, bool) or not isinstance(lpw, (int, float)) or lpw < 0:
             raise ValueError(f"cache setting lookahead_prompt_weight={lpw!r} must be a number >= 0")
+        rounds = vals["lookahead_rounds"]
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"cache setting lookahead_rounds={rounds!r} must be a whole number >= 1")
+        greedy = vals["lookahead_greedy"]
+        if isinstance(greedy, bool) or not isinstance(greedy, int) or not 0 <= greedy <= la:
+            raise ValueError(f"cache setting lookahead_greedy={greedy!r} must be a whole number in [0, lookahead={la}] "
+                             f"(0: every draft token greedy)")
         cfg.update(dense=dense, logw_scale=float(vals["logw_scale"]), metric=vals["metric"],
-                   score_merge=vals["score_merge"], lookahead=la, lookahead_prompt_weight=float(lpw))
+                   score_merge=vals["score_merge"], lookahead=la, lookahead_prompt_weight=float(lpw),
+                   lookahead_rounds=rounds, lookahead_greedy=greedy)
     else:
         if budget <= tail:
             raise ValueError(f"kv budget {budget} must exceed tail {tail} (max_seq_len {max_seq_len})")

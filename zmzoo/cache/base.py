@@ -76,8 +76,9 @@ class KVCache(nn.Module):
         raise NotImplementedError
 
     # prefill draft: a no-op for every cache but ZeroMerge with a lookahead
-    def draft_request(self) -> dict[int, int]:
-        """Rows whose prompt this cache wants scored again by a greedy draft, with the draft tokens each wants."""
+    def draft_request(self) -> dict[int, tuple[int, int]]:
+        """Rows whose prompt this cache wants scored again by a draft: row -> (draft tokens, of which greedy; the
+        rest looked up in the prompt, see ``Transformer.finish_prefill``)."""
         return {}
 
     def rescore(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:

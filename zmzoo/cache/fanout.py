@@ -92,7 +92,7 @@ class FanoutCache(KVCache):
             self.shadow.v[1:, :, :t] = self.shadow.v[:1, :, :t]
         return outs[0]
 
-    def draft_request(self) -> dict[int, int]:
+    def draft_request(self) -> dict[int, tuple[int, int]]:
         """Row i (configuration i) asks for what its configuration asks for its one row."""
         return {i: want[0] for i, c in enumerate(self.configs) if 0 in (want := c.draft_request())}
 

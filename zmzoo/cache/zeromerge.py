@@ -87,6 +87,8 @@ class ZeroMergeCache(KVCache):
         score_pool: int | None = None,
         lookahead: int = 0,
         lookahead_prompt_weight: float = 1.0,
+        lookahead_rounds: int = 1,
+        lookahead_greedy: int = 0,
         **kw,
     ):
         super().__init__(**kw)
@@ -96,6 +98,7 @@ class ZeroMergeCache(KVCache):
         self.metric, self.score_merge = metric, score_merge
         self.score_window, self.score_pool = score_window, score_pool
         self.lookahead, self.lookahead_prompt_weight = lookahead, lookahead_prompt_weight
+        self.lookahead_rounds, self.lookahead_greedy = lookahead_rounds, lookahead_greedy
         self.extra_positions = lookahead  # the draft runs at positions T .. T + lookahead - 1
         self._pending: dict[int, dict] = {}  # row -> its stashed prompt, waiting for the lookahead's rescore
         self._copy_stream = None  # CUDA side stream of the stash's copies to the host
@@ -236,7 +239,7 @@ class ZeroMergeCache(KVCache):
         t, n = k.shape[2], self.lookahead
         if scores is None:
             scores = torch.zeros(self.n_kv_heads, t, dtype=torch.float32, device=k.device)
-        stash = {"t": t, "s": scores * self.lookahead_prompt_weight}
+        stash = {"t": t, "s": scores * self.lookahead_prompt_weight, "rounds": self.lookahead_rounds}
         if self._stash_on_host(t, k.device):
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream(k.device)
@@ -257,9 +260,9 @@ class ZeroMergeCache(KVCache):
                 stash[name] = buf
         self._pending[row] = stash
 
-    def draft_request(self) -> dict[int, int]:
-        """Rows whose prompt is stashed, each with the draft tokens it wants (see the section comment)."""
-        return {row: self.lookahead for row in self._pending}
+    def draft_request(self) -> dict[int, tuple[int, int]]:
+        """Rows whose prompt is stashed, each with (draft tokens, of which greedy) (see the section comment)."""
+        return {row: (self.lookahead, self.lookahead_greedy or self.lookahead) for row in self._pending}
 
     @torch.no_grad()
     def rescore(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
@@ -269,9 +272,12 @@ class ZeroMergeCache(KVCache):
         (``w`` = lookahead_prompt_weight, ``p_i`` draft token i's attention over the prompt, summed over its group),
         which is what N decode steps would fold into the prompt's scores (``ops.prefill_scores`` of the N queries as
         the last ones of the sequence)."""
-        st = self._pending.pop(row, None)
+        st = self._pending.get(row)
         if st is None:
             raise RuntimeError(f"{self.method} cache: rescore of row {row}, whose prompt is not stashed")
+        st["rounds"] -= 1
+        if st["rounds"] == 0:
+            del self._pending[row]
         t, n = st["t"], q.shape[2]
         if n > self.lookahead:
             raise ValueError(f"{self.method} cache: {n} draft tokens, the stash has room for {self.lookahead}")
@@ -290,7 +296,8 @@ class ZeroMergeCache(KVCache):
         out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=seen, scale=self.sm_scale,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         draft = prefill_scores(q[0], kk[0], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
-        self._write_selection(row, kk[0, :, :t], vv[0, :, :t], self.decay**n * st["s"] + draft[:, :t])
+        st["s"] = self.decay**n * st["s"] + draft[:, :t]  # a further round drafts over this selection and adds to it
+        self._write_selection(row, kk[0, :, :t], vv[0, :, :t], st["s"])
         return out
 
     def finish_prefill(self) -> None:

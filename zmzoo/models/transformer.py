@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096, kern: Pre
     for a in range(0, t, chunk):
         out[:, :, a : a + chunk] = _rope(x[:, :, a : a + chunk], cos[:, :, a : a + chunk], sin[:, :, a : a + chunk])
     return out
+
+
+def prompt_lookup(prompt: list[int], draft: list[int], n: int, min_match: int = 3) -> list[int]:
+    """``draft`` extended to ``n`` tokens from ``prompt`` (prompt-lookup drafting): the longest stretch of ``draft``
+    (at least ``min_match`` tokens, the latest among equals) that occurs in the prompt, followed by what follows its
+    first occurrence there; the draft's tokens after that stretch are replaced. ``draft`` unchanged where nothing
+    matches."""
+    best = None  # (length, end in draft, continuation start in prompt)
+    positions: dict[tuple[int, ...], int] = {}
+    for m in range(min(len(draft), 8), min_match - 1, -1):  # first occurrence of every m-gram of the prompt
+        positions = {}
+        for i in range(len(prompt) - m):
+            positions.setdefault(tuple(prompt[i : i + m]), i)
+        for end in range(len(draft), m - 1, -1):
+            at = positions.get(tuple(draft[end - m : end]))
+            if at is not None:
+                best = (m, end, at + m)
+                break
+        if best is not None:
+            break
+    if best is None:
+        return draft
+    _, end, cont = best
+    return (draft[:end] + prompt[cont : cont + n - end])[:n]
 
 
 @torch.no_grad()
@@ -433,38 +457,66 @@ class Transformer(nn.Module):
         return logits if all_logits else logits[:, 0]
 
     @torch.no_grad()
-    def finish_prefill(self, first: Tensor, pos: Tensor, decode: Callable[[Tensor, Tensor], Tensor] | None = None
-                       ) -> None:
+    def finish_prefill(self, first: Tensor, pos: Tensor, decode: Callable[[Tensor, Tensor], Tensor] | None = None,
+                       prompts: Sequence[Sequence[int]] | None = None) -> None:
         """After every row's prefill: the cache protocol's prefill draft (zmzoo/cache/base.py). Caches that ask for
-        it (ZeroMerge's ``lookahead``) get each requesting row's greedy draft run through every layer (``rescore``),
-        which they use to compress the row again; then every cache's ``finish_prefill``.
+        it (ZeroMerge's ``lookahead``) get each requesting row's draft run through every layer (``rescore``), which
+        they use to compress the row again; then every cache's ``finish_prefill``.
 
-        The draft is greedy from ``first`` (B,) (each row's prefill argmax) at positions ``pos`` (B,) (each row's
-        prompt length), decoded for all rows together by ``decode`` (default: ``self.decode``; a Generator passes its
-        compiled step) over the caches as prefill left them; every cache's state is restored afterwards, so the
+        A row's request is (n, g): n draft tokens, the first g greedy from ``first`` (B,) (each row's prefill argmax)
+        at positions ``pos`` (B,) (each row's prompt length), decoded for all rows together by ``decode`` (default:
+        ``self.decode``; a Generator passes its compiled step) over the caches as prefill left them. With g < n and
+        the row's prompt in ``prompts``, the rest is looked up in the prompt (``prompt_lookup``): after the longest
+        stretch of the greedy tokens that also occurs in the prompt, the prompt's own continuation; where nothing
+        matches, greedy decoding goes on. Every cache's state is restored after the draft's decode steps, so the
         draft leaves no trace."""
-        requests: dict[int, int] = {}
-        for c in self.caches:
-            for row, n in c.draft_request().items():
-                requests[row] = max(n, requests.get(row, 0))
-        if requests:
-            n = max(requests.values())
-            decode = decode or self.decode
-            snaps = [c.snapshot() for c in self.caches]
-            tok, p = first.clone(), pos.clone()
-            draft = [tok]
-            for _ in range(n - 1):
-                tok = decode(tok, p).argmax(-1)
-                p += 1
-                draft.append(tok)
-            draft = torch.stack(draft, 1)  # (B, n)
-            for c, snap in zip(self.caches, snaps):
-                c.restore(snap)
-            del snaps
-            for row, want in sorted(requests.items()):
-                self._rescore(draft[row : row + 1, :want], row, int(pos[row]))
+        while True:  # a cache may ask for several rounds, each drafted over the previous round's selection
+            requests: dict[int, tuple[int, int]] = {}
+            for c in self.caches:
+                for row, (n, g) in c.draft_request().items():
+                    n0, g0 = requests.get(row, (0, 0))
+                    requests[row] = (max(n, n0), max(g, g0))
+            if not requests:
+                break
+            drafts = self._draft(first, pos, decode or self.decode, requests, prompts)
+            for row, tokens in sorted(drafts.items()):
+                self._rescore(torch.tensor([tokens], device=first.device), row, int(pos[row]))
         for c in self.caches:
             c.finish_prefill()
+
+    def _draft(self, first: Tensor, pos: Tensor, decode: Callable[[Tensor, Tensor], Tensor],
+               requests: dict[int, tuple[int, int]], prompts: Sequence[Sequence[int]] | None) -> dict[int, list[int]]:
+        """The draft tokens of each requesting row (see ``finish_prefill``); the caches are restored afterwards."""
+        snaps = [c.snapshot() for c in self.caches]
+        tok, p = first.clone(), pos.clone()
+        steps = [tok]
+
+        def step() -> None:
+            nonlocal tok
+            tok = decode(tok, p).argmax(-1)
+            p.add_(1)
+            steps.append(tok)
+
+        for _ in range(max(g for _, g in requests.values()) - 1):
+            step()
+        greedy = torch.stack(steps, 1).tolist()  # (B, g) on the host
+        drafts, plain = {}, []
+        for row, (n, g) in requests.items():
+            looked = prompt_lookup(list(prompts[row]), greedy[row][:g], n) if g < n and prompts else greedy[row][:g]
+            if len(looked) > g or g == n:
+                drafts[row] = looked
+            else:
+                plain.append(row)  # nothing matched: greedy decoding goes on
+        more = max((requests[row][0] for row in plain), default=0) - len(steps)
+        for _ in range(more):
+            step()
+        if plain:
+            every = torch.stack(steps, 1).tolist()
+            for row in plain:
+                drafts[row] = every[row][: requests[row][0]]
+        for c, snap in zip(self.caches, snaps):
+            c.restore(snap)
+        return drafts
 
     def _rescore(self, tokens: Tensor, row: int, start: int) -> None:
         """Draft ``tokens`` (1, N) of ``row`` at positions start .. start + N - 1 through every layer's ``rescore``."""
