@@ -245,16 +245,6 @@ def _setting(kv: str) -> tuple[str, Any]:
     return k, {"none": None, "true": True, "false": False}.get(v.lower(), v)
 
 
-def _setting(kv: str) -> tuple[str, Any]:
-    k, _, v = kv.partition("=")
-    for conv in (int, float):
-        try:
-            return k, conv(v)
-        except ValueError:
-            pass
-    return k, {"none": None, "true": True, "false": False}.get(v.lower(), v)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)

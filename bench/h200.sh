@@ -11,6 +11,8 @@
 #   ops-sweep  the same plus the decode kernel's launch-settings sweep (~4 min)
 #   main     bench/decode.py: LLaMA-2-7B, random bf16 weights, batch 1: full and ZeroMerge (kv_budget 2048) at
 #            4K, 16K, 40K (issues 2 and 4)
+#   lookahead  plain ZeroMerge and the retrieval preset (kv_budget 2048) at $LOOKAHEAD_CONTEXTS (default 4K, 40K):
+#            prefill time and peak with the preset's draft and rescore, decode speed ($LOOKAHEAD_METHODS to change)
 #   more     h2o and streaming (kv_budget 2048) at 4K..54K
 #   more54   full and ZeroMerge at 54K
 #   peers    HF transformers (static cache + compile) at $PEER_CONTEXTS (default 4K, 16K, 40K, 54K)
@@ -64,7 +66,8 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         ;;
     tests)
         run tests env ZMZOO_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider tests/test_generate.py \
-            tests/ops/test_gemv.py -k "cuda_graph or triton_generator or inductor or batch_rows or fused_prefill or fused_gemv"
+            tests/ops/test_gemv.py tests/cache/test_baselines.py \
+            -k "cuda_graph or cuda_lookahead or triton_generator or inductor or batch_rows or fused_prefill or fused_gemv or cuda"
         ;;
     ops)
         run ops "$py" -m bench.probes.ops --out "$out/ops" --no-sweep --budget-s 200
@@ -75,6 +78,11 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
     main)
         run main "$py" "${decode[@]}" --contexts 4096,16384,40960 --methods zeromerge,full --peers none \
             --out "$out/main"
+        ;;
+    lookahead)
+        run lookahead "$py" "${decode[@]}" --contexts "${LOOKAHEAD_CONTEXTS:-4096,40960}" \
+            --methods "${LOOKAHEAD_METHODS:-zeromerge,zeromerge:retrieval}" --steps 32 --repeats 3 --peers none \
+            --out "$out/lookahead"
         ;;
     more)
         run more "$py" "${decode[@]}" --contexts 4096,16384,40960,54000 --methods h2o,streaming --peers none \

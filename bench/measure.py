@@ -30,10 +30,12 @@ def budget_for(ns, method: str, context: int) -> int | None:
 
 def configure(base, *, method: str, max_seq_len: int, batch: int, kv_budget: int | None, compile: Any,
               settings: dict[str, Any] | None = None):
-    """``base.with_cache``: a Generator on ``base``'s weights with caches of its own for this configuration. What
+    """``base.with_cache``: a Generator on ``base``'s weights with caches of its own for this configuration (``method``
+    may name a preset: ``zeromerge:retrieval``). What
     its model's GEMV tuning measured for a new batch goes back into ``base``'s table, so the next configuration at
     that batch is not timed again. Drop the returned Generator (then ``free_memory``) before building the next."""
-    kw = {} if method == "full" else {**(settings or {}), "kv_budget": kv_budget}  # full takes no settings
+    method, _, preset = method.partition(":")  # "zeromerge:retrieval": a method with a preset
+    kw = {} if method == "full" else {**(settings or {}), "kv_budget": kv_budget, "preset": preset or None}
     gen = base.with_cache(method, max_seq_len=max_seq_len, max_batch_size=batch, compile=compile, **kw)
     base.model.gemv_tuning.update(gen.model.gemv_tuning)
     return gen

@@ -173,6 +173,22 @@ def test_cuda_graph_decode(method, gemv):
     assert {n: b.data_ptr() for n, b in gen.model.named_buffers()} == ptrs
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU check: ZMZOO_TEST_DEVICE=cuda (bench/h200.sh runs it on the H200)")
+@pytest.mark.parametrize("kv_budget", [8, 24])  # 40-token prompts: the stash on the host (> 2 x budget), on the device
+def test_cuda_lookahead_matches_torch_eager(kv_budget):
+    """The retrieval preset on CUDA with the Triton ops and the compiled decode step (CUDA graphs): its draft runs
+    through the captured step, its prompt stash goes to pinned host memory when it exceeds twice the cache and comes
+    back for the rescore; teacher-forced logits and cache buffers equal the torch-reference eager run's."""
+    from tests.conftest import assert_same_function
+
+    torch._dynamo.reset()
+    kw = dict(method="zeromerge", kv_budget=kv_budget, preset="retrieval", max_batch_size=2, max_seq_len=128)
+    ref = tiny_gen(ops="torch", **kw)
+    got = tiny_gen(compile=True, ops="triton", **kw)
+    prompts = [list(range(3, 43)), list(range(50, 90))]
+    assert_same_function(ref, got, prompts, 24, rtol=1e-4, atol=1e-4, buffers=True)
+
+
 def test_long_prompt_chunking_is_exact():
     """Prefill bounds its memory on long prompts by rotating q/k and running the MLP a chunk of positions at a time;
     the chunked paths give the unchunked results (RoPE bit for bit, the MLP to GEMM rounding)."""

@@ -136,18 +136,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096, kern: Pre
     return out
 
 
-def prompt_lookup(prompt: list[int], draft: list[int], n: int, min_match: int = 3) -> list[int]:
+def prompt_lookup(prompt: list[int], draft: list[int], n: int, min_match: int = 3, skip_end: int = 32) -> list[int]:
     """``draft`` extended to ``n`` tokens from ``prompt`` (prompt-lookup drafting): the longest stretch of ``draft``
-    (at least ``min_match`` tokens, the latest among equals) that occurs in the prompt, followed by what follows its
-    first occurrence there; the draft's tokens after that stretch are replaced. ``draft`` unchanged where nothing
+    (at least ``min_match`` tokens, the earliest among equals) that occurs in the prompt before its last ``skip_end``
+    tokens (where the question and the chat template sit, which the draft often restates), followed by what follows
+    its first occurrence there; the draft's tokens after that stretch are replaced. ``draft`` unchanged where nothing
     matches."""
     best = None  # (length, end in draft, continuation start in prompt)
     positions: dict[tuple[int, ...], int] = {}
+    body = len(prompt) - skip_end
     for m in range(min(len(draft), 8), min_match - 1, -1):  # first occurrence of every m-gram of the prompt
         positions = {}
-        for i in range(len(prompt) - m):
+        for i in range(body - m):
             positions.setdefault(tuple(prompt[i : i + m]), i)
-        for end in range(len(draft), m - 1, -1):
+        for end in range(m, len(draft) + 1):  # the earliest in the draft: an answer restates the question first
             at = positions.get(tuple(draft[end - m : end]))
             if at is not None:
                 best = (m, end, at + m)
@@ -466,10 +468,10 @@ class Transformer(nn.Module):
         A row's request is (n, g): n draft tokens, the first g greedy from ``first`` (B,) (each row's prefill argmax)
         at positions ``pos`` (B,) (each row's prompt length), decoded for all rows together by ``decode`` (default:
         ``self.decode``; a Generator passes its compiled step) over the caches as prefill left them. With g < n and
-        the row's prompt in ``prompts``, the rest is looked up in the prompt (``prompt_lookup``): after the longest
-        stretch of the greedy tokens that also occurs in the prompt, the prompt's own continuation; where nothing
-        matches, greedy decoding goes on. Every cache's state is restored after the draft's decode steps, so the
-        draft leaves no trace."""
+        the row's prompt in ``prompts``, up to n - g more are looked up in the prompt (``prompt_lookup``: after the
+        longest stretch of the greedy tokens that also occurs in the prompt, the prompt's own continuation); where
+        nothing matches, the draft is the g greedy tokens. So a draft costs g - 1 decode steps whatever it finds.
+        Every cache's state is restored after the draft's decode steps, so the draft leaves no trace."""
         while True:  # a cache may ask for several rounds, each drafted over the previous round's selection
             requests: dict[int, tuple[int, int]] = {}
             for c in self.caches:
@@ -500,20 +502,11 @@ class Transformer(nn.Module):
         for _ in range(max(g for _, g in requests.values()) - 1):
             step()
         greedy = torch.stack(steps, 1).tolist()  # (B, g) on the host
-        drafts, plain = {}, []
+        drafts = {}
         for row, (n, g) in requests.items():
-            looked = prompt_lookup(list(prompts[row]), greedy[row][:g], n) if g < n and prompts else greedy[row][:g]
-            if len(looked) > g or g == n:
-                drafts[row] = looked
-            else:
-                plain.append(row)  # nothing matched: greedy decoding goes on
-        more = max((requests[row][0] for row in plain), default=0) - len(steps)
-        for _ in range(more):
-            step()
-        if plain:
-            every = torch.stack(steps, 1).tolist()
-            for row in plain:
-                drafts[row] = every[row][: requests[row][0]]
+            drafts[row] = greedy[row][:g]
+            if g < n and prompts is not None:  # where nothing matches, the greedy tokens alone
+                drafts[row] = prompt_lookup(list(prompts[row]), drafts[row], n)
         for c, snap in zip(self.caches, snaps):
             c.restore(snap)
         return drafts
