@@ -480,9 +480,11 @@ class Transformer(nn.Module):
                     requests[row] = (max(n, n0), max(g, g0))
             if not requests:
                 break
-            drafts = self._draft(first, pos, decode or self.decode, requests, prompts)
-            for row, tokens in sorted(drafts.items()):
-                self._rescore(torch.tensor([tokens], device=first.device), row, int(pos[row]))
+            with torch.profiler.record_function("zmzoo.draft"):  # named ranges for profiles (bench/probes)
+                drafts = self._draft(first, pos, decode or self.decode, requests, prompts)
+            with torch.profiler.record_function("zmzoo.rescore"):
+                for row, tokens in sorted(drafts.items()):
+                    self._rescore(torch.tensor([tokens], device=first.device), row, int(pos[row]))
         for c in self.caches:
             c.finish_prefill()
 
@@ -503,10 +505,11 @@ class Transformer(nn.Module):
             step()
         greedy = torch.stack(steps, 1).tolist()  # (B, g) on the host
         drafts = {}
-        for row, (n, g) in requests.items():
-            drafts[row] = greedy[row][:g]
-            if g < n and prompts is not None:  # where nothing matches, the greedy tokens alone
-                drafts[row] = prompt_lookup(list(prompts[row]), drafts[row], n)
+        with torch.profiler.record_function("zmzoo.prompt_lookup"):
+            for row, (n, g) in requests.items():
+                drafts[row] = greedy[row][:g]
+                if g < n and prompts is not None:  # where nothing matches, the greedy tokens alone
+                    drafts[row] = prompt_lookup(list(prompts[row]), drafts[row], n)
         for c, snap in zip(self.caches, snaps):
             c.restore(snap)
         return drafts
