@@ -482,8 +482,9 @@ def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source: str | Non
     if tied and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    quant_buffers = {n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in ("q", "scale", "zero")}
-    missing = [n for n in missing if n not in quant_buffers and not (tied and n == "output.weight")]
+    done = {f"{p}.{n}" for p, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
+            for n in ("q", "scale", "zero", "bias")}  # set by their constructors above
+    missing = [n for n in missing if n not in done and not (tied and n == "output.weight")]
     if missing or unexpected:  # check_state_dict has already named every problem; this would be a zmzoo bug
         raise RuntimeError(f"load_weights_into: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
