@@ -183,3 +183,30 @@ def test_safetensors_checkpoint_quantized_as_read(tiny_ckpt):
     assert isinstance(got, QuantLinear) and torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
     assert torch.equal(got.bias, wq.bias)
     assert_same_function(dequantized_twin(q), q, [PROMPTS[0]], 8, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU check: ZMZOO_TEST_DEVICE=cuda (bench/h200.sh's quant-tests stage)")
+@pytest.mark.parametrize("quantize,group,method,gemv", [("int8", None, "zeromerge", "triton"),
+                                                        ("int4", 64, "zeromerge", "auto"),
+                                                        ("int4", 32, "full", "triton"), ("int8", None, "full", "auto")])
+def test_cuda_graph_quantized_decode(quantize, group, method, gemv):
+    """On CUDA: the decode step compiled (inductor, CUDA graphs) through the qgemv kernel (tuned with "auto"), the
+    prompt's matrices dequantized by the Triton kernel, two rows: one graph, no CUDA-graph skip, buffers in place,
+    the eager torch-reference logits (fp32) within 1e-4."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    kw = {"kv_budget": 24} if method == "zeromerge" else {}
+    gen = tiny(quantize, group, method=method, compile=True, max_batch_size=2, ops="triton", gemv=gemv, **kw)
+    ref = tiny(quantize, group, method=method, max_batch_size=2, ops="torch", gemv="torch", **kw)
+    assert gen.model.layers[0].attention.wqkv.backend == "triton"
+    if gemv == "auto":
+        assert any(isinstance(k[3], tuple) and k[3][0] == gen.model.layers[0].attention.wqkv.bits
+                   for k in gen.model.gemv_tuning)  # the quantized products were timed (QFormat keys)
+    ptrs = {n: b.data_ptr() for n, b in gen.model.named_buffers()}
+    assert_same_function(ref, gen, PROMPTS, 32, rtol=1e-4, atol=1e-4)
+    assert len(_debug_get_cache_entry_list(Transformer.decode.__code__)) == 1, dict(counters["stats"])
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert {n: b.data_ptr() for n, b in gen.model.named_buffers()} == ptrs

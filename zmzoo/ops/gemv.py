@@ -278,14 +278,6 @@ def _composite(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor]
     return gemv_ref(x, w, b, norm=norm, silu=silu, residual=residual)
 
 
-def _qcomposite(x: Tensor, q: Tensor, scale: Tensor, zero: Optional[Tensor], norm: Optional[Tensor],  # noqa: UP045
-                residual: Optional[Tensor], silu: bool, group: int, bits: int) -> Tensor:  # noqa: UP045
-    from zmzoo.ops.qgemv import qgemv_ref
-    from zmzoo.ops.quant import QTensor
-
-    return qgemv_ref(x, QTensor(q, scale, zero, group, bits), norm=norm, silu=silu, residual=residual)
-
-
 @torch.no_grad()
 def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int] = (1,),
          candidates: Sequence[Config] = CANDIDATES, calls: int = 24,
@@ -303,6 +295,8 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
     Quantized weights (``zmzoo.models.quant.QuantLinear``) are timed the same way with ``zmzoo.ops.qgemv``: the
     composition is ``qgemv_ref`` compiled (dequantize, then F.linear), the kernel ``zmzoo::qgemv``; their key's dtype
     part is the weight's ``QFormat``."""
+    from zmzoo.ops.qgemv import kernel_config, qcomposite  # (zmzoo.ops.qgemv imports this module)
+
     groups: dict[tuple, list] = {}
     for item in products:
         w, fusion = item if isinstance(item, tuple) else (item, PLAIN)
@@ -314,7 +308,7 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
             groups.setdefault((tuple(w.shape), w.dtype, w.device, fusion), []).append(w)
     out = {}
     composite = torch.compile(_composite, fullgraph=True, dynamic=False)
-    qcomposite = torch.compile(_qcomposite, fullgraph=True, dynamic=False)
+    qcomposite = torch.compile(qcomposite, fullgraph=True, dynamic=False)
     gate = torch.compile(silu_mul, fullgraph=True, dynamic=False)  # a Split's gate: one graph, not one per setting
     limit = dict(recompile_limit=max(64, torch._dynamo.config.recompile_limit))  # one graph per shape and fusion
     for (shape, dtype, device, fusion), ws in groups.items():
@@ -345,8 +339,6 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
                 x = a[0] if x is None else x
                 if not quant:
                     return torch.ops.zmzoo.gemv(x, *a[1:], 1e-6, silu, *cfg)
-                from zmzoo.ops.qgemv import kernel_config
-
                 w = a[1]
                 return torch.ops.zmzoo.qgemv(x, w.q, w.scale, w.zero, None, a[3], a[4], 1e-6, silu, w.group, w.bits,
                                              *kernel_config(cfg, w.bits))
@@ -355,8 +347,6 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
                 times: dict = {"torch": time_graph([lambda a=a: torch_call(a) for a in args])}
             settings = list(dict.fromkeys(for_rows(c, m) for c in candidates))
             if quant:
-                from zmzoo.ops.qgemv import kernel_config
-
                 settings = list(dict.fromkeys(kernel_config(c, ws[0].bits) for c in settings))
             for cfg in settings + ([Split(c) for c in settings] if fusion.silu else []):
                 if isinstance(cfg, Split):

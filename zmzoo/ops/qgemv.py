@@ -44,6 +44,12 @@ def qgemv_ref(x: Tensor, w, b: Tensor | None = None, *, norm: Tensor | None = No
     return gemv_ref(x, dequantize_ref(_qt(w), x.dtype), b, norm=norm, eps=eps, silu=silu, residual=residual)
 
 
+def qcomposite(x: Tensor, q: Tensor, scale: Tensor, zero: Optional[Tensor], norm: Optional[Tensor],  # noqa: UP045
+               residual: Optional[Tensor], silu: bool, group: int, bits: int) -> Tensor:  # noqa: UP045
+    """``qgemv_ref`` on a weight's tensors (what ``gemv.tune`` compiles and times as the torch composition)."""
+    return qgemv_ref(x, QTensor(q, scale, zero, group, bits), norm=norm, silu=silu, residual=residual)
+
+
 def _qgemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_ym, eps,
