@@ -23,7 +23,8 @@
 #            measured faster); $GEMV_CONTEXTS, default 4K, 16K, 40K
 #   quality  bench/quality.py on SmolLM2-135M-Instruct (all methods, 5/10/20 %, passkey to 8K, NLL at a 4K prompt):
 #            needs .carry/a and .carry/b from scripts/gpu_carry.sh (the GGUF in two halves and the gguf wheel); $QUALITY_TASKS picks
-#            the tasks (default passkey,nll,attn)
+#            the tasks (default passkey,nll,attn); $QUALITY_QUANTIZE the weights (default none: dequantized bf16, as
+#            before; gguf: the file's Q4_1 kept; int8 / int4)
 #   profile  bench/probes/profile_decode.py: kernel-by-kernel profile and CUDA-graph timeline of the step
 #            ($PROFILE_LAYERS layers at 7B widths, default 2; $PROFILE_CONTEXT, default 16K; $PROFILE_GEMV, default
 #            auto; $PROFILE_CODE set: inductor's generated code in profile/code_METHOD.txt)
@@ -118,6 +119,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             run quality "$py" -m bench.quality --model "$gguf_file" \
                 --methods full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv --budgets 0.05,0.1,0.2 \
                 --tasks "${QUALITY_TASKS:-passkey,nll,attn}" --lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 1 \
+                --quantize "${QUALITY_QUANTIZE:-none}" \
                 --filler both --answer-tokens 14 --nll-samples 4 --nll-prompt 4096 --nll-cont 256 --out "$out/quality"
         fi
         ;;
