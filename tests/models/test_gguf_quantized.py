@@ -137,3 +137,19 @@ def test_smollm2_q4_1_native_matches_the_dequantized_run(smollm2_pair):
     bf16 = dense.cache_stats()["weight_bytes"] // 2  # every dense weight is fp32 here: bf16 is half of it
     ratio = native.cache_stats()["weight_bytes"] / bf16
     assert ratio <= 0.4, ratio
+
+
+def test_gguf_quantized_again_by_zmzoo(tmp_path):
+    """quantize="int4" on a GGUF file: every tensor dequantized as with None, then the block linears quantized by
+    zmzoo (int4 per 64), the LM head int8 per channel, from those values."""
+    from zmzoo.ops.quant import quantize_int4, quantize_int8
+
+    path, _ = tiny_file(tmp_path, Q.Q4_0)
+    q = zmzoo.load(str(path), quantize="int4", group_size=64, max_seq_len=64, **CPU)
+    d = zmzoo.load(str(path), quantize=None, max_seq_len=64, **CPU)
+    assert q.model.quantization == "int4 (group 64), LM head int8"
+    want = quantize_int4(d.model.layers[1].feed_forward.w2.weight, 64)
+    got = q.model.layers[1].feed_forward.w2
+    assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)
+    assert torch.equal(q.model.output.q, quantize_int8(d.model.output.weight).q)
+    assert isinstance(q.model.tok_embeddings, torch.nn.Embedding)  # untied: stays dense
