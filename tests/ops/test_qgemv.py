@@ -70,10 +70,11 @@ def test_qgemv_fp32_matches_reference(name, fusion, m):
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 257), (130, 1000)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_qgemv_int8_per_channel_odd_sizes(n, k, m):
-    """int8 per channel takes any K (one scale a row): K = 1, 257, 1000; N = 1, 3, 130."""
+    """int8 per channel takes any K (one scale a row): K = 1, 257, 1000; N = 1, 3, 130; x rows strided (a view with
+    a row stride larger than K)."""
     g = torch.Generator().manual_seed(n + k + m)
     qt = quantize_int8(torch.randn(n, k, generator=g) / k**0.5).map(lambda t: t.to(DEVICE))
-    x = torch.randn(m, k, generator=g).to(DEVICE)
+    x = torch.randn(m, k + 3, generator=g).to(DEVICE)[:, 1 : 1 + k]
     torch.testing.assert_close(qgemv(x, qt, backend="triton"), qgemv_ref(x, qt), rtol=1e-5, atol=1e-5)
 
 
