@@ -239,14 +239,15 @@ def load(
             (cuBLAS). With quantized weights the kernel is ``zmzoo.ops.qgemv``'s (dequantizing in registers), and
             "torch" dequantizes every matrix at every step (a reference, not a fast path).
         quantize: weight-only quantization (docs/quantization.md). "auto" (default): on CUDA a GGUF file keeps its
-            Q8_0, Q4_0 and Q4_1 tensors as they are (other quantized types are refused, naming the tensor: pass None
-            or "int8" / "int4"); on a CPU (no kernel there) and for other checkpoints, full precision. None: full
-            precision (a GGUF's tensors dequantized, as before). "int8": the block linears int8 per output channel.
-            "int4": the block linears int4 per group of ``group_size`` columns (asymmetric, fp16 scale and zero).
-            With "int8" and "int4" the LM head is int8 per channel, and a tied embedding with it; an untied
-            embedding stays in ``dtype``. "gguf": a GGUF file's quantized tensors kept on any device (an error for
-            other checkpoints). Weights are quantized one tensor at a time as they are read (or drawn, with
-            ``weights="random"``), so the full-precision model never exists on the device.
+            Q8_0, Q4_0 and Q4_1 tensors as they are (a file with tensors of other quantized types, K-quants, is
+            dequantized as before, with a warning naming one); on a CPU (no kernel there) and for other checkpoints,
+            full precision. None: full precision (a GGUF's tensors dequantized, as before). "int8": the block
+            linears int8 per output channel. "int4": the block linears int4 per group of ``group_size`` columns
+            (asymmetric, fp16 scale and zero). With "int8" and "int4" the LM head is int8 per channel, and a tied
+            embedding with it; an untied embedding stays in ``dtype``. "gguf": a GGUF file's quantized tensors kept
+            on any device, a tensor of another quantized type refused by name (an error for other checkpoints).
+            Weights are quantized one tensor at a time as they are read (or drawn, with ``weights="random"``), so
+            the full-precision model never exists on the device.
         group_size: int4 columns per scale: 32, 64 (default) or 128; it must divide every layer's in_features.
         preset: a named set of ZeroMerge settings (``zmzoo.cache.PRESETS``); explicit settings override them.
         seed: the seed of ``weights="random"``.
@@ -283,7 +284,8 @@ def load(
             from zmzoo.models.weights import load_gguf
 
             args, state_dict, meta = load_gguf(res.path, dtype=dt, device=dev, progress=verbose,
-                                               quantize="gguf" if mode == "gguf" else spec)
+                                               quantize=("gguf" if quantize == "gguf" else "auto") if mode == "gguf"
+                                               else spec)
             tokenizer = Tokenizer.from_gguf_metadata(meta)
             args = args.replace(name=res.name, hf_repo=res.args.hf_repo if res.args is not None else None)
             source = f"GGUF {res.path.name}"

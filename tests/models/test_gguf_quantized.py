@@ -79,7 +79,8 @@ def test_tiny_gguf_native_model_computes_the_dequantized_model(tmp_path, qtype):
 
 def test_k_quant_weight_is_refused_by_name(tmp_path, monkeypatch):
     """A Q4_K weight: quantize="gguf" refuses it, naming the file, the tensor (both names) and its type, and saying
-    what loads it; quantize=None dequantizes it as before (the CPU default)."""
+    what loads it; quantize=None dequantizes it as before (the CPU default); "auto" on CUDA dequantizes such a file
+    with a warning."""
     real = gguf.quants.quantize
 
     def quantize(arr, qtype):  # gguf-py cannot write K-quants: 144-byte blocks of 256 with valid fp16 d and dmin
@@ -98,6 +99,14 @@ def test_k_quant_weight_is_refused_by_name(tmp_path, monkeypatch):
         zmzoo.load(str(path), quantize="gguf", **CPU)
     gen = zmzoo.load(str(path), **CPU)  # "auto" on a CPU: dequantized
     assert gen.model.quantization is None and isinstance(gen.model.layers[0].feed_forward.w2, torch.nn.Linear)
+    # "auto" on CUDA (load_gguf's "auto"): such a file loads dequantized, as before, with a warning naming the tensor
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) of GGML types zmzoo does not keep quantized \(first: "
+                                         r"'blk\.0\.ffn_down\.weight', Q4_K.*dequantized to float32"):
+        _, sd, _ = load_gguf(path, quantize="auto")
+    assert not any(isinstance(t, QTensor) for t in sd.values())
+    other, _ = tiny_file(tmp_path, Q.Q8_0, name="q8.gguf")
+    _, sd, _ = load_gguf(other, quantize="auto")  # every quantized weight native: kept
+    assert isinstance(sd["layers.0.feed_forward.w2.weight"], QTensor)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

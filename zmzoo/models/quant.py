@@ -77,9 +77,10 @@ def quantize_transform(spec: QuantSpec | None, tied: bool) -> Callable | None:
 def resolve_quantize(quantize, group_size, *, gguf: bool, device: torch.device | str = "cuda"
                      ) -> tuple[str | None, int | None]:
     """``zmzoo.load``'s ``quantize`` / ``group_size`` checked and resolved: ("gguf" | "int8" | "int4" | None, group).
-    "auto" is "gguf" for a GGUF file on CUDA (its Q8_0 / Q4_0 / Q4_1 tensors kept as they are) and None otherwise: on
-    a CPU there is no kernel, and the torch reference dequantizes every matrix at every step (about 4x slower decode
-    than weights dequantized once at load, docs/quantization.md)."""
+    "auto" is "gguf" for a GGUF file on CUDA (its Q8_0 / Q4_0 / Q4_1 tensors kept as they are; ``load_gguf``'s
+    "auto" falls back to dequantizing a file that holds other quantized types) and None otherwise: on a CPU there is
+    no kernel, and the torch reference dequantizes every matrix at every step (about 4x slower decode than weights
+    dequantized once at load, docs/quantization.md)."""
     if quantize not in MODES:
         raise ValueError(f"quantize={quantize!r} is not one of {MODES} (None: full precision; 'auto': a GGUF file "
                          f"keeps its quantization on CUDA, everything else loads at full precision)")

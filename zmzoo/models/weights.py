@@ -698,9 +698,10 @@ def load_gguf(
         quantize: None dequantizes every quantized tensor (above); "gguf" keeps the Q8_0, Q4_0 and Q4_1 weight
             matrices as they are stored, repacked into zmzoo's layout (``QTensor`` values, see
             ``zmzoo.ops.quant.from_gguf_blocks``), and refuses a weight of any other quantized type (K-quants, Q5_*,
-            IQ*), naming it; F32 / F16 / BF16 tensors are read as with None. A ``zmzoo.models.quant.QuantSpec``
-            (``zmzoo.load``'s ``quantize="int8"`` / ``"int4"``): every tensor read as with None, then the weights it
-            names quantized by zmzoo from those values.
+            IQ*), naming it; F32 / F16 / BF16 tensors are read as with None. "auto": "gguf" when every quantized
+            weight is of those three types, else None with a warning naming the first one that is not. A
+            ``zmzoo.models.quant.QuantSpec`` (``zmzoo.load``'s ``quantize="int8"`` / ``"int4"``): every tensor read
+            as with None, then the weights it names quantized by zmzoo from those values.
 
     Returns:
         ``(args, state_dict, tokenizer_metadata)``: the config from the metadata (tied when there is no
@@ -712,9 +713,9 @@ def load_gguf(
             a weight of a quantized type zmzoo does not keep natively.
         ValueError: an architecture other than those of ``GGUF_ARCHITECTURES``, or metadata zmzoo needs is missing.
     """
-    if quantize not in (None, "gguf") and not hasattr(quantize, "for_name"):
+    if quantize not in (None, "gguf", "auto") and not hasattr(quantize, "for_name"):
         raise ValueError(f"load_gguf quantize={quantize!r} must be None (dequantize), 'gguf' (keep the file's "
-                         f"blocks) or a QuantSpec")
+                         f"blocks), 'auto' or a QuantSpec")
     try:
         import gguf
     except ImportError as e:
@@ -784,10 +785,19 @@ def load_gguf(
         extra={"gguf_file": str(path), "gguf_name": meta.get("general.name"), "gguf_architecture": arch},
     )
 
-    sd = StateDict(checkpoint=str(path), format="gguf")
-    transform = _transform(None if quantize == "gguf" else quantize, args.tie_embeddings)
     float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
                    gguf.GGMLQuantizationType.F64}
+    if quantize == "auto":  # "gguf" when zmzoo can keep every quantized weight, else None (dequantized, as before)
+        other = [(t.name, t.tensor_type.name) for t in reader.tensors
+                 if t.tensor_type not in float_types and len(t.shape) == 2 and t.tensor_type.name not in GGUF_BLOCKS]
+        quantize = "gguf" if not other else None
+        if other:
+            warnings.warn(f"{path}: {len(other)} tensor(s) of GGML types zmzoo does not keep quantized (first: "
+                          f"{other[0][0]!r}, {other[0][1]}; native: {', '.join(GGUF_BLOCKS)}), so every tensor is "
+                          f"dequantized to {str(dtype).replace('torch.', '')}; quantize='int4' or 'int8' quantizes "
+                          f"them again", stacklevel=3)
+    sd = StateDict(checkpoint=str(path), format="gguf")
+    transform = _transform(None if quantize == "gguf" else quantize, args.tie_embeddings)
     for t in _progress(reader.tensors, path.name, progress):
         gname = t.name
         zname = gguf_to_zmzoo_name(gname) or gname
