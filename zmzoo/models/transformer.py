@@ -411,7 +411,9 @@ class Transformer(nn.Module):
         F.linear. On CUDA, "triton" and "auto" first time the kernel's launch settings and F.linear on this model's
         weights (``zmzoo.ops.gemv.tune``: ~13 s for LLaMA-2-7B on an H200; shapes this model already timed are not
         timed again) and keep the table in ``gemv_tuning``; untimed (CPU, the interpreter), "triton" runs the
-        kernel's default setting and "auto" runs F.linear. Set it before the decode step is compiled."""
+        kernel's default setting and "auto" runs F.linear. Set it before the decode step is compiled. Quantized
+        products (``QuantLinear``) take ``zmzoo.ops.qgemv``'s kernel, tuned the same way (keys with a ``QFormat``);
+        their "torch" is the reference, which dequantizes the matrix at every step."""
         if backend not in BACKENDS:
             raise ValueError(f"gemv backend {backend!r} is not one of {BACKENDS}")
         m = rows[0] if rows else 0

@@ -149,7 +149,8 @@ class CheckpointError(ValueError):
 
 
 class StateDict(dict):
-    """A ``dict[str, Tensor]`` that remembers where each tensor came from.
+    """A ``dict[str, Tensor]`` that remembers where each tensor came from (a quantized weight's value is a
+    ``zmzoo.ops.quant.QTensor``).
 
     Attributes:
         sources: zmzoo name -> ``"<file> ('<name in file>')"`` (GGUF: ``"<file> ('<name>', <GGML type>)"``).
