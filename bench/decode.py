@@ -20,8 +20,9 @@ kernels. The JSON records the ops and GEMV backend each row ran (``ops``, ``gemv
 Budgets: ``--kv-ratio r`` keeps ``floor(r * context)`` slots (a fraction of the prompt, as the paper's throughput runs
 do); ``--kv-budget n`` keeps ``n`` slots at every context.
 
-Roofline: bytes one decode step must move = weights (every parameter once; a tied embedding counted once as the output
-projection; an untied embedding table not counted, since a step reads one row of it) + KV bytes
+Roofline: bytes one decode step must move = weights as stored (every parameter once, quantized weights as their
+integers, scales and zeros: ``--quantize``; a tied embedding counted once as the output projection; an untied embedding
+table not counted, since a step reads one row of it) + KV bytes
 (full: ``2 * layers * kv_heads * head_dim * itemsize * tokens attended``; compressed: the same over the budget's slots,
 plus the fp32 ``w`` array read when compensation is on and the fp32 scores read and written when decode scoring is
 on), times the batch for the KV part. Roofline tokens/s = batch * copy bandwidth / bytes, the copy bandwidth measured at
@@ -127,7 +128,7 @@ def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
     mem = "GiB" if cuda else "(n/a on CPU)"
     head = (f"{'method':<11} {'context':>7} {'batch':>5} {'slots':>6} {'prefill s':>9} {'pre peak':>8} "
             f"{'tok/s':>9} {'dec peak':>8} {'cache MiB':>9} {'MB/step':>8} {'roof tok/s':>10} {'% roof':>6} "
-            f"{'compile s':>9}")
+            f"{'compile s':>9} {'wt MB':>7}")
     print(f"peak memory columns in {mem}")
     print(head)
     print("-" * len(head))
@@ -141,7 +142,8 @@ def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
         print(f"{r['method']:<11} {r['context']:>7} {r['batch']:>5} {slots!s:>6} {r['prefill_s']:>9.3f} "
               f"{fmt_bytes(r.get('prefill_peak_bytes')):>8} {r['tokens_per_s']:>9.1f} "
               f"{fmt_bytes(r.get('decode_peak_bytes')):>8} {cache_mib:>9} {r['bytes_per_step'] / 1e6:>8.1f} "
-              f"{r['roofline_tokens_per_s']:>10.1f} {r['pct_roofline']:>6.1f} {r['compile_s']:>9.1f}")
+              f"{r['roofline_tokens_per_s']:>10.1f} {r['pct_roofline']:>6.1f} {r['compile_s']:>9.1f} "
+              f"{r.get('weight_bytes', 0) / 1e6:>7.1f}")
 
 
 
@@ -207,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "inductor kernels beside), triton (zmzoo.ops.gemv with the norm / SiLU / residual add inside, "
                         "launch settings tuned on the device) or auto (zmzoo.load's default: per product the faster "
                         "of the two, as tuned)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4", "gguf"],
+                   help="zmzoo.load's quantize: auto (a GGUF keeps its quantization on CUDA, else full precision), "
+                        "none, int8 (per output channel), int4 (per --group-size columns), gguf")
+    p.add_argument("--group-size", type=int, help="int4 columns per scale: 32, 64 (default) or 128")
     p.add_argument("--compile", default="auto",
                    help="auto (the Generator's: inductor, CUDA graphs on CUDA), none (eager), or a backend name")
     p.add_argument("--layers", type=int, help="override the number of layers (e.g. 4: 7B widths, quick compiles)")
@@ -293,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message="max_seq_len .* exceeds")
         base = zmzoo.load(ns.model, weights=ns.weights, device=device, dtype=dtype, compile=compile_arg(ns),
                           max_seq_len=64, max_batch_size=ns.batch, ops=ns.ops, gemv=ns.gemv, seed=ns.seed,
+                          quantize=None if ns.quantize == "none" else ns.quantize, group_size=ns.group_size,
                           args_overrides=overrides or None)
+    wn = base.model.weight_nbytes()
     backend = base.backend
     gemv_report(base.model.gemv_tuning)
     args = base.args
@@ -301,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[decode] {args.name}: {args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads, "
           f"{str(dtype).replace('torch.', '')} on {device} ({hw}), "
           f"ops={backend}, gemv={base.gemv} (asked {ns.gemv}), compile={ns.compile}; loaded in "
-          f"{time.perf_counter() - t0:.1f}s; weights read per step {weight_bytes(base.model) / GiB:.2f} GiB")
+          f"{time.perf_counter() - t0:.1f}s; weights {wn['weight_bytes'] / GiB:.2f} GiB in memory, "
+          f"{weight_bytes(base.model) / GiB:.2f} GiB read per step ({base.model.quantization or 'not quantized'})")
     budget_desc = f"kv_budget={ns.kv_budget}" if ns.kv_budget else f"kv_ratio={ns.kv_ratio} of the context"
 
     def plan(context: int) -> tuple[int, int]:
@@ -318,10 +327,13 @@ def main(argv: list[str] | None = None) -> int:
                    "methods": ns.methods, "budget": budget_desc, "kv_ratio": ns.kv_ratio, "kv_budget": ns.kv_budget,
                    "cache_settings": ns.cache_settings, "batch": ns.batch, "compile": ns.compile,
                    "gemv": ns.gemv, "gemv_ran": base.gemv, "ops": ns.ops, "warmup": ns.warmup, "seed": ns.seed,
+                   "quantize": ns.quantize, "group_size": ns.group_size, "quantization": base.model.quantization,
+                   "weight_bytes_in_memory": wn["weight_bytes"], "weight_bytes_per_step": wn["weight_bytes_per_step"],
                    "model_args": {k: getattr(args, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads",
                                                                  "head_dim", "intermediate_size", "vocab_size",
                                                                  "tie_embeddings")},
-                   "roofline": "bytes/step = weights (tied embedding once, untied embedding table not counted) + "
+                   "roofline": "bytes/step = weights as stored (quantized: integers + scales + zeros; tied embedding "
+                               "once, untied embedding table not counted) + "
                                "KV read (full: 2*L*Hkv*D*itemsize*tokens attended; compressed: over the budget "
                                "slots + fp32 w read + fp32 scores read and written, when used) x batch; "
                                "roofline tok/s = batch * copy bandwidth / bytes"},
@@ -416,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     results["env"]["max_rss_bytes"] = max_rss_bytes()
     print()
     print(f"zmzoo decode benchmark: {args.name} ({ns.weights}), {results['env']['device']} "
-          f"{results['env'].get('gpu', '')}, {results['env']['dtype']}, ops={backend}, batch {ns.batch}, {budget_desc}")
+          f"{results['env'].get('gpu', '')}, {results['env']['dtype']}, ops={backend}, batch {ns.batch}, "
+          f"{budget_desc}, weights {results['config']['quantization'] or 'not quantized'}")
     if results["results"] or results["peers"]:
         print_table(results["results"] + results["peers"], cuda)
     if results["max_batch"]:

@@ -23,7 +23,8 @@
 #            measured faster); $GEMV_CONTEXTS, default 4K, 16K, 40K
 #   quality  bench/quality.py on SmolLM2-135M-Instruct (all methods, 5/10/20 %, passkey to 8K, NLL at a 4K prompt):
 #            needs .carry/a and .carry/b from scripts/gpu_carry.sh (the GGUF in two halves and the gguf wheel); $QUALITY_TASKS picks
-#            the tasks (default passkey,nll,attn)
+#            the tasks (default passkey,nll,attn); $QUALITY_QUANTIZE the weights (default none: dequantized bf16, as
+#            before; gguf: the file's Q4_1 kept; int8 / int4)
 #   profile  bench/probes/profile_decode.py: kernel-by-kernel profile and CUDA-graph timeline of the step
 #            ($PROFILE_LAYERS layers at 7B widths, default 2; $PROFILE_CONTEXT, default 16K; $PROFILE_GEMV, default
 #            auto; $PROFILE_CODE set: inductor's generated code in profile/code_METHOD.txt)
@@ -31,6 +32,15 @@
 #            attention and insert of a ZeroMerge layer
 #   prefill  bench/probes/profile_prefill.py: the 40K prompt's attention under each SDPA backend, and a profile of the
 #            prefill of 2 layers at 7B widths ($PROFILE_METHODS, default full and zeromerge)
+#   quant    weight-only quantization (docs/quantization.md): LLaMA-2-7B shapes, random weights, batch 1, for each of
+#            $QUANT_MODES (default "none int8 int4"; int4 at group $QUANT_GROUP, default 64): ZeroMerge (kv_budget 2048)
+#            at 40K and the full cache at 4K, decode tok/s and prefill time (quant_MODE_zeromerge/, quant_MODE_full/).
+#            About 5 minutes a mode (two loads, two compiles, the GEMV tuning): one or two modes a call
+#   quant-tests  the quantization tests on CUDA (the qgemv and dequantize kernels compiled against their references,
+#            the decode step compiled with CUDA graphs through them): ZMZOO_TEST_DEVICE=cuda pytest
+#   quant70b llama2-70b shapes on one GPU, random weights built and quantized tensor by tensor, ZeroMerge (kv_budget
+#            2048) at 40K, for each of $QUANT70B_MODES (default "int4 int8"; bf16 does not fit): tok/s, prefill, peaks.
+#            Several minutes a mode: one mode a call (QUANT70B_MODES=int4, then int8)
 #
 # DEADLINE (seconds, default 570) bounds the whole script: each stage gets the time left. Everything lands in OUTDIR
 # (logs, results.json, PNGs) and is packed into OUTDIR/h200.tar.gz at the end.
@@ -109,6 +119,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             run quality "$py" -m bench.quality --model "$gguf_file" \
                 --methods full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv --budgets 0.05,0.1,0.2 \
                 --tasks "${QUALITY_TASKS:-passkey,nll,attn}" --lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 1 \
+                --quantize "${QUALITY_QUANTIZE:-none}" \
                 --filler both --answer-tokens 14 --nll-samples 4 --nll-prompt 4096 --nll-cont 256 --out "$out/quality"
         fi
         ;;
@@ -136,6 +147,29 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
     prefill)
         for m in ${PROFILE_METHODS:-full zeromerge}; do
             run "prefill_$m" "$py" -m bench.probes.profile_prefill --method $m --context 40960 --layers 2 --out "$out/prefill"
+        done
+        ;;
+    quant)
+        for q in ${QUANT_MODES:-none int8 int4}; do
+            group=()
+            [[ $q == int4 ]] && group=(--group-size "${QUANT_GROUP:-64}")
+            run "quant_${q}_zeromerge" "$py" "${decode[@]}" --contexts 40960 --methods zeromerge --quantize "$q" \
+                "${group[@]}" --steps 32 --repeats 3 --peers none --out "$out/quant_${q}_zeromerge"
+            run "quant_${q}_full" "$py" "${decode[@]}" --contexts 4096 --methods full --quantize "$q" "${group[@]}" \
+                --steps 32 --repeats 3 --peers none --out "$out/quant_${q}_full"
+        done
+        ;;
+    quant-tests)
+        run quant_tests env ZMZOO_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider tests/ops/test_quant.py \
+            tests/ops/test_qgemv.py tests/models/test_quantized.py
+        ;;
+    quant70b)
+        for q in ${QUANT70B_MODES:-int4 int8}; do
+            group=()
+            [[ $q == int4 ]] && group=(--group-size "${QUANT_GROUP:-64}")
+            run "quant70b_$q" "$py" -m bench.decode --model llama2-70b --weights random --batch 1 --kv-budget 2048 \
+                --ops triton -v --contexts 40960 --methods zeromerge --quantize "$q" "${group[@]}" --steps 16 \
+                --repeats 3 --peers none --out "$out/quant70b_$q"
         done
         ;;
     *)

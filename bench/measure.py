@@ -79,20 +79,10 @@ def prefill(gen, context: int, seed: int, all_rows: bool) -> tuple[torch.Tensor,
 
 # ---------------------------------------------------------------------------------------------------- roofline
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter once (a tied embedding once, as the output
-    projection); an untied embedding table is not counted (a step reads one row of it)."""
-    seen: set[int] = set()
-    total = 0
-    emb = model.tok_embeddings.weight
-    tied = model.output.weight is emb
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        if p is emb and not tied:
-            continue
-        total += p.numel() * p.element_size()
-    return total
+    """Bytes of weights one decode step reads (``Transformer.weight_nbytes``'s ``weight_bytes_per_step``): every
+    parameter and quantized buffer (integers, scales, zeros) once, a tied embedding once as the output projection; an
+    untied embedding table is not counted (a step reads one row of it)."""
+    return model.weight_nbytes()["weight_bytes_per_step"]
 
 
 def kv_bytes_per_step(gen, context: int, batch: int) -> int:
@@ -129,7 +119,8 @@ def measure(gen, ns, rec: dict[str, Any], context: int, steps: int, repeats: int
     skips0 = cudagraph_skips()
     cs = gen.cache_stats()
     rec.update(cache_bytes=cs["cache_bytes"], full_cache_bytes=cs["full_cache_bytes"], max_seq_len=gen.max_seq_len,
-               ops=gen.backend, gemv=gen.gemv)
+               ops=gen.backend, gemv=gen.gemv, weight_bytes_in_memory=cs["weight_bytes"],
+               quantization=cs["quantization"])
     # one untimed prefill of the same length first (kernel JIT, autotuning and compiled prefill kernels for these
     # shapes); the timed prefill then overwrites every piece of row state
     g = torch.Generator().manual_seed(ns.seed + 1)

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zmzoo.load's ops: auto = Triton on CUDA, the torch references elsewhere (kernels that fail "
                         "fail the run: no fallback)")
     p.add_argument("--compile", default="none", help="none (eager decode, default), auto, or a backend name")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4", "gguf"],
+                   help="zmzoo.load's quantize (docs/quantization.md): auto keeps a GGUF's quantization on CUDA")
+    p.add_argument("--group-size", type=int, help="int4 columns per scale: 32, 64 (default) or 128")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/quality")
@@ -230,13 +233,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     gen = zmzoo.load(ns.model, weights=ns.weights, method="full", device=ns.device, dtype=ns.dtype, compile=False,
-                     max_seq_len=64, ops=ns.ops, seed=ns.seed)
+                     max_seq_len=64, ops=ns.ops, seed=ns.seed, quantize=None if ns.quantize == "none" else ns.quantize,
+                     group_size=ns.group_size)
     if gen.tokenizer is None:
         raise SystemExit(f"{ns.model} has no tokenizer: the quality harness needs text (use a checkpoint with one)")
     harness.gen = gen
     a = gen.args
     print(f"[quality] {a.name}: {a.n_layers} layers, {a.n_heads}/{a.n_kv_heads} heads, context "
           f"{a.max_position_embeddings}; {str(gen.dtype).replace('torch.', '')} on {gen.device}, ops={gen.backend}, "
+          f"weights {gen.model.quantization or 'not quantized'}, "
           f"threads {torch.get_num_threads()}; loaded in {time.perf_counter() - t0:.1f}s", flush=True)
     too_long = [n for n in ns.lengths if n > a.max_position_embeddings]
     if too_long:
@@ -257,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                    "depths": ns.depths, "trials": ns.trials, "filler": ns.filler, "needle_style": ns.needle_style,
                    "key_digits": ns.key_digits, "answer_tokens": ns.answer_tokens, "nll_samples": ns.nll_samples,
                    "nll_prompt": ns.nll_prompt, "nll_cont": ns.nll_cont, "cache_settings": ns.settings,
-                   "compile": ns.compile, "ops": ns.ops, "seed": ns.seed},
+                   "compile": ns.compile, "ops": ns.ops, "seed": ns.seed, "quantize": ns.quantize,
+                   "group_size": ns.group_size, "quantization": gen.model.quantization},
         "texts": text_info,
     }
     try:

@@ -133,18 +133,19 @@ def assert_same_function(ref, got, prompts, max_new_tokens: int, *, rtol: float 
             first = next(i for i in range(n) if have[r][i] != want[r][i])
             raise AssertionError(f"row {r}: greedy tokens part at step {first}, before the first near-tie (step {n})")
     if buffers:
-        bufs = {n: (a, b) for (n, a), (_, b) in zip(ref.model.named_buffers(), got.model.named_buffers())}
+        theirs = dict(got.model.named_buffers())  # by name: the two models may hold other buffers (quantized ones)
+        bufs = {n: (a, theirs[n]) for n, a in ref.model.named_buffers()
+                if n.startswith("layers.") and ".kv_cache." in n}
         for name, (a, b) in bufs.items():
-            if name.startswith("layers.") and ".kv_cache." in name:
-                cache, _, leaf = name.rpartition(".")
-                w = bufs.get(f"{cache}.w")
-                if w is not None and leaf in ("k", "v", "dense_k", "dense_v"):
-                    # an empty slot (w = 0 in both runs) holds no token: what is left in it is unspecified (the
-                    # method's account, docs/zeromerge.md), so only live slots are compared
-                    torch.testing.assert_close(w[1], w[0], rtol=rtol, atol=atol, msg=lambda m, c=cache: f"{c}.w: {m}")
-                    live = (w[0] > 0)[..., : a.shape[2]].unsqueeze(-1)  # w: (ref's, candidate's)
-                    a, b = a * live, b * live
-                if a.is_floating_point():
-                    torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, n=name: f"buffer {n}: {m}")
-                else:
-                    assert torch.equal(a, b), name
+            cache, _, leaf = name.rpartition(".")
+            w = bufs.get(f"{cache}.w")
+            if w is not None and leaf in ("k", "v", "dense_k", "dense_v"):
+                # an empty slot (w = 0 in both runs) holds no token: what is left in it is unspecified (the
+                # method's account, docs/zeromerge.md), so only live slots are compared
+                torch.testing.assert_close(w[1], w[0], rtol=rtol, atol=atol, msg=lambda m, c=cache: f"{c}.w: {m}")
+                live = (w[0] > 0)[..., : a.shape[2]].unsqueeze(-1)  # w: (ref's, candidate's)
+                a, b = a * live, b * live
+            if a.is_floating_point():
+                torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, n=name: f"buffer {n}: {m}")
+            else:
+                assert torch.equal(a, b), name

@@ -79,6 +79,31 @@ def test_decode_bench_cpu(tmp_path):
     assert len(b["results"]) == n_old + len(res["results"]) and b["env"]["device"].startswith("cuda")
 
 
+def test_decode_bench_quantized_cpu(tmp_path):
+    """--quantize int8 / int4: the rows say what ran, and the roofline counts the bytes a step reads as stored
+    (integers, scales and zeros), beside the weights' bytes in memory."""
+    rows = {}
+    for q in ("none", "int8", "int4"):
+        out = tmp_path / q
+        extra = ("--group-size", "32") if q == "int4" else ()
+        argv = decode_argv(out, "--contexts", "32", "--methods", "zeromerge", "--kv-budget", "12", "--steps", "2",
+                           "--repeats", "1", "--warmup", "3", "--compile", "none", "--peers", "none", "--quantize", q,
+                           *extra)
+        assert decode.main(argv) == 0
+        res = json.loads((out / "results.json").read_text())
+        (rows[q],) = res["results"]
+        assert rows[q]["ok"], rows[q].get("error")
+        assert res["config"]["weight_bytes_per_step"] == rows[q]["weight_bytes"]
+    assert rows["none"]["quantization"] is None and rows["int4"]["quantization"] == "int4 (group 32), LM head int8"
+    assert rows["int4"]["weight_bytes"] < rows["int8"]["weight_bytes"] < rows["none"]["weight_bytes"] / 3
+    assert rows["int4"]["weight_bytes_in_memory"] - rows["int4"]["weight_bytes"] == 128 * 64 * 4  # the fp32 embedding
+    for q in ("int8", "int4"):
+        assert rows[q]["bytes_per_step"] == rows[q]["weight_bytes"] + rows[q]["kv_bytes_per_step"]
+        assert rows[q]["bytes_per_step"] < rows["none"]["bytes_per_step"]  # each run measures its own bandwidth
+        assert rows[q]["roofline_tokens_per_s"] * rows[q]["bytes_per_step"] == pytest.approx(
+            json.loads((tmp_path / q / "results.json").read_text())["bandwidth"]["bytes_per_s"])
+
+
 def test_decode_max_batch_cpu(tmp_path):
     out = tmp_path / "mb"
     argv = decode_argv(out, "--contexts", "32", "--methods", "zeromerge", "--kv-budget", "12", "--max-batch",

@@ -31,8 +31,10 @@ def _generate(ns: argparse.Namespace) -> int:
     compile = {"auto": "auto", "on": True, "off": False}[ns.compile]
     if ns.no_compile:
         compile = False
+    quantize = None if ns.quantize == "none" else ns.quantize
     gen = zmzoo.load(ns.model, method=ns.method, device=ns.device, dtype=ns.dtype, max_seq_len=ns.max_seq_len,
-                     compile=compile, preset=ns.preset, revision=ns.revision, **kw)  # prints what it loaded
+                     compile=compile, preset=ns.preset, revision=ns.revision, quantize=quantize,
+                     group_size=ns.group_size, **kw)  # prints what it loaded
     n_prompt = len(gen.encode_prompt(prompt, chat=ns.chat))
     print(f"[zmzoo] prompt: {n_prompt} tokens", file=sys.stderr)
     for piece in gen.stream(prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, chat=ns.chat):
@@ -42,7 +44,8 @@ def _generate(ns: argparse.Namespace) -> int:
     cs = gen.cache_stats()
     print(f"[zmzoo] prefill {st.prefill_s:.2f}s ({n_prompt / max(st.prefill_s, 1e-9):.0f} tok/s); decode "
           f"{st.decode_tokens_per_s:.1f} tok/s; KV cache {cs['cache_bytes'] / 2**20:.1f} MiB "
-          f"(full cache: {cs['full_cache_bytes'] / 2**20:.1f} MiB, {100 * cs['ratio']:.1f}%)", file=sys.stderr)
+          f"(full cache: {cs['full_cache_bytes'] / 2**20:.1f} MiB, {100 * cs['ratio']:.1f}%); weights "
+          f"{cs['weight_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
     return 0
 
 
@@ -122,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                         "first call waits minutes); off = eager")
     g.add_argument("--no-compile", action="store_true", help="the same as --compile off")
     g.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub model")
+    g.add_argument("--quantize", choices=["auto", "none", "int8", "int4", "gguf"], default="auto",
+                   help="weight-only quantization (zmzoo.load's quantize): auto (default) = a GGUF keeps its Q8_0/Q4_0/"
+                        "Q4_1 tensors on CUDA, full precision otherwise; none; int8 (per channel); int4 (per group); "
+                        "gguf = keep a GGUF's quantization on any device")
+    g.add_argument("--group-size", type=int, help="int4 columns per scale: 32, 64 (default) or 128")
     ns = p.parse_args(argv)
     if ns.cmd == "generate":
         return _generate(ns)

@@ -468,7 +468,9 @@ class Generator:
         return outs if batched else outs[0]
 
     def cache_stats(self) -> dict[str, Any]:
-        """Bytes the caches hold and what a full cache of the same batch and max_seq_len would hold."""
+        """Bytes the caches hold and what a full cache of the same batch and max_seq_len would hold, beside the
+        weights' bytes: ``weight_bytes`` in memory, ``weight_bytes_per_step`` read by one decode step (less an untied
+        embedding table), and ``quantization`` (what ``zmzoo.load`` quantized, or None)."""
         held = sum(c.nbytes() for c in self.model.caches)
         kv = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in self.model.caches)
         full = full_cache_nbytes(n_layers=self.args.n_layers, batch_size=self.max_batch_size,
@@ -485,6 +487,8 @@ class Generator:
             "kv_bytes": kv,
             "full_cache_bytes": full,
             "ratio": held / full,
+            **self.model.weight_nbytes(),
+            "quantization": self.model.quantization,
         }
 
 

@@ -15,6 +15,14 @@ import torch
 from zmzoo.cache import build_caches, resolve_cache_config
 from zmzoo.generate import Generator
 from zmzoo.models.config import ModelArgs
+from zmzoo.models.quant import (
+    QuantEmbedding,
+    QuantLinear,
+    QuantSpec,
+    check_divisible,
+    quantize_transform,
+    resolve_quantize,
+)
 from zmzoo.models.transformer import PrefillKernels, Transformer
 from zmzoo.ops import resolve_backend
 from zmzoo.ops.gemv import BACKENDS
@@ -50,11 +58,48 @@ def random_init_(model: Transformer, seed: int = 0) -> None:
             p.data.normal_(0.0, 0.02, generator=gen)
 
 
+@torch.no_grad()
+def random_state_dict(model: Transformer, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                      transform: Callable | None = None) -> dict[str, Any]:
+    """``random_init_``'s weights (the same values, drawn in the same order from the same generator) as a state dict,
+    one tensor at a time, each passed through ``transform`` as soon as it exists (``quantize``: the device holds the
+    quantized model plus one full-precision matrix, never the whole full-precision model). ``model`` may be on the
+    meta device."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sd: dict[str, Any] = {}
+    for name, p in model.named_parameters():
+        t = torch.empty(p.shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        elif name.endswith("bias"):
+            t.zero_()
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+        sd[name] = transform(name, t) if transform is not None else t
+        del t
+    return sd
+
+
 def _args_for_random(name_or_path: str) -> ModelArgs:
     p = Path(name_or_path)
     if p.is_dir() and (p / "config.json").is_file():
         return ModelArgs.from_hf_config(json.loads((p / "config.json").read_text()), name=p.name)
     return ModelArgs.from_name(name_or_path)
+
+
+def describe_quantization(model: Transformer, mode: str | None, group: int | None) -> str | None:
+    """What ``load`` quantized, in words: "int4 (group 64; LM head int8)", "GGUF Q4_1 x 210, Q8_0 x 1", or None."""
+    if mode in ("int8", "int4"):
+        return f"{mode}{f' (group {group})' if mode == 'int4' else ''}, LM head int8"
+    kinds: dict[str, int] = {}
+    for name, m in model.named_modules():
+        skip = name.endswith((".wqkv", ".w13")) or (name == "output" and model.args.tie_embeddings)  # counted apart
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and not skip:
+            kind = f"int{m.bits} group {m.group}" + (" with zero" if m.zero is not None else "")
+            kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds:
+        return None
+    return "kept as the GGUF stores them: " + ", ".join(f"{v} x {k}" for k, v in kinds.items())
 
 
 def resolve_gemv(gemv: str, device: torch.device, backend: str) -> str:
@@ -102,6 +147,7 @@ def make_generator(model: Transformer, tokenizer: Any, args: ModelArgs, *, devic
                           n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, max_seq_len=max_seq_len, dtype=dtype,
                           device=device, sliding_window=args.sliding_window, backend=backend)
     model.setup_caches(caches, max_seq_len)
+    model.set_quant_backend(backend)
     model.set_gemv(gemv, rows=(max_batch_size,))
     # the prompt's elementwise work in compiled kernels where compile is on and the GPU makes it pay (on the CPU the
     # prompt is bound by its matrix products, and a first prefill would wait for the compiler)
@@ -120,6 +166,10 @@ def _describe(gen: Generator, source: str, seconds: float) -> str:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             n_params += p.numel()
+    for m in gen.model.modules():  # quantized layers: their weights' elements
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and m.q.data_ptr() not in seen:
+            seen.add(m.q.data_ptr())
+            n_params += m.q.numel() * (8 // m.bits)
     cfg = gen.cache_config
     if cfg.method == "full":
         cache = f"full cache ({gen.max_seq_len} positions)"
@@ -134,8 +184,11 @@ def _describe(gen: Generator, source: str, seconds: float) -> str:
     else:
         step = "decode step compiled on the first call (inductor)"
     dt = str(gen.dtype).replace("torch.", "")
+    weights = f"{gen.model.weight_nbytes()['weight_bytes'] / 2**30:.2f} GiB of weights"
+    if gen.model.quantization:
+        weights += f" ({gen.model.quantization})"
     return (f"[zmzoo] loaded {gen.args.name} ({n_params / 1e6:.0f}M parameters, {source}) on {gen.device} as {dt} "
-            f"in {seconds:.1f} s; {cache}; ops {gen.backend}; {step}")
+            f"in {seconds:.1f} s; {weights}; {cache}; ops {gen.backend}; {step}")
 
 
 def load(
@@ -152,6 +205,8 @@ def load(
     weights: str = "pretrained",
     ops: str = "auto",
     gemv: str = "auto",
+    quantize: str | None = "auto",
+    group_size: int | None = None,
     preset: str | None = None,
     seed: int = 0,
     revision: str | None = None,
@@ -181,7 +236,19 @@ def load(
             product by ``zmzoo.ops.gemv``'s kernel, with its RMSNorm, SiLU gate or residual add inside (or the SiLU
             gate apart), where timing it on this GPU at load (~20-30 s for a 7B model) found it faster than cuBLAS
             with the elementwise work beside; else torch), "triton" (the kernel for every product) or "torch"
-            (cuBLAS).
+            (cuBLAS). With quantized weights the kernel is ``zmzoo.ops.qgemv``'s (dequantizing in registers), and
+            "torch" dequantizes every matrix at every step (a reference, not a fast path).
+        quantize: weight-only quantization (docs/quantization.md). "auto" (default): on CUDA a GGUF file keeps its
+            Q8_0, Q4_0 and Q4_1 tensors as they are (a file with tensors of other quantized types, K-quants, is
+            dequantized as before, with a warning naming one); on a CPU (no kernel there) and for other checkpoints,
+            full precision. None: full precision (a GGUF's tensors dequantized, as before). "int8": the block
+            linears int8 per output channel. "int4": the block linears int4 per group of ``group_size`` columns
+            (asymmetric, fp16 scale and zero). With "int8" and "int4" the LM head is int8 per channel, and a tied
+            embedding with it; an untied embedding stays in ``dtype``. "gguf": a GGUF file's quantized tensors kept
+            on any device, a tensor of another quantized type refused by name (an error for other checkpoints).
+            Weights are quantized one tensor at a time as they are read (or drawn, with ``weights="random"``), so
+            the full-precision model never exists on the device.
+        group_size: int4 columns per scale: 32, 64 (default) or 128; it must divide every layer's in_features.
         preset: a named set of ZeroMerge settings (``zmzoo.cache.PRESETS``); explicit settings override them.
         seed: the seed of ``weights="random"``.
         revision, token: the hub revision (branch, tag or commit) and access token for hub downloads.
@@ -198,20 +265,27 @@ def load(
         raise ValueError(f"weights={weights!r} must be 'pretrained' or 'random'")
     backend = resolve_backend(ops, dev)
     resolve_gemv(gemv, dev, backend)  # fail before reading any weights
+    resolve_quantize(quantize, group_size, gguf=True)  # the value checks; which mode "auto" is waits for the files
     tokenizer = None
     state_dict = None
+    spec = None
     if weights == "random":
         args = _args_for_random(name_or_path)
         source = "random weights"
+        mode, group = resolve_quantize(quantize, group_size, gguf=False, device=dev)
     else:
         from zmzoo.hub import resolve
         from zmzoo.tokenizer import Tokenizer
 
         res = resolve(name_or_path, revision=revision, token=token)
+        mode, group = resolve_quantize(quantize, group_size, gguf=res.kind == "gguf", device=dev)
+        spec = QuantSpec(mode, group) if mode in ("int8", "int4") else None
         if res.kind == "gguf":
             from zmzoo.models.weights import load_gguf
 
-            args, state_dict, meta = load_gguf(res.path, dtype=dt, device=dev, progress=verbose)
+            args, state_dict, meta = load_gguf(res.path, dtype=dt, device=dev, progress=verbose,
+                                               quantize=("gguf" if quantize == "gguf" else "auto") if mode == "gguf"
+                                               else spec)
             tokenizer = Tokenizer.from_gguf_metadata(meta)
             args = args.replace(name=res.name, hf_repo=res.args.hf_repo if res.args is not None else None)
             source = f"GGUF {res.path.name}"
@@ -220,8 +294,10 @@ def load(
 
             config = json.loads((Path(res.path) / "config.json").read_text())
             args = ModelArgs.from_hf_config(config, name=res.name)
+            if mode == "int4":
+                check_divisible(args, group)
             files = find_safetensors(Path(res.path))
-            state_dict = load_safetensors_state_dict(files, args, dt, device=dev, progress=verbose)
+            state_dict = load_safetensors_state_dict(files, args, dt, device=dev, progress=verbose, quantize=spec)
             source = f"safetensors from {res.path}"
             tok_files = ("tokenizer.json", "tokenizer.model")
             if any((Path(res.path) / f).is_file() for f in tok_files):
@@ -233,6 +309,11 @@ def load(
 
     with torch.device("meta"):
         model = Transformer(args)
+    if state_dict is None and mode in ("int8", "int4"):
+        if mode == "int4":
+            check_divisible(args, group)
+        spec = QuantSpec(mode, group)
+        state_dict = random_state_dict(model, dt, dev, seed, quantize_transform(spec, args.tie_embeddings))
     if state_dict is None:
         model = model.to(dtype=dt).to_empty(device=dev)  # built in the target dtype: no fp32 copy of the model
         random_init_(model, seed)
@@ -240,10 +321,11 @@ def load(
     else:
         from zmzoo.models.weights import load_weights_into
 
-        load_weights_into(model, state_dict)  # errors name each tensor's file and its name there
+        load_weights_into(model, state_dict, dtype=dt)  # errors name each tensor's file and its name there
         del state_dict
     model.eval().requires_grad_(False)
     model.fuse_projections()
+    model.quantization = describe_quantization(model, mode, group)
     gen = make_generator(model, tokenizer, args, device=dev, dtype=dt, max_seq_len=max_seq_len,
                          max_batch_size=max_batch_size, compile=compile, backend=backend, gemv=gemv,
                          verbose=verbose, method=method, kv_ratio=kv_ratio, kv_budget=kv_budget, preset=preset,

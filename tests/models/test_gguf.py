@@ -107,8 +107,8 @@ def write_gguf(path: Path, args: ModelArgs, hf_sd: dict[str, torch.Tensor], qtyp
                omit: tuple[str, ...] = ()) -> Path:
     """A GGUF as llama.cpp's converter writes it: metadata, gpt2 tokenizer (padded with [PAD<i>] tokens up to the
     vocabulary size), Q/K rows permuted for ``arch`` "llama" only (LlamaModel.permute; Qwen2Model / Qwen3Model keep
-    HF's order), optional quantization of the 2-D weights (norms stay F32, as llama.cpp keeps them). ``omit``: metadata
-    keys left out."""
+    HF's order), optional quantization of the 2-D weights (norms stay F32, as llama.cpp keeps them; ``qtype`` is one
+    type or a function of the GGUF tensor name, for a mixed file). ``omit``: metadata keys left out."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
     w.add_block_count(args.n_layers)
@@ -147,12 +147,13 @@ def write_gguf(path: Path, args: ModelArgs, hf_sd: dict[str, torch.Tensor], qtyp
             arr = llamacpp_permute(arr, args.n_heads, args.n_heads)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             arr = llamacpp_permute(arr, args.n_heads, args.n_kv_heads)
-        if qtype is None or arr.ndim == 1:
+        qt = qtype(gguf_name(name)) if callable(qtype) else qtype  # one type for all, or per GGUF tensor name
+        if qt is None or arr.ndim == 1 or qt == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gguf_name(name), arr)
-        elif qtype == gguf.GGMLQuantizationType.F16:
+        elif qt == gguf.GGMLQuantizationType.F16:
             w.add_tensor(gguf_name(name), arr.astype(np.float16))
         else:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qt), raw_dtype=qt)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()

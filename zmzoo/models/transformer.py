@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zmzoo.models.config import ModelArgs
+from zmzoo.models.quant import QuantEmbedding, QuantLinear, fuse_quant_linears, same_format
 from zmzoo.ops.gemv import (
     BACKENDS,
     MAX_ROWS,
@@ -34,6 +35,7 @@ from zmzoo.ops.gemv import (
     tune,
     tuning_key,
 )
+from zmzoo.ops.qgemv import qgemv
 
 Plan = Config | Split | None  # how a decode-step product runs (``zmzoo.ops.gemv``): None is the torch composition
 
@@ -179,8 +181,44 @@ def fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
     return w, b
 
 
+def _distinct_bytes(tensors: Sequence[Tensor]) -> int:
+    """Bytes the tensors cover, each byte once: views of one storage (fused matrices, ties) by the union of their
+    ranges."""
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for t in tensors:
+        a = t.data_ptr()
+        ranges.setdefault(t.untyped_storage().data_ptr(), []).append((a, a + t.numel() * t.element_size()))
+    total = 0
+    for spans in ranges.values():
+        end = None
+        for a, b in sorted(spans):
+            if end is None or a >= end:
+                total += b - a
+                end = b
+            elif b > end:
+                total += b - end
+                end = b
+    return total
+
+
 def _gemv_kw(plan: Plan) -> dict:
     return {"backend": "torch"} if plan is None else {"backend": "triton", "config": plan}
+
+
+def weight_of(linear: nn.Module) -> Tensor | QuantLinear:
+    """What a decode-step product multiplies by: an nn.Linear's weight, or a QuantLinear itself."""
+    return linear if isinstance(linear, QuantLinear) else linear.weight
+
+
+def product(x: Tensor, w: Tensor | QuantLinear, b: Tensor | None = None, plan: Plan = None, **fusion) -> Tensor:
+    """A decode-step product by ``w`` run as ``plan`` says: ``gemv`` for a dense weight, ``qgemv`` for a quantized
+    one (the same fusions, launch settings and plans)."""
+    return (qgemv if isinstance(w, QuantLinear) else gemv)(x, w, b, **fusion, **_gemv_kw(plan))
+
+
+def _linear(x: Tensor, w: Tensor | QuantLinear) -> Tensor:
+    """The prompt's product by a fused matrix (a buffer, or a QuantLinear that dequantizes just in time)."""
+    return w(x) if isinstance(w, QuantLinear) else F.linear(x, w)
 
 
 class Attention(nn.Module):
@@ -195,7 +233,8 @@ class Attention(nn.Module):
         if args.qk_norm:
             self.q_norm = RMSNorm(hd, args.norm_eps)
             self.k_norm = RMSNorm(hd, args.norm_eps)
-        self.register_buffer("wqkv", None, persistent=False)  # q|k|v as one matrix once fused (fuse)
+        self.register_buffer("wqkv", None, persistent=False)  # q|k|v as one matrix once fused (fuse); a QuantLinear
+        # submodule in its place when the three are quantized alike
         self.register_buffer("bqkv", None, persistent=False)
         self.kv_cache = None  # a zmzoo.cache.KVCache, set by Transformer.setup_caches
         self.gemv_plan: dict[str, Plan] = {}  # "qkv", "wo" -> how the decode step's product runs (set_gemv)
@@ -203,8 +242,15 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         """One (q|k|v) matrix: a single GEMV reads all three (batch-1 decode is bound by weight reads, and one large
         matrix-vector product runs closer to the copy bandwidth than three small ones plus their launches)."""
-        w, b = fuse_linears(self.wq, self.wk, self.wv)
-        self.register_buffer("wqkv", w, persistent=False)
+        parts = [self.wq, self.wk, self.wv]
+        if all(isinstance(m, nn.Linear) for m in parts):
+            w, b = fuse_linears(*parts)
+            self.register_buffer("wqkv", w, persistent=False)
+        elif same_format(parts):
+            w, b = fuse_quant_linears(*parts)
+            self.wqkv = w  # the submodule replaces the buffer of that name
+        else:  # quantized differently (a GGUF file's mix): three products
+            return
         self.register_buffer("bqkv", b, persistent=False)
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,8 +260,8 @@ class Attention(nn.Module):
         hd = self.args.head_dim
         nq, nkv = self.args.n_heads * hd, self.args.n_kv_heads * hd
         if self.wqkv is not None:
-            q, k, v = gemv(x, self.wqkv, self.bqkv, norm=norm.weight, eps=norm.eps,
-                           **_gemv_kw(self.gemv_plan.get("qkv"))).split((nq, nkv, nkv), dim=-1)
+            q, k, v = product(x, self.wqkv, self.bqkv, self.gemv_plan.get("qkv"), norm=norm.weight,
+                              eps=norm.eps).split((nq, nkv, nkv), dim=-1)
         else:
             x = norm(x)
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -262,8 +308,8 @@ class Attention(nn.Module):
         """The residual stream after attention: x + attention(norm(x)), the add inside the output projection."""
         q, k, v = self._qkv(x, cos, sin, norm)
         y = self.kv_cache.decode(q, k, v, pos)  # (B, H, 1, hd)
-        return gemv(y.transpose(1, 2).reshape(x.shape[0], 1, -1), self.wo.weight, residual=x,
-                    **_gemv_kw(self.gemv_plan.get("wo")))
+        return product(y.transpose(1, 2).reshape(x.shape[0], 1, -1), weight_of(self.wo), None,
+                       self.gemv_plan.get("wo"), residual=x)
 
     def rescore(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, norm: RMSNorm) -> Tensor:
         """The prefill draft's tokens x (1, N, dim) of ``row`` through this layer's attention (see
@@ -278,20 +324,23 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gemv_plan: dict[str, Plan] = {}  # "w13", "w2" (see Attention.gemv_plan); prompts always use F.linear
-        self.register_buffer("w13", None, persistent=False)  # gate|up as one matrix once fused (fuse)
+        self.register_buffer("w13", None, persistent=False)  # gate|up as one matrix once fused (fuse; see wqkv)
         self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
 
     def fuse(self) -> None:
         """One (gate|up) matrix (see ``Attention.fuse``)."""
-        self.register_buffer("w13", fuse_linears(self.w1, self.w3)[0], persistent=False)
+        if isinstance(self.w1, nn.Linear) and isinstance(self.w3, nn.Linear):
+            self.register_buffer("w13", fuse_linears(self.w1, self.w3)[0], persistent=False)
+        elif same_format([self.w1, self.w3]):
+            self.w13 = fuse_quant_linears(self.w1, self.w3)[0]
 
     def forward(self, x: Tensor, kern: PrefillKernels | None = None) -> Tensor:
         """The prompt's MLP (of the normalised x)."""
         act = kern.silu_mul if kern is not None else silu_mul
         if self.w13 is not None:
-            return self.w2(act(*F.linear(x, self.w13).chunk(2, dim=-1)))
+            return self.w2(act(*_linear(x, self.w13).chunk(2, dim=-1)))
         return self.w2(act(self.w1(x), self.w3(x)))
 
     def decode(self, h: Tensor, norm: RMSNorm) -> Tensor:
@@ -299,8 +348,8 @@ class FeedForward(nn.Module):
         first, SiLU gate and residual add inside the second."""
         if self.w13 is None:
             return h + self(norm(h))
-        gate_up = gemv(h, self.w13, norm=norm.weight, eps=norm.eps, **_gemv_kw(self.gemv_plan.get("w13")))
-        return gemv(gate_up, self.w2.weight, silu=True, residual=h, **_gemv_kw(self.gemv_plan.get("w2")))
+        gate_up = product(h, self.w13, None, self.gemv_plan.get("w13"), norm=norm.weight, eps=norm.eps)
+        return product(gate_up, weight_of(self.w2), None, self.gemv_plan.get("w2"), silu=True, residual=h)
 
 
 class TransformerBlock(nn.Module):
@@ -349,6 +398,7 @@ class Transformer(nn.Module):
         self.gemv = "torch"  # the decode step's products (set_gemv)
         self.gemv_plan: dict[str, Plan] = {}  # "output": the LM head's product (see Attention.gemv_plan)
         self.gemv_tuning: dict[tuple, Tuned] = {}  # what zmzoo.ops.gemv.tune measured on this model's weights
+        self.quantization: str | None = None  # what zmzoo.load quantized, in words (None: full precision)
 
     def set_prefill_kernels(self, kernels: PrefillKernels | None) -> None:
         """Run the prompt's RMSNorm, RoPE and SiLU gate through ``kernels`` (compiled), or eagerly with None."""
@@ -361,7 +411,9 @@ class Transformer(nn.Module):
         F.linear. On CUDA, "triton" and "auto" first time the kernel's launch settings and F.linear on this model's
         weights (``zmzoo.ops.gemv.tune``: ~13 s for LLaMA-2-7B on an H200; shapes this model already timed are not
         timed again) and keep the table in ``gemv_tuning``; untimed (CPU, the interpreter), "triton" runs the
-        kernel's default setting and "auto" runs F.linear. Set it before the decode step is compiled."""
+        kernel's default setting and "auto" runs F.linear. Set it before the decode step is compiled. Quantized
+        products (``QuantLinear``) take ``zmzoo.ops.qgemv``'s kernel, tuned the same way (keys with a ``QFormat``);
+        their "torch" is the reference, which dequantizes the matrix at every step."""
         if backend not in BACKENDS:
             raise ValueError(f"gemv backend {backend!r} is not one of {BACKENDS}")
         m = rows[0] if rows else 0
@@ -382,11 +434,11 @@ class Transformer(nn.Module):
             att, ff = layer.attention, layer.feed_forward
             if att.wqkv is not None:
                 out.append((att, "qkv", att.wqkv, Fusion(norm=True)))
-            out.append((att, "wo", att.wo.weight, Fusion(residual=True)))
+            out.append((att, "wo", weight_of(att.wo), Fusion(residual=True)))
             if ff.w13 is not None:
                 out += [(ff, "w13", ff.w13, Fusion(norm=True)),
-                        (ff, "w2", ff.w2.weight, Fusion(silu=True, residual=True))]
-        return out + [(self, "output", self.output.weight, Fusion(norm=True))]
+                        (ff, "w2", weight_of(ff.w2), Fusion(silu=True, residual=True))]
+        return out + [(self, "output", weight_of(self.output), Fusion(norm=True))]
 
     def decode_products(self) -> list[tuple[Tensor, Fusion]]:
         """The matrices the decode step multiplies by through ``gemv``, with what each product fuses (q|k|v and
@@ -394,9 +446,41 @@ class Transformer(nn.Module):
         return [(w, fusion) for _, _, w, fusion in self._products()]
 
     def tie_weights(self) -> None:
-        """Re-tie the output projection to the embedding (after ``load_state_dict(assign=True)``)."""
-        if self.args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        """Re-tie the output projection to the embedding (after ``load_state_dict(assign=True)``); a quantized
+        embedding becomes a QuantLinear over the same tensors."""
+        if not self.args.tie_embeddings:
+            return
+        emb = self.tok_embeddings
+        if isinstance(emb, QuantEmbedding):
+            if not (isinstance(self.output, QuantLinear) and self.output.q is emb.q):
+                self.output = QuantLinear(emb.qtensor, None, emb.dtype)
+        else:
+            self.output.weight = emb.weight
+
+    def set_quant_backend(self, backend: str) -> None:
+        """How the quantized layers dequantize the prompt's matrices: "triton" (the kernel) or "torch"."""
+        for m in self.modules():
+            if isinstance(m, QuantLinear):
+                m.backend = backend
+
+    def weight_nbytes(self) -> dict[str, int]:
+        """Bytes of the weights: ``weight_bytes`` held in memory (every parameter and quantized buffer once, views
+        and ties counted once) and ``weight_bytes_per_step``, what one decode step reads (the same less an untied
+        embedding table, of which a step reads one row)."""
+        caches = {id(layer.attention.kv_cache) for layer in self.layers}
+        weights, table = [], []
+        for mod in self.modules():
+            if id(mod) in caches:
+                continue
+            tensors = list(mod.parameters(recurse=False))
+            if isinstance(mod, (QuantLinear, QuantEmbedding)):
+                tensors += [t for t in (mod.q, mod.scale, mod.zero) if t is not None]
+            weights += tensors
+            if mod is self.tok_embeddings and not self.args.tie_embeddings:
+                table += tensors
+        total = _distinct_bytes(weights)
+        emb_bytes = total - _distinct_bytes([t for t in weights if not any(t is e for e in table)])
+        return {"weight_bytes": total, "weight_bytes_per_step": total - emb_bytes}
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -411,7 +495,7 @@ class Transformer(nn.Module):
             raise ValueError(f"setup_caches: got {len(caches)} caches for {len(self.layers)} layers")
         for layer, cache in zip(self.layers, caches):
             layer.attention.kv_cache = cache
-        device = self.tok_embeddings.weight.device
+        device = self.norm.weight.device
         # positions past max_seq_len only for a prefill draft (ZeroMerge's lookahead; see zmzoo/cache/base.py)
         extra = max((c.extra_positions for c in caches), default=0)
         cos, sin = rope_tables(self.args, max_seq_len + extra)
@@ -531,5 +615,5 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens.view(bsz, 1))
         for layer in self.layers:
             x = layer.decode(x, cos, sin, pos)
-        return gemv(x, self.output.weight, norm=self.norm.weight, eps=self.norm.eps,
-                    **_gemv_kw(self.gemv_plan.get("output")))[:, 0]
+        return product(x, weight_of(self.output), None, self.gemv_plan.get("output"), norm=self.norm.weight,
+                       eps=self.norm.eps)[:, 0]

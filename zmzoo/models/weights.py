@@ -9,8 +9,12 @@ ties the weights; if its values differ from the embedding a warning says so. An 
 ``lm_head.weight`` even when it happens to equal the embedding.
 
 Tensors are read one at a time and converted to the target dtype on the target device as soon as they are read, so
-the host holds about one tensor beyond the result. A file that cannot be read (truncated, not of its format, a corrupt
-header) raises ``CheckpointError`` naming the file and what is wrong with it.
+the host holds about one tensor beyond the result. With ``quantize=QuantSpec(...)`` (``zmzoo.load``'s
+``quantize="int8"`` / ``"int4"``) each weight is quantized as soon as it is on the device, so the device holds the
+quantized weights plus one full-precision tensor. A GGUF file read with ``quantize="gguf"`` keeps its Q8_0 / Q4_0 /
+Q4_1 tensors as they are (``zmzoo.ops.quant.from_gguf_blocks``: the blocks' bytes repacked, never dequantized). A file
+that cannot be read (truncated, not of its format, a corrupt header) raises ``CheckpointError`` naming the file and
+what is wrong with it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zmzoo.models.config import ModelArgs
+from zmzoo.ops.quant import GGUF_BLOCKS, QTensor, from_gguf_blocks
 
 # HF transformers (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) -> zmzoo
 HF_TO_ZMZOO: dict[str, str] = {
@@ -144,7 +149,8 @@ class CheckpointError(ValueError):
 
 
 class StateDict(dict):
-    """A ``dict[str, Tensor]`` that remembers where each tensor came from.
+    """A ``dict[str, Tensor]`` that remembers where each tensor came from (a quantized weight's value is a
+    ``zmzoo.ops.quant.QTensor``).
 
     Attributes:
         sources: zmzoo name -> ``"<file> ('<name in file>')"`` (GGUF: ``"<file> ('<name>', <GGML type>)"``).
@@ -173,10 +179,14 @@ class StateDict(dict):
         return self.sources.pop(name)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StateDict:
-        """The floating-point tensors on ``device`` in ``dtype`` (others only moved), keeping the records."""
+        """The floating-point tensors on ``device`` in ``dtype`` (others, and quantized weights, only moved), keeping
+        the records."""
         out = StateDict(checkpoint=self.checkpoint, format=self.format)
         for k, t in self.items():
-            out[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+            if isinstance(t, QTensor):
+                out[k] = t.map(lambda a: a.to(device=device))
+            else:
+                out[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
         out.sources, out.origins = dict(self.sources), dict(self.origins)
         return out
 
@@ -244,6 +254,7 @@ def load_safetensors_state_dict(
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    quantize: Any = None,
 ) -> StateDict:
     """Read HF-named safetensors files (one or shards) into a zmzoo-named state dict.
 
@@ -257,6 +268,8 @@ def load_safetensors_state_dict(
         dtype: floating-point dtype of the returned tensors.
         device: where the tensors are put.
         progress: show a progress bar over each file's tensors (stderr).
+        quantize: a ``zmzoo.models.quant.QuantSpec``: the weights it names are quantized as soon as they are read
+            (``QTensor`` values); None keeps every tensor as read.
 
     Returns:
         A ``StateDict`` whose ``sources`` maps each zmzoo name to ``"<file> ('<name in file>')"``.
@@ -267,6 +280,7 @@ def load_safetensors_state_dict(
     files = [Path(f) for f in files]
     parents = list(dict.fromkeys(str(f.parent) for f in files))
     sd = StateDict(checkpoint=parents[0] if len(parents) == 1 else ", ".join(map(str, files)), format="safetensors")
+    transform = _transform(quantize, args.tie_embeddings)
     for file in files:
         with _safe_open(file, device) as f:
             keys = list(f.keys())
@@ -280,7 +294,8 @@ def load_safetensors_state_dict(
                     t = f.get_tensor(key)
                 except (SafetensorError, OSError) as e:
                     raise CheckpointError(f"{file}: tensor {key!r} could not be read ({e}). {_REDOWNLOAD}") from e
-                sd.add(name, t.to(dtype) if t.is_floating_point() else t, file, key)
+                t = t.to(dtype) if t.is_floating_point() else t
+                sd.add(name, transform(name, t) if transform is not None else t, file, key)
     _drop_tied_output(sd, args)
     return sd
 
@@ -325,12 +340,28 @@ def _safetensors_problem(file: Path) -> str:
     return "could not be read"
 
 
+def _transform(spec: Any, tied: bool) -> Any:
+    from zmzoo.models.quant import quantize_transform
+
+    return quantize_transform(spec, tied)
+
+
+def _same(a: Tensor | QTensor, b: Tensor | QTensor) -> bool:
+    """Equal tensors, or quantized weights of equal layout and tensors (quantized the same way, equal inputs give
+    equal QTensors)."""
+    if isinstance(a, QTensor) or isinstance(b, QTensor):
+        return (isinstance(a, QTensor) and isinstance(b, QTensor) and (a.group, a.bits) == (b.group, b.bits)
+                and (a.zero is None) == (b.zero is None)
+                and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors())))
+    return torch.equal(a, b)
+
+
 def _drop_tied_output(sd: StateDict, args: ModelArgs) -> None:
     if not args.tie_embeddings or "output.weight" not in sd:
         return
     out, emb = sd["output.weight"], sd.get("tok_embeddings.weight")
     src = sd.pop_source("output.weight")
-    if emb is not None and (out.shape != emb.shape or not torch.equal(out, emb)):
+    if emb is not None and (out.shape != emb.shape or not _same(out, emb)):
         warnings.warn(
             f"model {args.name!r} ties its output projection to the embedding (tie_embeddings), but the checkpoint's "
             f"{src} differs from the embedding; it is ignored, as HF transformers does",
@@ -417,19 +448,46 @@ def check_state_dict(sd: dict[str, Tensor], model: nn.Module, source: str | None
     )
 
 
-def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source: str | None = None) -> None:
+def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source: str | None = None,
+                      dtype: torch.dtype | None = None) -> None:
     """Check ``sd`` against ``model``, assign its tensors as the parameters (``assign=True``) and re-tie weights.
 
     Args:
         model: a ``Transformer``, usually built on the meta device.
         sd: a zmzoo-named state dict, already in the dtype and on the device wanted (a ``StateDict`` keeps the
-            names of files and tensors for the error messages).
+            names of files and tensors for the error messages). A ``QTensor`` value (a quantized weight) replaces its
+            ``nn.Linear`` by a ``QuantLinear`` (with the linear's bias from ``sd``) or its ``nn.Embedding`` by a
+            ``QuantEmbedding``.
         source: the checkpoint, as error messages should name it (default: the ``StateDict``'s ``checkpoint``).
+        dtype: the compute dtype of quantized layers (default: that of the state dict's floating-point tensors).
     """
+    from zmzoo.models.quant import QuantEmbedding, QuantLinear
+
     check_state_dict(sd, model, source)
-    if getattr(getattr(model, "args", None), "tie_embeddings", False):
-        sd = {**sd, "output.weight": sd["tok_embeddings.weight"]}
-    model.load_state_dict(sd, strict=True, assign=True)
+    sd = dict(sd)
+    quantized = {k: v for k, v in sd.items() if isinstance(v, QTensor)}
+    if dtype is None:
+        dtype = next((t.dtype for t in sd.values() if isinstance(t, Tensor) and t.is_floating_point()), torch.float32)
+    tied = getattr(getattr(model, "args", None), "tie_embeddings", False)
+    for name, qt in quantized.items():
+        del sd[name]
+        prefix = name.removesuffix(".weight")
+        parent_name, _, attr = prefix.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        if isinstance(old, nn.Embedding):
+            setattr(parent, attr, QuantEmbedding(qt, dtype))
+        else:
+            bias = sd.pop(prefix + ".bias", None)
+            setattr(parent, attr, QuantLinear(qt, bias, dtype))
+    if tied and "tok_embeddings.weight" in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    done = {f"{p}.{n}" for p, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
+            for n in ("q", "scale", "zero", "bias")}  # set by their constructors above
+    missing = [n for n in missing if n not in done and not (tied and n == "output.weight")]
+    if missing or unexpected:  # check_state_dict has already named every problem; this would be a zmzoo bug
+        raise RuntimeError(f"load_weights_into: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
 
 
@@ -622,6 +680,7 @@ def load_gguf(
     device: str | torch.device = "cpu",
     name: str | None = None,
     progress: bool = False,
+    quantize: Any = None,
 ) -> tuple[ModelArgs, StateDict, dict[str, Any]]:
     """Read a llama.cpp GGUF file of architecture ``llama`` (LLaMA, Mistral, SmolLM2, ...), ``qwen2`` (Qwen2, Qwen2.5)
     or ``qwen3`` (Qwen3), one tensor at a time.
@@ -637,6 +696,13 @@ def load_gguf(
         device: where the tensors are put.
         name: the ``ModelArgs.name`` (default: the file name without ``.gguf``).
         progress: show a progress bar over the tensors (stderr).
+        quantize: None dequantizes every quantized tensor (above); "gguf" keeps the Q8_0, Q4_0 and Q4_1 weight
+            matrices as they are stored, repacked into zmzoo's layout (``QTensor`` values, see
+            ``zmzoo.ops.quant.from_gguf_blocks``), and refuses a weight of any other quantized type (K-quants, Q5_*,
+            IQ*), naming it; F32 / F16 / BF16 tensors are read as with None. "auto": "gguf" when every quantized
+            weight is of those three types, else None with a warning naming the first one that is not. A
+            ``zmzoo.models.quant.QuantSpec`` (``zmzoo.load``'s ``quantize="int8"`` / ``"int4"``): every tensor read
+            as with None, then the weights it names quantized by zmzoo from those values.
 
     Returns:
         ``(args, state_dict, tokenizer_metadata)``: the config from the metadata (tied when there is no
@@ -644,9 +710,13 @@ def load_gguf(
         ``general.architecture``) for ``Tokenizer.from_gguf_metadata``.
 
     Raises:
-        CheckpointError: the file is not a GGUF file, is truncated or has a corrupt header.
+        CheckpointError: the file is not a GGUF file, is truncated or has a corrupt header; with ``quantize="gguf"``,
+            a weight of a quantized type zmzoo does not keep natively.
         ValueError: an architecture other than those of ``GGUF_ARCHITECTURES``, or metadata zmzoo needs is missing.
     """
+    if quantize not in (None, "gguf", "auto") and not hasattr(quantize, "for_name"):
+        raise ValueError(f"load_gguf quantize={quantize!r} must be None (dequantize), 'gguf' (keep the file's "
+                         f"blocks), 'auto' or a QuantSpec")
     try:
         import gguf
     except ImportError as e:
@@ -716,9 +786,38 @@ def load_gguf(
         extra={"gguf_file": str(path), "gguf_name": meta.get("general.name"), "gguf_architecture": arch},
     )
 
+    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
+                   gguf.GGMLQuantizationType.F64}
+    if quantize == "auto":  # "gguf" when zmzoo can keep every quantized weight, else None (dequantized, as before)
+        other = [(t.name, t.tensor_type.name) for t in reader.tensors
+                 if t.tensor_type not in float_types and len(t.shape) == 2 and t.tensor_type.name not in GGUF_BLOCKS]
+        quantize = "gguf" if not other else None
+        if other:
+            warnings.warn(f"{path}: {len(other)} tensor(s) of GGML types zmzoo does not keep quantized (first: "
+                          f"{other[0][0]!r}, {other[0][1]}; native: {', '.join(GGUF_BLOCKS)}), so every tensor is "
+                          f"dequantized to {str(dtype).replace('torch.', '')}; quantize='int4' or 'int8' quantizes "
+                          f"them again", stacklevel=3)
     sd = StateDict(checkpoint=str(path), format="gguf")
+    transform = _transform(None if quantize == "gguf" else quantize, args.tie_embeddings)
     for t in _progress(reader.tensors, path.name, progress):
         gname = t.name
+        zname = gguf_to_zmzoo_name(gname) or gname
+        heads = n_heads if ".attention.wq." in zname else n_kv_heads if ".attention.wk." in zname else 0
+        if quantize == "gguf" and t.tensor_type not in float_types and len(t.shape) == 2 and zname.endswith(".weight"):
+            kind = t.tensor_type.name
+            if kind not in GGUF_BLOCKS:
+                raise CheckpointError(
+                    f"{path}: tensor {gname!r} ({zname!r}) is of GGML type {kind}, which zmzoo does not keep "
+                    f"quantized (native: {', '.join(GGUF_BLOCKS)}; K-quants, Q5_* and IQ* are not supported). Load "
+                    f"it with quantize=None to dequantize every tensor to {str(dtype).replace('torch.', '')} (as "
+                    f"zmzoo did before), or quantize='int8' / 'int4' to quantize the dequantized weights again")
+            shape = tuple(int(n) for n in reversed(t.shape))  # (N, K)
+            raw = _from_mapped(np.asarray(t.data)).to(device=device, copy=True)  # the blocks' bytes, (N, row bytes)
+            qt = from_gguf_blocks(raw.reshape(shape[0], -1), kind, shape[1])
+            if spec.permuted_qk and heads and shape[0] % (2 * heads) == 0:
+                qt = qt.map(lambda a: _unpermuted_view(a, heads).reshape(a.shape))  # rows: integers and scales alike
+            sd.add(zname, qt, path, gname, kind)
+            continue
         try:
             w, owned = _gguf_torch(t, gguf)
         except NotImplementedError as e:
@@ -727,16 +826,14 @@ def load_gguf(
         if gname == "rope_freqs.weight":
             args.rope_scaling = _llama3_scaling_from_rope_freqs(w.float(), args, path)
             continue
-        zname = gguf_to_zmzoo_name(gname) or gname
         shape = w.shape
-        heads = n_heads if ".attention.wq." in zname else n_kv_heads if ".attention.wk." in zname else 0
         if spec.permuted_qk and heads and shape[0] % (2 * heads) == 0:  # (mis-shaped ones: check_state_dict says so)
             w = _unpermuted_view(w, heads)
         # at most one copy, straight into the target dtype and device; a view of the file's memory map is always
         # copied (the map is not ours to keep)
         w = w.to(device=device, dtype=dtype if w.is_floating_point() else None, copy=not owned,
                  memory_format=torch.contiguous_format).reshape(shape)
-        sd.add(zname, w, path, gname, t.tensor_type.name)
+        sd.add(zname, transform(zname, w) if transform is not None else w, path, gname, t.tensor_type.name)
     tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
     tok_meta["general.architecture"] = arch
     return args, sd, tok_meta

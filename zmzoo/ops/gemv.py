@@ -196,9 +196,19 @@ def gemv_config(m: int) -> Config:
 PLAIN = Fusion()
 
 
-def tuning_key(m: int, w: Tensor, fusion: Fusion = PLAIN) -> tuple:
-    """The tuning table's key of a product of ``m`` rows by ``w`` with ``fusion``."""
+def tuning_key(m: int, w, fusion: Fusion = PLAIN) -> tuple:
+    """The tuning table's key of a product of ``m`` rows by ``w`` with ``fusion``. ``w``: a dense weight, or a
+    quantized one (``zmzoo.models.quant.QuantLinear``), whose key's dtype part is its ``QFormat`` (bits, group, zero,
+    scale dtype and the activations' dtype)."""
+    if _is_quantized(w):
+        from zmzoo.ops.quant import qformat
+
+        return next_pow2(m), w.shape[0], w.shape[1], qformat(w, w.dtype), w.q.device, fusion
     return next_pow2(m), w.shape[0], w.shape[1], w.dtype, w.device, fusion
+
+
+def _is_quantized(w) -> bool:
+    return not isinstance(w, Tensor) and hasattr(w, "q") and hasattr(w, "scale")
 
 
 def _check(x: Tensor, w: Tensor, b: Tensor | None, norm: Tensor | None, silu: bool,
@@ -280,19 +290,32 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
     also timed as a ``Split``: the gate compiled apart, the kernel at each setting without it. Weights of one shape are
     cycled through (``calls`` products in a CUDA graph), so several layers' matrices keep the timing off the L2 cache
     as in a real step. A setting that fails to launch is skipped. Returns {(rows bucket, N, K, dtype, device, Fusion):
-    Tuned} (see ``tuning_key``). Does nothing on CPU (the interpreter's timings mean nothing)."""
-    groups: dict[tuple, list[Tensor]] = {}
+    Tuned} (see ``tuning_key``). Does nothing on CPU (the interpreter's timings mean nothing).
+
+    Quantized weights (``zmzoo.models.quant.QuantLinear``) are timed the same way with ``zmzoo.ops.qgemv``: the
+    composition is ``qgemv_ref`` compiled (dequantize, then F.linear), the kernel ``zmzoo::qgemv``; their key's dtype
+    part is the weight's ``QFormat``."""
+    from zmzoo.ops.qgemv import kernel_config, qcomposite  # (zmzoo.ops.qgemv imports this module)
+
+    groups: dict[tuple, list] = {}
     for item in products:
         w, fusion = item if isinstance(item, tuple) else (item, PLAIN)
-        if w.device.type == "cuda" and w.dim() == 2 and w.dtype in _DTYPES and w.stride(-1) == 1:
+        if _is_quantized(w):
+            if w.q.device.type == "cuda":
+                key = tuning_key(1, w, fusion)
+                groups.setdefault((tuple(key[1:3]), key[3], key[4], fusion), []).append(w)
+        elif w.device.type == "cuda" and w.dim() == 2 and w.dtype in _DTYPES and w.stride(-1) == 1:
             groups.setdefault((tuple(w.shape), w.dtype, w.device, fusion), []).append(w)
     out = {}
     composite = torch.compile(_composite, fullgraph=True, dynamic=False)
+    qcomposite = torch.compile(qcomposite, fullgraph=True, dynamic=False)
     gate = torch.compile(silu_mul, fullgraph=True, dynamic=False)  # a Split's gate: one graph, not one per setting
     limit = dict(recompile_limit=max(64, torch._dynamo.config.recompile_limit))  # one graph per shape and fusion
     for (shape, dtype, device, fusion), ws in groups.items():
         g = torch.Generator(device=device).manual_seed(0)
         n, k = shape
+        quant = _is_quantized(ws[0])
+        act = dtype.act_dtype if quant else dtype
         for m in sorted({next_pow2(r) for r in rows if 0 < r <= MAX_ROWS}):
             key = tuning_key(m, ws[0], fusion)
             if known and key in known:
@@ -300,20 +323,37 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
                 continue
 
             def rand(*size):
-                return torch.randn(*size, device=device, dtype=dtype, generator=g)
+                return torch.randn(*size, device=device, dtype=act, generator=g)
 
             norm = 1 + 0.1 * rand(k) if fusion.norm else None
             args = [(rand(m, 2 * k if fusion.silu else k), ws[i % len(ws)], None, norm,
                      rand(m, n) if fusion.residual else None) for i in range(calls)]
+
+            def torch_call(a):
+                if not quant:
+                    return composite(*a, fusion.silu)
+                x, w, _, nw, r = a
+                return qcomposite(x, w.q, w.scale, w.zero, nw, r, fusion.silu, w.group, w.bits)
+
+            def kernel_call(a, cfg, x=None, silu=fusion.silu):
+                x = a[0] if x is None else x
+                if not quant:
+                    return torch.ops.zmzoo.gemv(x, *a[1:], 1e-6, silu, *cfg)
+                w = a[1]
+                return torch.ops.zmzoo.qgemv(x, w.q, w.scale, w.zero, None, a[3], a[4], 1e-6, silu, w.group, w.bits,
+                                             *kernel_config(cfg, w.bits))
+
             with torch._dynamo.config.patch(**limit):
-                times: dict = {"torch": time_graph([lambda a=a: composite(*a, fusion.silu) for a in args])}
+                times: dict = {"torch": time_graph([lambda a=a: torch_call(a) for a in args])}
             settings = list(dict.fromkeys(for_rows(c, m) for c in candidates))
+            if quant:
+                settings = list(dict.fromkeys(kernel_config(c, ws[0].bits) for c in settings))
             for cfg in settings + ([Split(c) for c in settings] if fusion.silu else []):
                 if isinstance(cfg, Split):
-                    calls_ = [lambda a=a, c=cfg.config: torch.ops.zmzoo.gemv(gate(*a[0].chunk(2, dim=-1)), *a[1:],
-                                                                              1e-6, False, *c) for a in args]
+                    calls_ = [lambda a=a, c=cfg.config: kernel_call(a, c, gate(*a[0].chunk(2, dim=-1)), False)
+                              for a in args]
                 else:
-                    calls_ = [lambda a=a, c=cfg: torch.ops.zmzoo.gemv(*a, 1e-6, fusion.silu, *c) for a in args]
+                    calls_ = [lambda a=a, c=cfg: kernel_call(a, c) for a in args]
                 try:
                     with torch._dynamo.config.patch(**limit):
                         times[cfg] = time_graph(calls_)
