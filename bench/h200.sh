@@ -13,6 +13,10 @@
 #            4K, 16K, 40K (issues 2 and 4)
 #   lookahead  plain ZeroMerge and the retrieval preset (kv_budget 2048) at $LOOKAHEAD_CONTEXTS (default 4K, 40K):
 #            prefill time and peak with the preset's draft and rescore, decode speed ($LOOKAHEAD_METHODS to change)
+#   phases   bench/probes/lookahead_phases.py: the retrieval preset's prefill against plain ZeroMerge, and where its
+#            extra time goes (profiler ranges of the draft, the prompt lookup and the rescore) at $LOOKAHEAD_CONTEXTS
+#   parity   bench/probes/parity_trace.py: the first step where the Triton path (compiled, CUDA graphs) and the torch
+#            reference part, per method in $PARITY_METHODS (default knorm tova)
 #   more     h2o and streaming (kv_budget 2048) at 4K..54K
 #   more54   full and ZeroMerge at 54K
 #   peers    HF transformers (static cache + compile) at $PEER_CONTEXTS (default 4K, 16K, 40K, 54K)
@@ -94,6 +98,15 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             --methods "${LOOKAHEAD_METHODS:-zeromerge,zeromerge:retrieval}" --steps 32 --repeats 3 --peers none \
             --out "$out/lookahead"
         ;;
+    phases)
+        run phases "$py" -m bench.probes.lookahead_phases --model llama2-7b --contexts "${LOOKAHEAD_CONTEXTS:-4096,40960}" \
+            --kv-budget 2048 --repeats 3 --out "$out/phases"
+        ;;
+    parity)
+        for m in ${PARITY_METHODS:-knorm tova}; do
+            run "parity_$m" "$py" -m bench.probes.parity_trace --method "$m" --kv-budget 16 --steps 48 --out "$out/parity_$m"
+        done
+        ;;
     more)
         run more "$py" "${decode[@]}" --contexts 4096,16384,40960,54000 --methods h2o,streaming --peers none \
             --out "$out/more"
@@ -117,7 +130,7 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         else
             "$py" -c "import gguf" 2>/dev/null || "$py" -m pip install --quiet --no-deps --no-index .carry/a/gguf-*.whl
             run quality "$py" -m bench.quality --model "$gguf_file" \
-                --methods full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv --budgets 0.05,0.1,0.2 \
+                --methods full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv,tova,knorm --budgets 0.05,0.1,0.2 \
                 --tasks "${QUALITY_TASKS:-passkey,nll,attn}" --lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 1 \
                 --quantize "${QUALITY_QUANTIZE:-none}" \
                 --filler both --answer-tokens 14 --nll-samples 4 --nll-prompt 4096 --nll-cont 256 --out "$out/quality"

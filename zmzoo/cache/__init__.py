@@ -49,9 +49,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # the later version of the paper: tail 0.5 B, dense 2 % of B - tail, logw scale 1
     "paper-v2": dict(tail=0.5, dense=0.02, logw_scale=1.0),
-    # keeps what the answer will read: before the prompt is compressed, 32 greedy draft tokens are decoded over the
-    # full prompt and their attention joins the prompt's scores (docs/retrieval.md: diagnosis and measurements)
-    "retrieval": dict(lookahead=32),
+    # keeps what the answer will read: after the first pass, 8 greedy draft tokens decoded through the compressed
+    # cache, extended to 32 from the prompt itself, rescore the stashed prompt and it is selected again
+    # (docs/retrieval.md: diagnosis, what was tried, measurements)
+    "retrieval": dict(lookahead=32, lookahead_greedy=8),
 }
 
 DEFAULT_KV_RATIO = 0.2
