@@ -77,6 +77,7 @@ except ModuleNotFoundError as e:  # `python bench/decode.py` puts bench/, not th
         raise
     raise SystemExit("bench/decode.py is a module of the bench package: run `python -m bench.decode ...` from the "
                      "repository's root (or `python -m zmzoo bench ...`)") from None
+from zmzoo.cli import parse_setting
 from zmzoo.environment import environment
 
 PROG = "python -m bench.decode"
@@ -241,16 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setting(kv: str) -> tuple[str, Any]:
-    k, _, v = kv.partition("=")
-    for conv in (int, float):
-        try:
-            return k, conv(v)
-        except ValueError:
-            pass
-    return k, {"none": None, "true": True, "false": False}.get(v.lower(), v)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
@@ -266,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     ns.contexts = parse_list(ns.contexts, int)
     ns.methods = parse_list(ns.methods)
-    ns.cache_settings = dict(_setting(s) for s in ns.cache_setting)
+    ns.cache_settings = dict(parse_setting(s) for s in ns.cache_setting)
     if ns.kv_ratio is None and ns.kv_budget is None:
         ns.kv_ratio = 0.05
     if ns.warmup < 3:

@@ -7,6 +7,20 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def parse_setting(kv: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value): an int, else a float, else none/true/false, else the string."""
+    k, sep, v = kv.partition("=")
+    if not sep or not k:
+        raise SystemExit(f"a cache setting is KEY=VALUE, got {kv!r}")
+    for conv in (int, float):
+        try:
+            return k, conv(v)
+        except ValueError:
+            pass
+    return k, {"none": None, "true": True, "false": False}.get(v.lower(), v)
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -32,6 +46,7 @@ def _generate(ns: argparse.Namespace) -> int:
     if ns.no_compile:
         compile = False
     quantize = None if ns.quantize == "none" else ns.quantize
+    kw.update(parse_setting(x) for x in ns.cache_setting)
     gen = zmzoo.load(ns.model, method=ns.method, device=ns.device, dtype=ns.dtype, max_seq_len=ns.max_seq_len,
                      compile=compile, preset=ns.preset, revision=ns.revision, quantize=quantize,
                      group_size=ns.group_size, **kw)  # prints what it loaded
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--kv-budget", type=int, help="cache budget in slots (selects ZeroMerge)")
     g.add_argument("--method", choices=["full", "zeromerge", "h2o", "streaming", "snapkv", "tova", "knorm"])
     g.add_argument("--preset", help="named ZeroMerge settings, e.g. retrieval")
+    g.add_argument("--cache-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a cache setting, over the preset's (repeatable): --cache-setting lookahead=48")
     g.add_argument("--max-seq-len", type=int)
     g.add_argument("--device")
     g.add_argument("--dtype")
