@@ -24,12 +24,13 @@ Tasks (``bench/tasks/``, one module each):
   needle/question phrasings: ``passkey``, ``magic``, ``secret``.
 - ``ruler`` (``bench.tasks.ruler``, not run by default): RULER's 11 synthetic tasks (``bench/ruler.py``:
   niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue, niah_multiquery, vt, cwe, fwe; ``--ruler-tasks``, default
-  all), generated offline at each of ``--lengths`` (tokens of prompt + answer prefix, no chat template; the budgets
-  are fractions of the templated prompt fed), ``--ruler-samples`` seeds each from ``--seed`` on; greedy up to the
-  task's max_new_tokens (or every row's eos); RULER's string_match_all. The essay haystack and the word lists come
-  from installed prose (``--ruler-prose``; the JSON names it). Rows per sample and configuration; mean scores (0-100)
-  per configuration x length x task and per configuration x length over tasks; ``ruler.png`` (score against length,
-  one panel per budget, the full cache on each).
+  all), generated offline at each of ``--lengths`` (``--ruler-length total``, the default: RULER's max_seq_length,
+  the templated prompt plus the task's max_new_tokens, so 8192 fits SmolLM2's window; ``prompt``: prompt + answer
+  prefix, no template, as bench/ruler.py's --length), ``--ruler-samples`` seeds each from ``--seed`` on; greedy up to
+  the task's max_new_tokens (or every row's eos); RULER's string_match_all; budgets are fractions of the prompt fed.
+  The essay haystack and the word lists come from installed prose (``--ruler-prose``; the JSON names it). Rows per
+  sample and configuration; mean scores (0-100) per configuration x length x task and per configuration x length over
+  tasks; ``ruler.png`` (score against length, one panel per budget, the full cache on each).
 - ``nll`` (``bench.tasks.nll``): a real text's continuation of C tokens teacher-forced after a prompt of P tokens:
   mean NLL and top-1 agreement with the full cache over the decode positions (position 0 comes from the shared
   prefill and is excluded).
@@ -48,7 +49,8 @@ symbols). ``--text FILE`` (repeatable) uses your files instead. The output names
 Writes ``OUT/quality.json`` and PNGs (``passkey.png``, ``ruler.png``, ``nll.png``, ``attn_error.png``); prints tables.
 ``quality.json`` is rewritten (whole, through a temporary file: never half written) after the passkey task, after
 every RULER sample and at the end, so an interrupted run keeps what it measured. ``--resume`` reads the RULER rows of
-``OUT/quality.json`` (same model, weights, dtype, device type, ops, cache settings and prose, else it refuses) and runs
+``OUT/quality.json`` (same model, weights, dtype, device type, ops, cache settings, prose and --ruler-length, else it
+refuses) and runs
 only the (task, length, seed, configuration) it lacks: an interrupted run goes on, and one with more methods,
 budgets, lengths or samples measures only what is new (rows of configurations not in this run are carried over). The
 file's other tasks are replaced by this run's.
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="passkey,nll,attn", help="comma-separated of passkey, ruler, nll, attn (attn "
                                                                 "runs with nll)")
     p.add_argument("--quick", action="store_true", help="a setting that finishes in minutes on a 2-core CPU")
-    p.add_argument("--lengths", help="prompt lengths in tokens (passkey; ruler: prompt + answer prefix, no template)")
+    p.add_argument("--lengths", help="prompt lengths in tokens (passkey; ruler: see --ruler-length)")
     p.add_argument("--depths", help="needle depths in [0, 1]")
     p.add_argument("--trials", type=int, help="passkey trials (keys) per cell")
     p.add_argument("--filler", choices=["repeat", "prose", "both"])
@@ -215,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      f"{DEFAULTS['ruler_samples']}; quick {QUICK['ruler_samples']})")
     p.add_argument("--ruler-prose", default="installed", choices=ruler.PROSE_SOURCES,
                    help="prose of the RULER essay haystacks and word lists (bench/ruler.py)")
+    p.add_argument("--ruler-length", default="total", choices=ruler_task.CONVENTIONS,
+                   help="how a RULER length is read: total (RULER's max_seq_length: the templated prompt plus the "
+                        "task's max_new_tokens; default) or prompt (bench/ruler.py's: prompt + answer prefix)")
     p.add_argument("--resume", action="store_true",
                    help="keep the RULER rows of OUT/quality.json and run only the samples and configurations missing")
     p.add_argument("--nll-samples", type=int)
@@ -258,7 +263,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def resumed_ruler(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     """``--resume``: the RULER result in ``path`` (None when there is none), if it was measured as this run measures
-    (``fingerprint``: model, weights, dtype, device type, ops, cache settings, prose); else the run stops."""
+    (``fingerprint``: model, weights, dtype, device type, ops, cache settings, prose, length convention); else the
+    run stops."""
     if not path.is_file():
         print(f"[quality] --resume: no {path} yet, nothing to resume")
         return None
@@ -347,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                    "depths": ns.depths, "trials": ns.trials, "filler": ns.filler, "needle_style": ns.needle_style,
                    "key_digits": ns.key_digits, "answer_tokens": ns.answer_tokens, "nll_samples": ns.nll_samples,
                    "nll_prompt": ns.nll_prompt, "nll_cont": ns.nll_cont, "ruler_tasks": ns.ruler_tasks,
-                   "ruler_samples": ns.ruler_samples, "ruler_prose": ns.ruler_prose, "cache_settings": ns.settings,
+                   "ruler_samples": ns.ruler_samples, "ruler_prose": ns.ruler_prose, "ruler_length": ns.ruler_length,
+                   "cache_settings": ns.settings,
                    "compile": ns.compile, "ops": ns.ops, "seed": ns.seed},
         "texts": text_info,
     }
@@ -366,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             fingerprint = json.loads(json.dumps(
                 {"model": a.name, "weights": ns.weights, "dtype": str(gen.dtype), "device": gen.device.type,
-                 "ops": gen.backend, "cache_settings": ns.settings, "prose": ruler.load_prose(ns.ruler_prose).source},
+                 "ops": gen.backend, "cache_settings": ns.settings, "prose": ruler.load_prose(ns.ruler_prose).source,
+                 "length_convention": ns.ruler_length},
                 default=str))
             done = resumed_ruler(out / "quality.json", fingerprint) if ns.resume else None
 
@@ -376,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(out / "quality.json", results)
 
             res = ruler_task.run(harness, tasks=ns.ruler_tasks, lengths=ns.lengths, samples=ns.ruler_samples,
-                                 seed=ns.seed, prose=ns.ruler_prose, done=done, checkpoint=checkpoint)
+                                 seed=ns.seed, prose=ns.ruler_prose, convention=ns.ruler_length, done=done,
+                                 checkpoint=checkpoint)
             checkpoint(res)
         if "nll" in ns.tasks or "attn" in ns.tasks:
             t0 = time.perf_counter()

@@ -312,7 +312,7 @@ def test_quality_ruler_end_to_end_and_resume(tiny_chat_ckpt, tmp_path):
     JSON, ruler.png; --resume with a configuration more runs only that one and keeps the rest as they were."""
     out = tmp_path / "r"
     argv = ["--model", str(tiny_chat_ckpt), "--tasks", "ruler", "--ruler-tasks", "niah_single_1,fwe", "--lengths",
-            "300", "--methods", "full,zeromerge", "--budgets", "0.25", "--ruler-samples", "2", "--ruler-prose",
+            "400", "--methods", "full,zeromerge", "--budgets", "0.25", "--ruler-samples", "2", "--ruler-prose",
             "python-docs", "--threads", "1", "--out", str(out)]
     assert quality.main(argv) == 0
     res = json.loads((out / "quality.json").read_text())
@@ -322,9 +322,10 @@ def test_quality_ruler_end_to_end_and_resume(tiny_chat_ckpt, tmp_path):
     rows = rl["rows"]
     assert sorted((r["task"], r["seed"], r["label"]) for r in rows) == sorted(
         (t, s, lab) for t in ("niah_single_1", "fwe") for s in (0, 1) for lab in ("full", "zeromerge@0.25"))
-    for r in rows:
-        assert r["length"] == 300 and 0.9 * 300 <= r["sample_tokens"] <= 300
-        assert abs(r["prompt_tokens"] - 300) < 30  # the chat template around it, merges across its edges
+    for r in rows:  # --ruler-length total: the prompt fed and the task's new tokens fit the length
+        mnt = 128 if r["task"] == "niah_single_1" else 50
+        assert r["length"] == 400 and 0.9 * 400 <= r["prompt_tokens"] + mnt <= 400
+        assert r["sample_tokens"] <= r["target"] < 400 - mnt
         assert 0.0 <= r["score"] <= 1.0 and isinstance(r["prediction"], str) and r["references"]
         assert r["slots"] == (None if r["label"] == "full" else math.floor(0.25 * r["prompt_tokens"]))
         assert 1 <= r["new_tokens"] + 1 <= (128 if r["task"] == "niah_single_1" else 50) + 1
@@ -332,16 +333,16 @@ def test_quality_ruler_end_to_end_and_resume(tiny_chat_ckpt, tmp_path):
         ("niah_single_1", 0, 2), ("niah_single_1", 1, 2), ("fwe", 0, 2), ("fwe", 1, 2)]
     summ = rl["summary"]
     cells = {(c["label"], c["length"], c["task"]): c for c in summ["cells"]}
-    assert set(cells) == {(lab, 300, t) for lab in ("full", "zeromerge@0.25") for t in ("niah_single_1", "fwe")}
+    assert set(cells) == {(lab, 400, t) for lab in ("full", "zeromerge@0.25") for t in ("niah_single_1", "fwe")}
     for (lab, _, t), c in cells.items():
         want = [r["score"] for r in rows if r["label"] == lab and r["task"] == t]
         assert c["n"] == 2 and c["score"] == pytest.approx(100 * sum(want) / 2)
     by = {(b["label"], b["length"]): b for b in summ["by_length"]}
     for lab in ("full", "zeromerge@0.25"):
-        assert by[lab, 300]["complete"] and by[lab, 300]["tasks"] == 2
-        assert by[lab, 300]["score"] == pytest.approx((cells[lab, 300, "niah_single_1"]["score"]
-                                                       + cells[lab, 300, "fwe"]["score"]) / 2)
-        assert summ["overall"][lab] == pytest.approx(by[lab, 300]["score"])
+        assert by[lab, 400]["complete"] and by[lab, 400]["tasks"] == 2
+        assert by[lab, 400]["score"] == pytest.approx((cells[lab, 400, "niah_single_1"]["score"]
+                                                       + cells[lab, 400, "fwe"]["score"]) / 2)
+        assert summ["overall"][lab] == pytest.approx(by[lab, 400]["score"])
     assert (out / "ruler.png").stat().st_size > 0
     # resume with one configuration more: only it runs, on every sample; the earlier rows are kept as they were
     again = argv[:argv.index("--methods")] + ["--methods", "full,zeromerge,streaming"] + \
@@ -356,6 +357,26 @@ def test_quality_ruler_end_to_end_and_resume(tiny_chat_ckpt, tmp_path):
     assert all(new[k] == r for k, r in old.items())
     with pytest.raises(SystemExit, match="measured otherwise"):  # another prose: refused
         quality.main(again[:again.index("python-docs")] + ["installed"] + again[again.index("python-docs") + 1 :])
+
+
+def test_ruler_length_conventions(tiny_chat_ckpt):
+    """total: the templated prompt plus max_new_tokens within the length (RULER's max_seq_length); prompt: the
+    sample's own length (bench/ruler.py's); too short a length for a task is a ValueError (a row saying so)."""
+    from bench import ruler
+    from bench.tasks import ruler as ruler_task
+    from zmzoo.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_chat_ckpt)
+    prose = ruler.load_prose("python-docs")
+    for task in ("niah_single_1", "vt", "cwe"):
+        mnt = ruler.TASKS[task].max_new_tokens
+        sample, ids, target = ruler_task.make_sample(task, tok, 1500, seed=0, prose=prose)
+        assert 0.95 * 1500 <= len(ids) + mnt <= 1500 and ids == ruler.prompt_ids(tok, sample)
+        assert sample.meta["length"] <= target == sample.meta["target_length"]
+        sample, ids, target = ruler_task.make_sample(task, tok, 1500, seed=0, prose=prose, convention="prompt")
+        assert target == 1500 and 0.95 * 1500 <= sample.meta["length"] <= 1500 < len(ids) + mnt
+    with pytest.raises(ValueError, match="too short"):
+        ruler_task.make_sample("vt", tok, 400, seed=0, prose=prose)
 
 
 def test_ruler_rows_equal_standalone_generate(tiny_chat_ckpt):

@@ -6,9 +6,15 @@ prediction is its tokens up to its first eos, detokenized as ``Generator.generat
 and its score ``bench.ruler.score``: RULER's ``string_match_all``, in [0, 1] per sample; summaries are in 0-100.
 
 The prompt is ``bench.ruler.prompt_ids``: the sample as the user's message in the chat template, the answer prefix
-after the assistant header. Lengths are those of ``bench.ruler.generate`` (prompt + answer prefix, no template:
-``length`` in the rows); ``prompt_tokens`` is what the model is fed (template included), what budgets are fractions
-of. Samples are seeds ``seed .. seed + samples - 1`` of each (task, length).
+after the assistant header. A length L (``length`` in the rows) is read as ``convention`` says:
+- ``total`` (RULER's ``max_seq_length``, the default): the tokens fed (template included) plus the task's
+  ``max_new_tokens`` are at most L, so a sample of L = the model's context window fits it; the sample is generated at
+  ``bench.ruler.generate`` length ``L - max_new_tokens - template tokens`` (``target`` in the rows), lowered further if
+  tokens merging across the template's edges still overshoot;
+- ``prompt``: ``bench.ruler.generate``'s own length (prompt + answer prefix, no template), as ``bench/ruler.py``'s
+  driver reads ``--length``.
+``sample_tokens`` is the sample's length as ``bench.ruler.generate`` counts it, ``prompt_tokens`` what the model is
+fed, what budgets are fractions of. Samples are seeds ``seed .. seed + samples - 1`` of each (task, length).
 
 ``run`` calls ``checkpoint`` after every prompt, and takes the rows of an earlier run (``done``) to skip what they
 measured: a configuration whose row for a (task, length, seed) is there is not run again there (the harness's
@@ -50,6 +56,31 @@ def tasks_arg(value: str) -> list[str]:
     return out
 
 
+CONVENTIONS = ("total", "prompt")
+
+
+def make_sample(task: str, tok: Any, length: int, *, seed: int, prose: ruler.Prose,
+                convention: str = "total") -> tuple[ruler.Sample, list[int], int]:
+    """The sample of ``task`` at ``length`` read as ``convention`` says (``CONVENTIONS``, see the module's doc): the
+    ``Sample``, the prompt's token ids and the length it was generated at. ValueError when it cannot be generated."""
+    if convention == "prompt":
+        sample = ruler.generate(task, tok, length, seed=seed, prose=prose)
+        return sample, ruler.prompt_ids(tok, sample), length
+    if convention != "total":
+        raise ValueError(f"RULER length convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
+    mnt = ruler.TASKS[task].max_new_tokens
+    template = len(ruler.prompt_ids(tok, ruler.Sample("", [], "", mnt)))
+    target = length - mnt - template
+    for _ in range(4):
+        sample = ruler.generate(task, tok, target, seed=seed, prose=prose)
+        ids = ruler.prompt_ids(tok, sample)
+        over = len(ids) + mnt - length
+        if over <= 0:
+            return sample, ids, target
+        target -= over
+    raise ValueError(f"{task}: no sample of {length} tokens in all (template and {mnt} new tokens included) found")
+
+
 def evaluate(h: Harness, task: str, sample: ruler.Sample, ids: list[int]) -> tuple[dict[str, dict[str, Any]], Any]:
     """Every configuration of ``h`` on one sample's prompt ``ids``: label -> its new tokens up to the first eos
     (``tokens``), their text (``prediction``) and ``score``; and the ``Comparison`` (its ``skipped``)."""
@@ -71,7 +102,7 @@ def _key(r: dict[str, Any]) -> tuple:
 
 
 def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed: int, prose: str = "installed",
-        done: dict[str, Any] | None = None,
+        convention: str = "total", done: dict[str, Any] | None = None,
         checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every (length, task, seed) sample, lengths in the outer loop (an interrupted run has its shorter lengths
     whole), through every configuration of ``h``.
@@ -80,6 +111,7 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
         tasks, lengths, samples, seed: what to generate (``bench.ruler.generate(task, tok, length, seed=s)`` for
             ``s`` in ``seed .. seed + samples - 1``).
         prose: ``bench.ruler``'s prose source for the essay haystacks and word lists.
+        convention: how a length is read: ``total`` (RULER's, template and new tokens included) or ``prompt``.
         done: an earlier result of this function (its ``rows`` and ``prompts``): its rows of ``h``'s configurations
             are kept, and those configurations not run again on their samples; its rows of other configurations are
             carried as they are.
@@ -100,7 +132,8 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
     # rows of configurations this run does not have are carried as they are (nothing measured is dropped)
     rows: list[dict[str, Any]] = [r for r in done.get("rows", []) if r.get("label") not in labels]
     prompts: list[dict[str, Any]] = []
-    result = {"tasks": tasks, "lengths": lengths, "samples": samples, "seed": seed, "prose": src.source,
+    result = {"tasks": tasks, "lengths": lengths, "length_convention": convention, "samples": samples, "seed": seed,
+              "prose": src.source,
               "prose_name": src.name, "rows": rows, "prompts": prompts, "measured": MEASURED, "complete": False}
 
     def snapshot() -> dict[str, Any]:
@@ -121,13 +154,12 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
                 if not todo:
                     continue
                 try:
-                    sample = ruler.generate(task, tok, length, seed=s, prose=src)
+                    sample, ids, target = make_sample(task, tok, length, seed=s, prose=src, convention=convention)
                 except ValueError as e:  # a length the task cannot be generated at (too short, too few words)
                     rows += [{"task": task, "length": length, "seed": s, "label": lab, "error": str(e)}
                              for lab in todo]
                     print(f"[quality] ruler {task} length {length} seed {s}: not generated: {e}", flush=True)
                     continue
-                ids = ruler.prompt_ids(tok, sample)
                 if any(r.get("prompt_tokens") not in (None, len(ids)) for r in kept):
                     raise SystemExit(f"--resume: ruler {task} length {length} seed {s} is {len(ids)} tokens now, "
                                      f"{kept[0]['prompt_tokens']} in the results resumed (another tokenizer or "
@@ -137,13 +169,14 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
                 got, res = evaluate(sub, task, sample, ids)
                 dt = time.perf_counter() - t0
                 meta = {k: v for k, v in sample.meta.items() if k not in ("prose", "task", "seed", "target_length")}
-                prompts.append({"task": task, "length": length, "seed": s, "sample_tokens": sample.meta["length"],
+                prompts.append({"task": task, "length": length, "seed": s, "target": target,
+                                "sample_tokens": sample.meta["length"],
                                 "prompt_tokens": len(ids), "max_new_tokens": sample.max_new_tokens,
                                 "steps": int(res.tokens.shape[1]), "configs": len(res.labels),
                                 "seconds": round(dt, 2), "meta": meta})
                 for lab in todo:
                     c = h.config(lab)
-                    base = {"task": task, "length": length, "sample_tokens": sample.meta["length"],
+                    base = {"task": task, "length": length, "target": target, "sample_tokens": sample.meta["length"],
                             "prompt_tokens": len(ids), "seed": s, "label": lab, "method": c.method,
                             "budget": c.frac, "slots": c.slots(len(ids))}
                     if lab in res.skipped:
@@ -155,7 +188,8 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
                                  "references": sample.references})
                 full = got.get("full")
                 mean = statistics.mean(g["score"] for g in got.values()) if got else float("nan")
-                print(f"[quality] ruler {i}/{n_all} {task} {len(ids)} tokens (target {length}), seed {s}: "
+                print(f"[quality] ruler {i}/{n_all} {task} at {length}: {len(ids)} tokens + up to "
+                      f"{sample.max_new_tokens} new, seed {s}: "
                       f"{len(got)} configs, {res.tokens.shape[1]} steps, {dt:.1f}s; mean score {100 * mean:.0f}"
                       + (f"; full {100 * full['score']:.0f}: {ruler.postprocess(full['prediction'])[:50]!r}"
                          if full else "") + (f"; skipped {', '.join(res.skipped)}" if res.skipped else ""),
