@@ -178,6 +178,10 @@ def print_ruler(rl: dict[str, Any], labels: list[str], lw: int) -> None:
     skipped = sorted({(r["label"], r["length"]) for r in rl["rows"] if "skipped" in r})
     if skipped:
         print("skipped (invalid at that length): " + ", ".join(f"{lab}@{n_}" for lab, n_ in skipped))
+    for t in rl.get("timing", []):
+        print(f"length {t['length']}: {t['samples']} sample(s), {t['seconds']:.1f}s each (prefill "
+              f"{t['prefill_s']:.1f}s, {t['steps']:.0f} decode steps {t['decode_s']:.1f}s) with {t['configs']:.0f} "
+              f"configurations")
     errors = sorted({(r["task"], r["length"], r["error"]) for r in rl["rows"] if "error" in r})
     for t, n_, e in errors:
         print(f"not generated: {t} at {n_}: {e}")

@@ -343,6 +343,9 @@ def test_quality_ruler_end_to_end_and_resume(tiny_chat_ckpt, tmp_path):
         assert by[lab, 400]["score"] == pytest.approx((cells[lab, 400, "niah_single_1"]["score"]
                                                        + cells[lab, 400, "fwe"]["score"]) / 2)
         assert summ["overall"][lab] == pytest.approx(by[lab, 400]["score"])
+    (t,) = rl["timing"]
+    assert t["length"] == 400 and t["samples"] == 4 and t["configs"] == 2 and t["prefill_s"] > 0
+    assert t["seconds"] >= t["prefill_s"] + t["decode_s"] - 0.05
     assert (out / "ruler.png").stat().st_size > 0
     # resume with one configuration more: only it runs, on every sample; the earlier rows are kept as they were
     again = argv[:argv.index("--methods")] + ["--methods", "full,zeromerge,streaming"] + \

@@ -73,6 +73,7 @@ def test_stop_ids_end_greedy_decoding_once_every_row_stopped(gen):
         n = res.tokens.shape[1]
         assert n == min(12, (last // every + 1) * every), every  # looked after tokens every, 2 * every, ...
         assert torch.equal(res.tokens, ref.tokens[:, :n])
+        assert res.prefill_s > 0 and res.decode_s >= 0
     never = zmzoo.compare_caches(gen, configs, prompt, steps=12, stop_ids=[t for t in range(128)
                                                                           if t not in ref.tokens.unique().tolist()])
     assert torch.equal(never.tokens, ref.tokens)

@@ -17,6 +17,7 @@ configs[label])`` computes alone at the same ``max_seq_len`` (tests/test_compare
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ class Comparison:
         prefill_max_diff: the largest difference between the configurations' prefill attention outputs (0 where
             every cache computes the same causal attention, as they should).
         cache_configs: label -> the validated ``CacheConfig`` each configuration ran with (its budget in slots).
+        prefill_s, decode_s: wall seconds of the prefill (every configuration's, the drafts included) and of the
+            decode steps (the device synchronized at the end of each).
     """
 
     labels: list[str]
@@ -60,6 +63,8 @@ class Comparison:
     attention_steps: int = 0
     prefill_max_diff: float = 0.0
     cache_configs: dict[str, CacheConfig] = field(default_factory=dict)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
     def row(self, label: str) -> int:
         """Batch row of configuration ``label`` (KeyError naming why when it was skipped)."""
@@ -69,6 +74,11 @@ class Comparison:
 
     def tokens_of(self, label: str) -> list[int]:
         return self.tokens[self.row(label)].tolist()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _decode_fn(model, compile: bool | str | Callable, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
@@ -163,10 +173,13 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
     try:
         dev = gen.device
         step = _decode_fn(model, compile, dev)
+        t0 = time.perf_counter()
         logits0 = model.prefill(torch.tensor([prompt], device=dev), row=0)  # (1, V)
         pos = torch.full((n,), t, dtype=torch.int64, device=dev)
         tok = logits0.argmax(-1).expand(n).contiguous()
         model.finish_prefill(tok, pos, step, prompts=[prompt] * n)  # the prefill drafts (ZeroMerge's lookahead)
+        _sync(dev)
+        t1 = time.perf_counter()
         toks = [tok]
         stops = torch.tensor(sorted({int(x) for x in stop_ids}), dtype=torch.int64, device=dev) if stop_ids else None
         stopped = torch.isin(tok, stops) if stops is not None else None  # (N,) rows that produced a stop token
@@ -189,8 +202,11 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
                     block = []
         if block:
             host.append(torch.stack(block, 1).cpu())
-        res = Comparison(labels, skipped, t, max_seq_len, torch.stack(toks, 1).cpu(),
-                         prefill_max_diff=max(layer.prefill_max_diff for layer in layers), cache_configs=resolved)
+        tokens = torch.stack(toks, 1).cpu()
+        _sync(dev)
+        res = Comparison(labels, skipped, t, max_seq_len, tokens,
+                         prefill_max_diff=max(layer.prefill_max_diff for layer in layers), cache_configs=resolved,
+                         prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
         if forced is not None:
             res.logits = torch.cat(host, 1)
         if attention_error:

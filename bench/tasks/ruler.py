@@ -138,6 +138,7 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
 
     def snapshot() -> dict[str, Any]:
         result["summary"] = summary(rows, labels)
+        result["timing"] = timing(prompts)
         return result
 
     n_all = len(lengths) * len(tasks) * samples
@@ -173,7 +174,8 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
                                 "sample_tokens": sample.meta["length"],
                                 "prompt_tokens": len(ids), "max_new_tokens": sample.max_new_tokens,
                                 "steps": int(res.tokens.shape[1]), "configs": len(res.labels),
-                                "seconds": round(dt, 2), "meta": meta})
+                                "seconds": round(dt, 2), "prefill_s": round(res.prefill_s, 2),
+                                "decode_s": round(res.decode_s, 2), "meta": meta})
                 for lab in todo:
                     c = h.config(lab)
                     base = {"task": task, "length": length, "target": target, "sample_tokens": sample.meta["length"],
@@ -190,7 +192,8 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
                 mean = statistics.mean(g["score"] for g in got.values()) if got else float("nan")
                 print(f"[quality] ruler {i}/{n_all} {task} at {length}: {len(ids)} tokens + up to "
                       f"{sample.max_new_tokens} new, seed {s}: "
-                      f"{len(got)} configs, {res.tokens.shape[1]} steps, {dt:.1f}s; mean score {100 * mean:.0f}"
+                      f"{len(got)} configs, {dt:.1f}s (prefill {res.prefill_s:.1f}s, {res.tokens.shape[1]} steps "
+                      f"{res.decode_s:.1f}s); mean score {100 * mean:.0f}"
                       + (f"; full {100 * full['score']:.0f}: {ruler.postprocess(full['prediction'])[:50]!r}"
                          if full else "") + (f"; skipped {', '.join(res.skipped)}" if res.skipped else ""),
                       flush=True)
@@ -231,3 +234,16 @@ def summary(rows: list[dict[str, Any]], labels: list[str] | None = None) -> dict
         overall.setdefault(b["label"], []).append(b["score"])
     return {"cells": out_cells, "by_length": by_length,
             "overall": {lab: statistics.mean(v) for lab, v in overall.items()}}
+
+
+def timing(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per length: the samples run, the mean seconds of one (all its configurations side by side), of its prefill and
+    its decode, the mean decode steps and configurations run."""
+    by: dict[int, list[dict[str, Any]]] = {}
+    for p in prompts:
+        by.setdefault(p["length"], []).append(p)
+    return [{"length": n, "samples": len(ps), "seconds": statistics.mean(p["seconds"] for p in ps),
+             "prefill_s": statistics.mean(p.get("prefill_s", 0.0) for p in ps),
+             "decode_s": statistics.mean(p.get("decode_s", 0.0) for p in ps),
+             "steps": statistics.mean(p["steps"] for p in ps), "configs": statistics.mean(p["configs"] for p in ps)}
+            for n, ps in sorted(by.items())]
