@@ -160,7 +160,7 @@ def print_ruler(rl: dict[str, Any], labels: list[str], lw: int) -> None:
             b = by.get((lab, length))
             line += f"{b['score']:>8.1f}{' ' if b['complete'] else '*'}" if b else f"{'-':>9}"
         print(line + f"{summ['overall'][lab]:>9.1f}")
-    tasks = [t for t in rl["tasks"] if any(c["task"] == t for c in summ["cells"])]
+    tasks = [t for t in ruler.TASKS if any(c["task"] == t for c in summ["cells"])]
     for length in lengths:
         print(f"\nRULER per task at length {length} (score 0-100, mean over samples)")
         head = f"{'config':<{lw}}" + "".join(f"{ruler_task.SHORT.get(t, t):>6}" for t in tasks) + f"{'mean':>7}"

@@ -358,6 +358,15 @@ def test_quality_ruler_end_to_end_and_resume(tiny_chat_ckpt, tmp_path):
     assert {k for k in new if k[2] == "streaming@0.25"} == {(t, s, "streaming@0.25") for t in ("niah_single_1", "fwe")
                                                            for s in (0, 1)}
     assert all(new[k] == r for k, r in old.items())
+    # resume with less (one task, one configuration): nothing runs, and what the file had is carried as it was
+    fewer = again[:again.index("--ruler-tasks")] + ["--ruler-tasks", "fwe"] + \
+        again[again.index("--ruler-tasks") + 2 :]
+    fewer[fewer.index("full,zeromerge,streaming")] = "full"
+    assert quality.main(fewer) == 0
+    rl3 = json.loads((out / "quality.json").read_text())["ruler"]
+    key = lambda r: (r["task"], r["seed"], r["label"])
+    assert sorted(rl3["rows"], key=key) == sorted(rl2["rows"], key=key)
+    assert len(rl3["prompts"]) == len(rl2["prompts"]) and rl3["summary"]["overall"] == rl2["summary"]["overall"]
     with pytest.raises(SystemExit, match="measured otherwise"):  # another prose: refused
         quality.main(again[:again.index("python-docs")] + ["installed"] + again[again.index("python-docs") + 1 :])
 

@@ -108,13 +108,13 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
     whole), through every configuration of ``h``.
 
     Args:
-        tasks, lengths, samples, seed: what to generate (``bench.ruler.generate(task, tok, length, seed=s)`` for
-            ``s`` in ``seed .. seed + samples - 1``).
+        tasks, lengths, samples, seed: what to generate (``make_sample(task, tok, length, seed=s, ...)`` for ``s``
+            in ``seed .. seed + samples - 1``).
         prose: ``bench.ruler``'s prose source for the essay haystacks and word lists.
         convention: how a length is read: ``total`` (RULER's, template and new tokens included) or ``prompt``.
         done: an earlier result of this function (its ``rows`` and ``prompts``): its rows of ``h``'s configurations
-            are kept, and those configurations not run again on their samples; its rows of other configurations are
-            carried as they are.
+            are kept, and those configurations not run again on their samples; its rows of other configurations or
+            samples are carried as they are.
         checkpoint: called with the result so far after every sample (the harness writes its JSON there).
     Returns:
         ``rows`` (one per sample and configuration: score, prediction, references, or why it was skipped),
@@ -125,13 +125,15 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
     src = ruler.load_prose(prose)
     labels = h.labels
     done = done or {}
+    here = {(t, n, s) for n in lengths for t in tasks for s in range(seed, seed + samples)}  # this run's samples
     prior = {_key(r): r for r in done.get("rows", []) if r.get("label") in labels and "error" not in r}
     prior_prompts: dict[tuple, list[dict[str, Any]]] = {}
     for p in done.get("prompts", []):
         prior_prompts.setdefault((p["task"], p["length"], p["seed"]), []).append(p)
-    # rows of configurations this run does not have are carried as they are (nothing measured is dropped)
-    rows: list[dict[str, Any]] = [r for r in done.get("rows", []) if r.get("label") not in labels]
-    prompts: list[dict[str, Any]] = []
+    # what the earlier run measured beyond this run's samples and configurations is carried as it is
+    rows: list[dict[str, Any]] = [r for r in done.get("rows", [])
+                                  if r.get("label") not in labels or _key(r)[:3] not in here]
+    prompts: list[dict[str, Any]] = [p for k, ps in prior_prompts.items() if k not in here for p in ps]
     result = {"tasks": tasks, "lengths": lengths, "length_convention": convention, "samples": samples, "seed": seed,
               "prose": src.source,
               "prose_name": src.name, "rows": rows, "prompts": prompts, "measured": MEASURED, "complete": False}
