@@ -145,6 +145,7 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
 
     n_all = len(lengths) * len(tasks) * samples
     i = 0
+    warned: set[tuple[str, int]] = set()
     for length in lengths:
         for task in tasks:
             for s in range(seed, seed + samples):
@@ -163,6 +164,12 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
                              for lab in todo]
                     print(f"[quality] ruler {task} length {length} seed {s}: not generated: {e}", flush=True)
                     continue
+                window = h.gen.args.max_position_embeddings
+                if len(ids) + sample.max_new_tokens > window and (task, length) not in warned:
+                    warned.add((task, length))
+                    print(f"[quality] warning: ruler {task} at {length}: {len(ids)} prompt tokens + "
+                          f"{sample.max_new_tokens} new exceed the model's window of {window} (--ruler-length total "
+                          f"keeps a length within it)", flush=True)
                 if any(r.get("prompt_tokens") not in (None, len(ids)) for r in kept):
                     raise SystemExit(f"--resume: ruler {task} length {length} seed {s} is {len(ids)} tokens now, "
                                      f"{kept[0]['prompt_tokens']} in the results resumed (another tokenizer or "
