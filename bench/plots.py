@@ -74,8 +74,9 @@ def decode_plot(results: dict[str, Any], path: Path) -> list[Path]:
 
 
 def quality_plots(results: dict[str, Any], out: Path, labels: list[str]) -> list[str]:
-    """``bench.quality``'s figures in ``out``: passkey accuracy per (length, depth) cell, NLL and top-1 agreement
-    against the budget, attention-output error per layer. Returns the file names written."""
+    """``bench.quality``'s figures in ``out``: passkey accuracy per (length, depth) cell, RULER's score against the
+    length (``ruler_plot``), NLL and top-1 agreement against the budget, attention-output error per layer. Returns
+    the file names written."""
     plt = _pyplot()
     written = []
     pk = results.get("passkey")
@@ -111,6 +112,10 @@ def quality_plots(results: dict[str, Any], out: Path, labels: list[str]) -> list
         fig.savefig(out / "passkey.png", dpi=100)
         plt.close(fig)
         written.append("passkey.png")
+    rl = results.get("ruler")
+    if rl and rl["summary"]["by_length"]:
+        ruler_plot(rl, out / "ruler.png", labels, model=results["config"]["model"])
+        written.append("ruler.png")
     nl = results.get("nll")
     if nl:
         res = {k: v for k, v in nl["results"].items() if "skipped" not in v}
@@ -155,3 +160,54 @@ def quality_plots(results: dict[str, Any], out: Path, labels: list[str]) -> list
             plt.close(fig)
             written.append("attn_error.png")
     return written
+
+
+def ruler_plot(rl: dict[str, Any], path: Path, labels: list[str], model: str = "") -> None:
+    """RULER's score (0-100, mean over tasks) against the length: one panel per budget, one line per method at that
+    budget, the full cache (black, dashed) on every panel; a hollow marker where some tasks are missing."""
+    plt = _pyplot()
+    by = rl["summary"]["by_length"]
+    budgets = sorted({b["budget"] for b in by if b["budget"] is not None})
+    lengths = sorted({b["length"] for b in by})
+    order = {lab: i for i, lab in enumerate(labels)}
+    methods = sorted({b["method"] for b in by if b["budget"] is not None},
+                     key=lambda m: min(order.get(b["label"], len(order)) for b in by if b["method"] == m))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    full = sorted((b["length"], b) for b in by if b["budget"] is None)
+    panels = budgets or [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 4.2), squeeze=False, sharey=True)
+
+    def line(ax, pts, **kw):
+        x = [n for n, _ in pts]
+        ax.plot(x, [b["score"] for _, b in pts], **kw)
+        hollow = [(n, b["score"]) for n, b in pts if not b["complete"]]
+        if hollow:
+            ax.scatter([n for n, _ in hollow], [v for _, v in hollow], s=60, facecolors="white",
+                       edgecolors=kw.get("color", "k"), zorder=3)
+
+    for ax, budget in zip(axes[0], panels):
+        if full:
+            line(ax, full, color="k", ls="--", marker="s", label="full")
+        for m in methods:
+            pts = sorted((b["length"], b) for b in by if b["method"] == m and b["budget"] == budget)
+            if pts:
+                line(ax, pts, color=colors[m], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_ylim(-2, 102)
+        ax.set(xlabel="length (tokens)", title="full cache" if budget is None else f"budget {budget:g} of the prompt")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("RULER score (0-100, mean over tasks)")
+    handles, names = [], []
+    for ax in axes[0]:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    fig.legend(handles, names, loc="center right", fontsize=8)
+    samples = max((c["n"] for c in rl["summary"]["cells"]), default=0)
+    fig.suptitle(f"RULER ({len(rl['tasks'])} tasks, up to {samples} sample(s) each): {model}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

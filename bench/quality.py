@@ -1,8 +1,11 @@
-"""Quality harness: passkey retrieval, teacher-forced NLL and top-1 agreement, and per-layer attention-output error of
-compressed KV caches against the full cache, for methods x budgets.
+"""Quality harness: passkey retrieval, RULER's synthetic tasks, teacher-forced NLL and top-1 agreement, and per-layer
+attention-output error of compressed KV caches against the full cache, for methods x budgets.
 
     python -m bench.quality --model smollm2-135m --methods full,zeromerge,h2o,streaming,snapkv \
         --budgets 0.05,0.1,0.2 --quick --out out/quality
+    python -m bench.quality --tasks ruler --ruler-tasks all --lengths 1024,2048,4096,8192 --budgets 0.05,0.1,0.2 \
+        --methods full,zeromerge,zeromerge:retrieval,h2o,snapkv,streaming,tova,knorm --ruler-samples 4 \
+        --out out/ruler --resume
 
 (``python -m zmzoo eval ...`` runs the same from a source checkout.) Budgets are fractions of each prompt's length (as
 the paper's throughput runs): a prompt of T tokens gets ``floor(frac * T)`` slots. ``full`` is run once per sample
@@ -19,6 +22,15 @@ Tasks (``bench/tasks/``, one module each):
   (tokens, chat template included), asked for at the end; greedy decoding; correct when the answer contains the
   number. Fillers: ``repeat`` (the classic "The grass is green. ..." lines) and ``prose`` (real English text);
   needle/question phrasings: ``passkey``, ``magic``, ``secret``.
+- ``ruler`` (``bench.tasks.ruler``, not run by default): RULER's 11 synthetic tasks (``bench/ruler.py``:
+  niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue, niah_multiquery, vt, cwe, fwe; ``--ruler-tasks``, default
+  all), generated offline at each of ``--lengths`` (``--ruler-length total``, the default: RULER's max_seq_length,
+  the templated prompt plus the task's max_new_tokens, so 8192 fits SmolLM2's window; ``prompt``: prompt + answer
+  prefix, no template, as bench/ruler.py's --length), ``--ruler-samples`` seeds each from ``--seed`` on; greedy up to
+  the task's max_new_tokens (or every row's eos); RULER's string_match_all; budgets are fractions of the prompt fed.
+  The essay haystack and the word lists come from installed prose (``--ruler-prose``; the JSON names it). Rows per
+  sample and configuration; mean scores (0-100) per configuration x length x task and per configuration x length over
+  tasks; ``ruler.png`` (score against length, one panel per budget, the full cache on each).
 - ``nll`` (``bench.tasks.nll``): a real text's continuation of C tokens teacher-forced after a prompt of P tokens:
   mean NLL and top-1 agreement with the full cache over the decode positions (position 0 comes from the shared
   prefill and is excluded).
@@ -34,7 +46,14 @@ Texts: by default English prose that ships with Python: the language reference o
 history section of Python's LICENSE.txt, filtered to prose paragraphs (no indented code, no headings, few code
 symbols). ``--text FILE`` (repeatable) uses your files instead. The output names the texts used.
 
-Writes ``OUT/quality.json`` and PNGs (``passkey.png``, ``nll.png``, ``attn_error.png``); prints tables.
+Writes ``OUT/quality.json`` and PNGs (``passkey.png``, ``ruler.png``, ``nll.png``, ``attn_error.png``); prints tables.
+``quality.json`` is rewritten (whole, through a temporary file: never half written) after the passkey task, after
+every RULER sample and at the end, so an interrupted run keeps what it measured. ``--resume`` reads the RULER rows of
+``OUT/quality.json`` (same model, weights, dtype, device type, ops, cache settings, prose and --ruler-length, else it
+refuses) and runs
+only the (task, length, seed, configuration) it lacks: an interrupted run goes on, and one with more methods,
+budgets, lengths or samples measures only what is new (rows of configurations not in this run are carried over). The
+file's other tasks are replaced by this run's.
 Settings: ``--quick`` is sized for a 2-core CPU with SmolLM2-135M (a few minutes). The full setting on a GPU:
 ``--lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 3 --filler both --needle-style all
 --nll-samples 8 --nll-prompt 4096 --nll-cont 256``.
@@ -53,8 +72,10 @@ from typing import Any
 import torch
 
 try:
+    from bench import ruler
     from bench.plots import quality_plots
     from bench.tasks import nll, passkey
+    from bench.tasks import ruler as ruler_task
     from bench.tasks.common import Config, Harness
     from bench.tasks.texts import load_texts, prose_sentences
     from bench.timing import run_env
@@ -90,6 +111,9 @@ def print_tables(results: dict[str, Any], labels: list[str]) -> None:
                     acc = sum(c["accuracy"] * c["n"] for c in cs) / max(1, sum(c["n"] for c in cs))
                     line += f"{acc:>13.2f}" if cs else f"{'-':>13}"
             print(line + f"{summ['overall'][lab]:>9.2f}")
+    rl = results.get("ruler")
+    if rl and rl["summary"]["by_length"]:
+        print_ruler(rl, labels, lw)
     nl = results.get("nll")
     if nl:
         print(f"\nteacher-forced continuation ({len(nl['samples'])} samples; NLL over decode positions)")
@@ -115,11 +139,59 @@ def print_tables(results: dict[str, Any], labels: list[str]) -> None:
 
 
 
+def print_ruler(rl: dict[str, Any], labels: list[str], lw: int) -> None:
+    """RULER's tables: configurations x lengths (mean over tasks), then configurations x tasks at each length."""
+    summ = rl["summary"]
+    lengths = sorted({b["length"] for b in summ["by_length"]})
+    by = {(b["label"], b["length"]): b for b in summ["by_length"]}
+    n = {(c["label"], c["length"], c["task"]): c for c in summ["cells"]}
+    samples = max((c["n"] for c in summ["cells"]), default=0)
+    print(f"\nRULER ({len(rl['tasks'])} tasks, up to {samples} sample(s) each; score 0-100, mean over tasks; "
+          f"* = some tasks missing)")
+    head = f"{'config':<{lw}}" + "".join(f"{n_:>9}" for n_ in lengths) + f"{'mean':>9}"
+    print(head)
+    print("-" * len(head))
+    labels = labels + [lab for lab in summ["overall"] if lab not in labels]  # carried over by --resume
+    for lab in labels:
+        if lab not in summ["overall"]:
+            continue
+        line = f"{lab:<{lw}}"
+        for length in lengths:
+            b = by.get((lab, length))
+            line += f"{b['score']:>8.1f}{' ' if b['complete'] else '*'}" if b else f"{'-':>9}"
+        print(line + f"{summ['overall'][lab]:>9.1f}")
+    tasks = [t for t in ruler.TASKS if any(c["task"] == t for c in summ["cells"])]
+    for length in lengths:
+        print(f"\nRULER per task at length {length} (score 0-100, mean over samples)")
+        head = f"{'config':<{lw}}" + "".join(f"{ruler_task.SHORT.get(t, t):>6}" for t in tasks) + f"{'mean':>7}"
+        print(head)
+        print("-" * len(head))
+        for lab in labels:
+            if (lab, length) not in by:
+                continue
+            line = f"{lab:<{lw}}"
+            for t in tasks:
+                c = n.get((lab, length, t))
+                line += f"{c['score']:>6.0f}" if c else f"{'-':>6}"
+            print(line + f"{by[lab, length]['score']:>7.1f}")
+    print("tasks: " + ", ".join(f"{ruler_task.SHORT.get(t, t)} = {t}" for t in tasks))
+    skipped = sorted({(r["label"], r["length"]) for r in rl["rows"] if "skipped" in r})
+    if skipped:
+        print("skipped (invalid at that length): " + ", ".join(f"{lab}@{n_}" for lab, n_ in skipped))
+    for t in rl.get("timing", []):
+        print(f"length {t['length']}: {t['samples']} sample(s), {t['seconds']:.1f}s each (prefill "
+              f"{t['prefill_s']:.1f}s, {t['steps']:.0f} decode steps {t['decode_s']:.1f}s) with {t['configs']:.0f} "
+              f"configurations")
+    errors = sorted({(r["task"], r["length"], r["error"]) for r in rl["rows"] if "error" in r})
+    for t, n_, e in errors:
+        print(f"not generated: {t} at {n_}: {e}")
+
+
 # ---------------------------------------------------------------------------------------------------- main
 QUICK = dict(lengths="512,1024", depths="0,0.5,1", trials=1, filler="both", needle_style="passkey", budgets="0.1,0.2",
-             nll_samples=1, nll_prompt=768, nll_cont=48, answer_tokens=12)
+             nll_samples=1, nll_prompt=768, nll_cont=48, answer_tokens=12, ruler_samples=1)
 DEFAULTS = dict(lengths="1024,2048,4096", depths="0,0.25,0.5,0.75,1", trials=2, filler="both", needle_style="passkey",
-                budgets="0.05,0.1,0.2", nll_samples=4, nll_prompt=2048, nll_cont=128, answer_tokens=16)
+                budgets="0.05,0.1,0.2", nll_samples=4, nll_prompt=2048, nll_cont=128, answer_tokens=16, ruler_samples=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="full,zeromerge,h2o,streaming,snapkv")
     p.add_argument("--budgets", help=f"fractions of the prompt length (default {DEFAULTS['budgets']}; quick "
                                      f"{QUICK['budgets']})")
-    p.add_argument("--tasks", default="passkey,nll,attn", help="passkey, nll, attn (attn runs with nll)")
+    p.add_argument("--tasks", default="passkey,nll,attn", help="comma-separated of passkey, ruler, nll, attn (attn "
+                                                                "runs with nll)")
     p.add_argument("--quick", action="store_true", help="a setting that finishes in minutes on a 2-core CPU")
-    p.add_argument("--lengths", help="passkey prompt lengths in tokens")
+    p.add_argument("--lengths", help="prompt lengths in tokens (passkey; ruler: see --ruler-length)")
     p.add_argument("--depths", help="needle depths in [0, 1]")
     p.add_argument("--trials", type=int, help="passkey trials (keys) per cell")
     p.add_argument("--filler", choices=["repeat", "prose", "both"])
@@ -142,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append",
                    help="a text file for the prose filler and the NLL task (repeatable); 'readmes': the installed "
                         "packages' READMEs")
+    p.add_argument("--ruler-tasks", default="all", help=f"comma-separated of {', '.join(ruler.TASKS)} (or their short "
+                                                         f"names {', '.join(ruler_task.SHORT.values())}), or all")
+    p.add_argument("--ruler-samples", type=int, help=f"samples (seeds) per RULER task and length (default "
+                                                     f"{DEFAULTS['ruler_samples']}; quick {QUICK['ruler_samples']})")
+    p.add_argument("--ruler-prose", default="installed", choices=ruler.PROSE_SOURCES,
+                   help="prose of the RULER essay haystacks and word lists (bench/ruler.py)")
+    p.add_argument("--ruler-length", default="total", choices=ruler_task.CONVENTIONS,
+                   help="how a RULER length is read: total (RULER's max_seq_length: the templated prompt plus the "
+                        "task's max_new_tokens; default) or prompt (bench/ruler.py's: prompt + answer prefix)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the RULER rows of OUT/quality.json and run only the samples and configurations missing")
     p.add_argument("--nll-samples", type=int)
     p.add_argument("--nll-prompt", type=int, help="NLL prompt tokens")
     p.add_argument("--nll-cont", type=int, help="NLL continuation tokens")
@@ -177,17 +261,32 @@ def _setting(kv: str) -> tuple[str, str, Any]:
     return method, name, {"none": None, "true": True, "false": False}.get(v.lower(), v)
 
 
-def _setting(kv: str) -> tuple[str, str, Any]:
-    key, _, v = kv.partition("=")
-    method, _, name = key.partition(".")
-    if not name:
-        raise SystemExit(f"--cache-setting {kv!r}: write METHOD.KEY=VALUE, e.g. zeromerge.tail=0.5")
-    for conv in (int, float):
-        try:
-            return method, name, conv(v)
-        except ValueError:
-            pass
-    return method, name, {"none": None, "true": True, "false": False}.get(v.lower(), v)
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``path`` replaced whole (written beside it, then renamed): a run killed while writing leaves the last one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def resumed_ruler(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """``--resume``: the RULER result in ``path`` (None when there is none), if it was measured as this run measures
+    (``fingerprint``: model, weights, dtype, device type, ops, cache settings, prose, length convention); else the
+    run stops."""
+    if not path.is_file():
+        print(f"[quality] --resume: no {path} yet, nothing to resume")
+        return None
+    old = json.loads(path.read_text()).get("ruler")
+    if not old:
+        print(f"[quality] --resume: {path} has no RULER results, nothing to resume")
+        return None
+    if old.get("fingerprint") != fingerprint:
+        diff = {k: (old.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
+                if old.get("fingerprint", {}).get(k) != v}
+        raise SystemExit(f"--resume: {path}'s RULER results were measured otherwise (then, now: {diff}); use "
+                         f"another --out")
+    n = sum("score" in r or "skipped" in r for r in old["rows"])
+    print(f"[quality] --resume: {n} RULER rows of {path} kept", flush=True)
+    return old
 
 
 def compile_arg(value: str) -> bool | str:
@@ -210,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     ns.budgets = [float(x) for x in str(ns.budgets).split(",") if x]
     ns.methods = [m for m in ns.methods.split(",") if m]
     ns.tasks = [t for t in ns.tasks.split(",") if t]
-    unknown = sorted(set(ns.tasks) - {"passkey", "nll", "attn"})
+    unknown = sorted(set(ns.tasks) - {"passkey", "ruler", "nll", "attn"})
     if unknown:
-        raise SystemExit(f"--tasks {', '.join(unknown)}: the tasks are passkey, nll, attn")
+        raise SystemExit(f"--tasks {', '.join(unknown)}: the tasks are passkey, ruler, nll, attn")
+    ns.ruler_tasks = ruler_task.tasks_arg(ns.ruler_tasks)
     for b in ns.budgets:
         if not 0 < b < 1:
             raise SystemExit(f"--budgets {b}: a budget is a fraction of the prompt in (0, 1)")
@@ -261,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                    "configs": labels, "tasks": ns.tasks, "quick": ns.quick, "lengths": ns.lengths,
                    "depths": ns.depths, "trials": ns.trials, "filler": ns.filler, "needle_style": ns.needle_style,
                    "key_digits": ns.key_digits, "answer_tokens": ns.answer_tokens, "nll_samples": ns.nll_samples,
-                   "nll_prompt": ns.nll_prompt, "nll_cont": ns.nll_cont, "cache_settings": ns.settings,
+                   "nll_prompt": ns.nll_prompt, "nll_cont": ns.nll_cont, "ruler_tasks": ns.ruler_tasks,
+                   "ruler_samples": ns.ruler_samples, "ruler_prose": ns.ruler_prose, "ruler_length": ns.ruler_length,
+                   "cache_settings": ns.settings,
                    "compile": ns.compile, "ops": ns.ops, "seed": ns.seed, "quantize": ns.quantize,
                    "group_size": ns.group_size, "quantization": gen.model.quantization},
         "texts": text_info,
@@ -276,7 +378,26 @@ def main(argv: list[str] | None = None) -> int:
                                seed=ns.seed)
             results["passkey"] = {"rows": rows, "summary": passkey.summary(rows), "seconds": time.perf_counter() - t0}
             # written now as well: a run stopped during the NLL pass (a time-limited GPU lease) keeps its passkey table
-            (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
+            write_json(out / "quality.json", results)
+        if "ruler" in ns.tasks:
+            t0 = time.perf_counter()
+            fingerprint = json.loads(json.dumps(
+                {"model": a.name, "weights": ns.weights, "dtype": str(gen.dtype), "device": gen.device.type,
+                 "ops": gen.backend, "quantization": gen.model.quantization, "cache_settings": ns.settings,
+                 "prose": ruler.load_prose(ns.ruler_prose).source,
+                 "length_convention": ns.ruler_length},
+                default=str))
+            done = resumed_ruler(out / "quality.json", fingerprint) if ns.resume else None
+
+            def checkpoint(partial: dict[str, Any]) -> None:
+                results["ruler"] = {**partial, "fingerprint": fingerprint, "seconds": time.perf_counter() - t0}
+                results["wall_s"] = time.perf_counter() - t_all
+                write_json(out / "quality.json", results)
+
+            res = ruler_task.run(harness, tasks=ns.ruler_tasks, lengths=ns.lengths, samples=ns.ruler_samples,
+                                 seed=ns.seed, prose=ns.ruler_prose, convention=ns.ruler_length, done=done,
+                                 checkpoint=checkpoint)
+            checkpoint(res)
         if "nll" in ns.tasks or "attn" in ns.tasks:
             t0 = time.perf_counter()
             results["nll"] = nll.run(harness, texts, n_samples=ns.nll_samples, prompt_tokens=ns.nll_prompt,
@@ -287,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         results["error"] = f"{type(e).__name__}: {e}\n" + traceback.format_exc(limit=3)
     results["wall_s"] = time.perf_counter() - t_all
     print_tables(results, labels)
-    (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
+    write_json(out / "quality.json", results)
     written = [] if ns.no_plot else quality_plots(results, out, labels)
     print(f"\n[quality] wall time {results['wall_s']:.1f}s; wrote {out / 'quality.json'}"
           + "".join(f", {out / w}" for w in written))

@@ -571,8 +571,10 @@ def generate(task: str, tokenizer: TokenizerLike, length: int, *, seed: int = 0,
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def _prompt_ids(tok: Any, sample: Sample) -> list[int]:
-    """The chat-templated prompt with the answer prefix after the assistant header (RULER's convention)."""
+def prompt_ids(tok: Any, sample: Sample) -> list[int]:
+    """The token ids fed to the model: the sample's prompt as the user's message in the tokenizer's chat template
+    (the bare prompt without one), then the answer prefix after the assistant header (RULER's convention), which the
+    model continues. ``main`` and the quality harness's ``ruler`` task (``bench.tasks.ruler``) both use it."""
     if tok.has_chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": sample.prompt}], add_generation_prompt=True)
     else:
@@ -614,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = []
         for s in range(ns.seed, ns.seed + ns.samples):
             sample = generate(t, tok, ns.length, seed=s, prose=prose)
-            ids = _prompt_ids(tok, sample)
+            ids = prompt_ids(tok, sample)
             t0 = time.perf_counter()
             pred = gen.generate(ids, max_new_tokens=sample.max_new_tokens)
             sc = score(t, pred, sample.references)

@@ -51,10 +51,11 @@ def tiny_args(family: str = "llama", **overrides) -> ModelArgs:
     return ModelArgs.from_name(name, **{**TINY, "max_position_embeddings": 256, **extra, **overrides})
 
 
-def write_hf_checkpoint(path: Path, args: ModelArgs, seed: int = 0) -> Path:
-    """Build the HF transformers model for ``args`` with random weights and save it (safetensors) to ``path``."""
+def write_hf_checkpoint(path: Path, args: ModelArgs, seed: int = 0, **config) -> Path:
+    """Build the HF transformers model for ``args`` with random weights and save it (safetensors) to ``path``;
+    ``config``: more HF config entries (e.g. ``initializer_range``, the weights' std)."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.AutoConfig.for_model(**args.to_hf_config())
+    cfg = transformers.AutoConfig.for_model(**{**args.to_hf_config(), **config})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     with torch.no_grad():

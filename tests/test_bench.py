@@ -1,9 +1,11 @@
 """The benchmark programs on CPU: bench.decode on a tiny random model (merge with an older results file included),
-bench.quality's side-by-side runs against standalone generators, a tiny quality run on SmolLM2-135M when its GGUF is
-installed, failing kernels as errors, and the probes' command lines."""
+bench.quality's side-by-side runs against standalone generators, its RULER task on a tiny model (end to end and
+resumed; rows against standalone ``generate``), a tiny quality run on SmolLM2-135M when its GGUF is installed, failing
+kernels as errors, and the probes' command lines."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import json
@@ -298,3 +300,156 @@ def test_h200_script_runs_modules_that_exist():
 def test_no_sys_path_edits_in_bench():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "bench").rglob("*.py") if "sys.path" in p.read_text()]
     assert not offenders
+
+
+# ---------------------------------------------------------------------------------------------------- RULER task
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_ckpt(tmp_path_factory):
+    """A tiny random SmolLM2-shaped model saved as safetensors, with a byte-level BPE of 1000 tokens trained on
+    bench/ruler.py's prose and a ChatML template: a model directory ``zmzoo.load`` reads with its tokenizer. Its
+    weights' std is 0.4 (HF's default 0.02 makes a model that repeats one token whatever its cache holds)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from bench import ruler
+    from tests.conftest import tiny_args, write_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny-chat")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(ruler.load_prose("python-docs").text.split("\n\n"), trainer)
+    write_hf_checkpoint(d, tiny_args("smollm2", vocab_size=tok.get_vocab_size(), max_position_embeddings=4096),
+                        initializer_range=0.4)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>",
+                                                         "chat_template": CHATML, "add_bos_token": False}))
+    return d
+
+
+def test_quality_ruler_end_to_end_and_resume(tiny_chat_ckpt, tmp_path):
+    """--tasks ruler on a tiny model: a row per (task, length, seed, configuration), the summaries, the tables'
+    JSON, ruler.png; --resume with a configuration more runs only that one and keeps the rest as they were."""
+    out = tmp_path / "r"
+    argv = ["--model", str(tiny_chat_ckpt), "--tasks", "ruler", "--ruler-tasks", "niah_single_1,fwe", "--lengths",
+            "400", "--methods", "full,zeromerge", "--budgets", "0.25", "--ruler-samples", "2", "--ruler-prose",
+            "python-docs", "--threads", "1", "--out", str(out)]
+    assert quality.main(argv) == 0
+    res = json.loads((out / "quality.json").read_text())
+    rl = res["ruler"]
+    assert rl["complete"] and rl["prose_name"] == "python-docs" and "pydoc_data" in rl["prose"]
+    assert rl["fingerprint"]["prose"] == rl["prose"] and res["config"]["ruler_tasks"] == ["niah_single_1", "fwe"]
+    rows = rl["rows"]
+    assert sorted((r["task"], r["seed"], r["label"]) for r in rows) == sorted(
+        (t, s, lab) for t in ("niah_single_1", "fwe") for s in (0, 1) for lab in ("full", "zeromerge@0.25"))
+    for r in rows:  # --ruler-length total: the prompt fed and the task's new tokens fit the length
+        mnt = 128 if r["task"] == "niah_single_1" else 50
+        assert r["length"] == 400 and 0.9 * 400 <= r["prompt_tokens"] + mnt <= 400
+        assert r["sample_tokens"] <= r["target"] < 400 - mnt
+        assert 0.0 <= r["score"] <= 1.0 and isinstance(r["prediction"], str) and r["references"]
+        assert r["slots"] == (None if r["label"] == "full" else math.floor(0.25 * r["prompt_tokens"]))
+        assert 1 <= r["new_tokens"] + 1 <= (128 if r["task"] == "niah_single_1" else 50) + 1
+    assert [(p["task"], p["seed"], p["configs"]) for p in rl["prompts"]] == [
+        ("niah_single_1", 0, 2), ("niah_single_1", 1, 2), ("fwe", 0, 2), ("fwe", 1, 2)]
+    summ = rl["summary"]
+    cells = {(c["label"], c["length"], c["task"]): c for c in summ["cells"]}
+    assert set(cells) == {(lab, 400, t) for lab in ("full", "zeromerge@0.25") for t in ("niah_single_1", "fwe")}
+    for (lab, _, t), c in cells.items():
+        want = [r["score"] for r in rows if r["label"] == lab and r["task"] == t]
+        assert c["n"] == 2 and c["score"] == pytest.approx(100 * sum(want) / 2)
+    by = {(b["label"], b["length"]): b for b in summ["by_length"]}
+    for lab in ("full", "zeromerge@0.25"):
+        assert by[lab, 400]["complete"] and by[lab, 400]["tasks"] == 2
+        assert by[lab, 400]["score"] == pytest.approx((cells[lab, 400, "niah_single_1"]["score"]
+                                                       + cells[lab, 400, "fwe"]["score"]) / 2)
+        assert summ["overall"][lab] == pytest.approx(by[lab, 400]["score"])
+    (t,) = rl["timing"]
+    assert t["length"] == 400 and t["samples"] == 4 and t["configs"] == 2 and t["prefill_s"] > 0
+    assert t["seconds"] >= t["prefill_s"] + t["decode_s"] - 0.05
+    assert (out / "ruler.png").stat().st_size > 0
+    # resume with one configuration more: only it runs, on every sample; the earlier rows are kept as they were
+    again = argv[:argv.index("--methods")] + ["--methods", "full,zeromerge,streaming"] + \
+        argv[argv.index("--methods") + 2 :] + ["--resume"]
+    assert quality.main(again) == 0
+    rl2 = json.loads((out / "quality.json").read_text())["ruler"]
+    assert [p["configs"] for p in rl2["prompts"]] == [2, 1] * 4  # each sample: the earlier run's, then the new one
+    old = {(r["task"], r["seed"], r["label"]): r for r in rows}
+    new = {(r["task"], r["seed"], r["label"]): r for r in rl2["rows"]}
+    assert {k for k in new if k[2] == "streaming@0.25"} == {(t, s, "streaming@0.25") for t in ("niah_single_1", "fwe")
+                                                           for s in (0, 1)}
+    assert all(new[k] == r for k, r in old.items())
+    # resume with less (one task, one configuration): nothing runs, and what the file had is carried as it was
+    fewer = again[:again.index("--ruler-tasks")] + ["--ruler-tasks", "fwe"] + \
+        again[again.index("--ruler-tasks") + 2 :]
+    fewer[fewer.index("full,zeromerge,streaming")] = "full"
+    assert quality.main(fewer) == 0
+    rl3 = json.loads((out / "quality.json").read_text())["ruler"]
+    key = lambda r: (r["task"], r["seed"], r["label"])
+    assert sorted(rl3["rows"], key=key) == sorted(rl2["rows"], key=key)
+    assert len(rl3["prompts"]) == len(rl2["prompts"]) and rl3["summary"]["overall"] == rl2["summary"]["overall"]
+    with pytest.raises(SystemExit, match="measured otherwise"):  # another prose: refused
+        quality.main(again[:again.index("python-docs")] + ["installed"] + again[again.index("python-docs") + 1 :])
+
+
+def test_ruler_length_conventions(tiny_chat_ckpt):
+    """total: the templated prompt plus max_new_tokens within the length (RULER's max_seq_length); prompt: the
+    sample's own length (bench/ruler.py's); too short a length for a task is a ValueError (a row saying so)."""
+    from bench import ruler
+    from bench.tasks import ruler as ruler_task
+    from zmzoo.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_chat_ckpt)
+    prose = ruler.load_prose("python-docs")
+    for task in ("niah_single_1", "vt", "cwe"):
+        mnt = ruler.TASKS[task].max_new_tokens
+        sample, ids, target = ruler_task.make_sample(task, tok, 1500, seed=0, prose=prose)
+        assert 0.95 * 1500 <= len(ids) + mnt <= 1500 and ids == ruler.prompt_ids(tok, sample)
+        assert sample.meta["length"] <= target == sample.meta["target_length"]
+        sample, ids, target = ruler_task.make_sample(task, tok, 1500, seed=0, prose=prose, convention="prompt")
+        assert target == 1500 and 0.95 * 1500 <= sample.meta["length"] <= 1500 < len(ids) + mnt
+    with pytest.raises(ValueError, match="too short"):
+        ruler_task.make_sample("vt", tok, 400, seed=0, prose=prose)
+
+
+def test_ruler_rows_equal_standalone_generate(tiny_chat_ckpt):
+    """A configuration's RULER row through compare_caches (side by side with others) and the same configuration
+    alone (``Generator.with_cache(...).generate``, which stops at eos as the task does) on the same prompt: the same
+    greedy tokens up to the first near-tie, and so the same prediction and score.
+
+    Why it holds: each row of the side-by-side batch computes what its configuration computes alone (the same caches,
+    fed the same q/k/v; tests/test_compare.py), but the batch's products of N rows may round differently from those
+    of 1 row, so the greedy tokens are only bound to agree while the top-2 logits are further apart than that
+    rounding. The alone run's teacher-forced logits (``score``) on its own tokens find the first step where they are
+    not (margin < 1e-3, far above fp32 rounding here); the tokens must agree up to there. The prompt and seed are
+    such that there is no near-tie (the test checks that too), so the whole predictions and scores are equal."""
+    from bench import ruler
+    from bench.tasks import ruler as ruler_task
+
+    gen = zmzoo.load(str(tiny_chat_ckpt), device="cpu", dtype=torch.float32, compile=False, max_seq_len=64,
+                     verbose=False)
+    tok = gen.tokenizer
+    configs = [Config("full", None), Config("zeromerge", 0.2), Config("snapkv", 0.2), Config("h2o", 0.1)]
+    h = Harness(gen, configs)
+    sample = ruler.generate("niah_single_1", tok, 240, seed=3, prose="python-docs")
+    ids = ruler.prompt_ids(tok, sample)
+    steps = 24
+    sample = dataclasses.replace(sample, max_new_tokens=steps)  # a short answer keeps the test fast
+    got, res = ruler_task.evaluate(h, "niah_single_1", sample, ids)
+    assert res.labels == h.labels and not res.skipped
+    assert len({tuple(g["tokens"]) for g in got.values()}) == len(configs)  # the caches make a difference here
+    for c in configs:
+        alone = gen.with_cache(**c.settings(len(ids), {}), max_seq_len=len(ids) + steps + 1)
+        want = alone.generate(ids, max_new_tokens=steps, return_ids=True)
+        top2 = alone.score(ids, want).topk(2, dim=-1).values
+        ties = ((top2[:, 0] - top2[:, 1]) < 1e-3).nonzero()
+        n = int(ties[0, 0]) if len(ties) else len(want)
+        assert got[c.label]["tokens"][:n] == want[:n], c.label
+        assert n == len(want) == steps, f"{c.label}: a near-tie at step {n}: pick another prompt or seed"
+        text = alone.generate(ids, max_new_tokens=steps)
+        assert got[c.label]["tokens"] == want and got[c.label]["prediction"] == text
+        assert got[c.label]["score"] == ruler.score("niah_single_1", text, sample.references)

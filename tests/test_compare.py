@@ -60,6 +60,27 @@ def test_greedy_rows_follow_their_own_tokens(gen):
         assert forced.tokens_of(label) == toks, label
 
 
+def test_stop_ids_end_greedy_decoding_once_every_row_stopped(gen):
+    """With stop_ids the run ends at the first look (every stop_every steps) where every row has produced one; the
+    tokens up to there are those of the run without stops (no row changes)."""
+    prompt, _ = sample(seed=2)
+    configs = {k: CONFIGS[k] for k in ("full", "zeromerge", "h2o")}
+    ref = zmzoo.compare_caches(gen, configs, prompt, steps=12)
+    stops = {row[3] for row in ref.tokens.tolist()}  # every row has produced one by step 3
+    last = max(min(j for j, t in enumerate(row) if t in stops) for row in ref.tokens.tolist())  # the last to stop
+    for every in (1, 4):
+        res = zmzoo.compare_caches(gen, configs, prompt, steps=12, stop_ids=stops, stop_every=every)
+        n = res.tokens.shape[1]
+        assert n == min(12, (last // every + 1) * every), every  # looked after tokens every, 2 * every, ...
+        assert torch.equal(res.tokens, ref.tokens[:, :n])
+        assert res.prefill_s > 0 and res.decode_s >= 0
+    never = zmzoo.compare_caches(gen, configs, prompt, steps=12, stop_ids=[t for t in range(128)
+                                                                          if t not in ref.tokens.unique().tolist()])
+    assert torch.equal(never.tokens, ref.tokens)
+    with pytest.raises(ValueError, match="greedy"):
+        zmzoo.compare_caches(gen, configs, prompt, steps=2, forced=[1, 2], stop_ids=[3])
+
+
 def test_attention_error_zero_for_full_positive_past_budget(gen):
     prompt, cont = sample(n_prompt=40, n_cont=8)
     configs = {"full": {"method": "full"}, "zeromerge": {"method": "zeromerge", "kv_budget": 10},

@@ -17,7 +17,8 @@ configs[label])`` computes alone at the same ``max_seq_len`` (tests/test_compare
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ class Comparison:
         max_seq_len: the caches' max_seq_len (what ``kv_ratio`` is a fraction of).
         tokens: (N, steps) int64 on the host: step 0 is the prefill's greedy token, step i the argmax after decode
             step i (greedy decoding feeds it back; with ``forced`` it is the argmax of the teacher-forced logits).
+            With ``stop_ids``, greedy decoding may end early: (N, S) with S <= steps, every row holding a stop token.
         logits: (N, steps, V) fp32 on the host when ``forced`` was given: step i predicts ``forced[i]`` (step 0 from the
             prefill, step i from decoding ``forced[i - 1]``), as ``Generator.score`` lays them out; else None.
         attention_error: (N, n_layers) fp64 on the host with ``attention_error=True``: per row and layer, the mean
@@ -47,6 +49,8 @@ class Comparison:
         prefill_max_diff: the largest difference between the configurations' prefill attention outputs (0 where
             every cache computes the same causal attention, as they should).
         cache_configs: label -> the validated ``CacheConfig`` each configuration ran with (its budget in slots).
+        prefill_s, decode_s: wall seconds of the prefill (every configuration's, the drafts included) and of the
+            decode steps (the device synchronized at the end of each).
     """
 
     labels: list[str]
@@ -59,6 +63,8 @@ class Comparison:
     attention_steps: int = 0
     prefill_max_diff: float = 0.0
     cache_configs: dict[str, CacheConfig] = field(default_factory=dict)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
     def row(self, label: str) -> int:
         """Batch row of configuration ``label`` (KeyError naming why when it was skipped)."""
@@ -68,6 +74,11 @@ class Comparison:
 
     def tokens_of(self, label: str) -> list[int]:
         return self.tokens[self.row(label)].tolist()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _decode_fn(model, compile: bool | str | Callable, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
@@ -84,7 +95,8 @@ def _decode_fn(model, compile: bool | str | Callable, device: torch.device) -> C
 @torch.inference_mode()
 def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Sequence[int], *, steps: int,
                    forced: Sequence[int] | None = None, attention_error: bool = False,
-                   compile: bool | str | Callable = False, max_seq_len: int | None = None) -> Comparison:
+                   compile: bool | str | Callable = False, max_seq_len: int | None = None,
+                   stop_ids: Collection[int] | None = None, stop_every: int = 8) -> Comparison:
     """Run cache configurations side by side on one prompt through a shared copy of ``gen``'s model.
 
     Args:
@@ -104,6 +116,10 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
             ``torch.compile`` backend name. A fresh compile each call: the caches differ from call to call.
         max_seq_len: the caches' length (default ``len(prompt_ids) + steps``, what ``Generator.score`` needs);
             ``kv_ratio`` is a fraction of it.
+        stop_ids: greedy decoding only: stop once every row has produced one of these tokens (eos ids, as
+            ``Generator.generate`` stops), looked at every ``stop_every`` steps (one host sync each), so up to
+            ``stop_every - 1`` steps run past the last row's stop. A row that stopped keeps decoding beside the others
+            (what it produces after its stop token is not its answer); no row's tokens up to its stop change.
 
     Returns:
         A ``Comparison`` (rows in the order of ``configs``, skipped ones left out).
@@ -121,6 +137,10 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
         forced = [int(x) for x in forced]
         if len(forced) != steps:
             raise ValueError(f"compare_caches: forced has {len(forced)} tokens for steps={steps} (one per step)")
+        if stop_ids:
+            raise ValueError("compare_caches: stop_ids is for greedy decoding (forced tokens run every step)")
+    if isinstance(stop_every, bool) or not isinstance(stop_every, int) or stop_every < 1:
+        raise ValueError(f"compare_caches: stop_every={stop_every!r} must be a whole number >= 1")
     max_seq_len = t + steps if max_seq_len is None else max_seq_len
     if t + steps > max_seq_len:
         raise ValueError(f"compare_caches: a prompt of {t} tokens and {steps} steps exceed max_seq_len {max_seq_len}")
@@ -153,19 +173,28 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
     try:
         dev = gen.device
         step = _decode_fn(model, compile, dev)
+        t0 = time.perf_counter()
         logits0 = model.prefill(torch.tensor([prompt], device=dev), row=0)  # (1, V)
         pos = torch.full((n,), t, dtype=torch.int64, device=dev)
         tok = logits0.argmax(-1).expand(n).contiguous()
         model.finish_prefill(tok, pos, step, prompts=[prompt] * n)  # the prefill drafts (ZeroMerge's lookahead)
+        _sync(dev)
+        t1 = time.perf_counter()
         toks = [tok]
+        stops = torch.tensor(sorted({int(x) for x in stop_ids}), dtype=torch.int64, device=dev) if stop_ids else None
+        stopped = torch.isin(tok, stops) if stops is not None else None  # (N,) rows that produced a stop token
         host: list[Tensor] = []  # logits blocks (N, steps in block, V) on the host
         block = [logits0.float().expand(n, -1)] if forced is not None else []
         for i in range(1, steps):
+            if stopped is not None and i % stop_every == 0 and bool(stopped.all()):
+                break  # i tokens so far, each row's stop among them
             inp = torch.full((n,), forced[i - 1], dtype=torch.int64, device=dev) if forced is not None else tok
             out = step(inp, pos)
             pos += 1
             tok = out.argmax(-1)
             toks.append(tok)
+            if stopped is not None:
+                stopped |= torch.isin(tok, stops)
             if forced is not None:
                 block.append(out.to(torch.float32, copy=True))  # a CUDA graph's output is overwritten next step
                 if len(block) == 64:  # to the host in blocks: (steps, V) per row stays bounded on the device
@@ -173,8 +202,11 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
                     block = []
         if block:
             host.append(torch.stack(block, 1).cpu())
-        res = Comparison(labels, skipped, t, max_seq_len, torch.stack(toks, 1).cpu(),
-                         prefill_max_diff=max(layer.prefill_max_diff for layer in layers), cache_configs=resolved)
+        tokens = torch.stack(toks, 1).cpu()
+        _sync(dev)
+        res = Comparison(labels, skipped, t, max_seq_len, tokens,
+                         prefill_max_diff=max(layer.prefill_max_diff for layer in layers), cache_configs=resolved,
+                         prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
         if forced is not None:
             res.logits = torch.cat(host, 1)
         if attention_error:

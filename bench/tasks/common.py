@@ -78,12 +78,16 @@ class Harness:
             except (TypeError, ValueError) as e:
                 raise SystemExit(f"configuration {c.label}: {e}") from None
 
-    def run(self, prompt: list[int], *, steps: int, forced: list[int] | None = None,
-            attention_error: bool = False) -> Comparison:
+    def subset(self, labels: list[str]) -> Harness:
+        """The same model and settings with only the configurations ``labels`` (in table order)."""
+        return Harness(self.gen, [c for c in self.configs if c.label in labels], self.cache_settings, self.compile)
+
+    def run(self, prompt: list[int], *, steps: int, forced: list[int] | None = None, attention_error: bool = False,
+            stop_ids: list[int] | None = None) -> Comparison:
         """Every configuration on ``prompt`` side by side (``zmzoo.compare_caches``); those invalid at this prompt's
-        length come back in ``skipped``."""
+        length come back in ``skipped``. ``stop_ids`` (greedy only): stop once every row has produced one."""
         if self.compile:
             free_memory(self.gen.device)  # this prompt's caches have other shapes: compile afresh, not on top
         configs = {c.label: c.settings(len(prompt), self.cache_settings) for c in self.configs}
         return compare_caches(self.gen, configs, prompt, steps=steps, forced=forced, attention_error=attention_error,
-                              compile=self.compile, max_seq_len=len(prompt) + steps + 1)
+                              compile=self.compile, max_seq_len=len(prompt) + steps + 1, stop_ids=stop_ids)
