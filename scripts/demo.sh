@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m zmzoo generate --model smollm2-135m --prompt-file docs/demo_prompt.txt --chat \
-    --max-seq-len 4096 --kv-ratio 0.1 --preset retrieval --max-new-tokens 96 "$@"
+    --max-seq-len 4096 --kv-ratio 0.1 --preset retrieval --cache-setting lookahead=48 --cache-setting lookahead_greedy=16 \
+    --max-new-tokens 96 "$@"
