@@ -60,7 +60,7 @@ def test_cache_matches_oracle(policy, n_kv, group, budget, tail, dense, metric, 
         if budget <= tail:
             return
         kw = dict(kv_budget=budget, tail=tail, score_window=4, score_pool=3)
-        okw = dict(tail=tail, dense=0, window=4, pool=3)
+        okw = dict(tail=tail, dense=0, score_window=4, score_pool=3)
     else:
         kw = dict(kv_budget=budget, sinks=sinks)
         okw = dict(tail=budget - sinks + 1, dense=0, sinks=sinks)
