@@ -1,16 +1,45 @@
-"""Shared test helpers: tiny real configs of every family, written as HF checkpoints (safetensors + config.json)."""
+"""Shared test helpers: tiny real configs of every family, written as HF checkpoints (safetensors + config.json), and
+the Hypothesis profiles of the property tests.
+
+Hypothesis profiles, chosen by the environment variable ``HYPOTHESIS_PROFILE`` (tests/README.md):
+
+- ``ci`` (the default): bounded example counts, derandomized (every run draws the same examples), so CI time stays
+  put and a failure reproduces by running the test again.
+- ``long``: five times as many examples (about 3,000 generated cache histories over the property tests of
+  tests/cache), random ones (a new run explores new histories; a failure prints the blob that reproduces it, and the
+  example database under .hypothesis/ replays it first next time). ``HYPOTHESIS_PROFILE=long pytest tests/cache
+  --hypothesis-show-statistics`` prints how many examples each test ran.
+
+A property test takes its count from the profile through ``examples(n)``: n examples under ``ci``, scaled by the
+profile's ``max_examples`` otherwise.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
 
 from zmzoo.models.config import ModelArgs
+
+CI_EXAMPLES = 100  # the ci profile's max_examples: examples(n) is n examples there
+_QUIET = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=CI_EXAMPLES, derandomize=True, **_QUIET)
+settings.register_profile("long", max_examples=5 * CI_EXAMPLES, derandomize=False, print_blob=True, **_QUIET)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int) -> settings:
+    """Settings of a property test that runs ``n`` examples under the ``ci`` profile and as many times more under
+    another profile as its ``max_examples`` exceeds ci's (``long``: 5 n); the rest comes from the loaded profile."""
+    return settings(max_examples=max(1, math.ceil(n * settings.default.max_examples / CI_EXAMPLES)))
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Without CUDA the Triton kernels (tests/ops) run in Triton's interpreter. Triton reads this when it is first imported
@@ -20,6 +49,13 @@ if not torch.cuda.is_available():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from zmzoo.cache.base import KVCache  # noqa: E402  (imports triton: only once TRITON_INTERPRET is set)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # bf16 as the GPU computes it, for every test that runs a kernel (tests/cache too, not only tests/ops): without
+    # it the interpreter's tl.dot multiplies the raw bits of bf16 operands
+    from zmzoo.ops._interpreter import fix_interpreter_bf16
+
+    fix_interpreter_bf16()
 
 TINY = {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 96, "vocab_size": 128}
 

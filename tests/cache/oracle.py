@@ -18,6 +18,11 @@ Conventions (choices the document leaves open; see also the test file):
 * argmin / argmax ties: first index.  Prefill top-k ties: the earlier position wins.
 * Dense chunks: the T' = T - B + D left-over tokens, in position order, cut into D consecutive
   chunks, the first (T' mod D) one longer.
+* Prompt scores (docs/zeromerge.md, section 3): zeromerge and h2o sum the decayed attention of every query
+  (all T of them, not the cache's last W), or with ``score_window = N`` the undecayed attention of the last
+  min(T, N) queries; snapkv always scores from a window (32 by default). With ``score_pool = P`` the scores
+  are max-pooled over P neighbours before a compressing selection (T > B) only: a prompt that fits keeps
+  its unpooled scores (snapkv's slots, which the cache leaves at 0 then, get the pooled ones here).
 """
 
 from __future__ import annotations
@@ -46,9 +51,9 @@ class Slot:
         return Slot(self.key.clone(), self.value.clone(), float(self.w), float(self.s), list(self.tokens))
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+def _dot(a: torch.Tensor | list[float], b: torch.Tensor | list[float]) -> float:
     total = 0.0
-    for x, y in zip(a.tolist(), b.tolist()):
+    for x, y in zip(a if isinstance(a, list) else a.tolist(), b if isinstance(b, list) else b.tolist()):
         total += x * y
     return total
 
@@ -113,8 +118,8 @@ class ZeroMergeOracle:
         score_merge: str = "max",
         policy: str = "zeromerge",
         sinks: int = 4,
-        window: int = 32,
-        pool: int = 5,
+        score_window: int | None = None,
+        score_pool: int | None = None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}")
@@ -135,8 +140,13 @@ class ZeroMergeOracle:
         self.score_merge = score_merge
         self.policy = policy
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.window = window
-        self.pool = pool
+        if policy == "snapkv":  # snapkv always scores from a window, pooled (the cache's defaults)
+            score_window = 32 if score_window is None else score_window
+            score_pool = 5 if score_pool is None else score_pool
+        if (score_window is not None and score_window < 1) or (score_pool is not None and score_pool < 1):
+            raise ValueError("score_window and score_pool must be None or >= 1")
+        self.score_window = score_window
+        self.score_pool = score_pool
 
         if policy == "zeromerge":
             if tail < 2 or dense < 1 or budget <= tail + dense:
@@ -147,8 +157,6 @@ class ZeroMergeOracle:
         elif policy in ("h2o", "snapkv"):
             if tail < 2 or budget <= tail:
                 raise ValueError(f"{policy} needs tail >= 2 and budget > tail")
-            if policy == "snapkv" and (window < 1 or pool < 1):
-                raise ValueError("snapkv needs window >= 1 and pool >= 1")
             self.tail, self.dense, self.sinks = tail, 0, 0
             self.ring_len = tail - 1
             self.ring_start = budget - self.ring_len
@@ -163,7 +171,12 @@ class ZeroMergeOracle:
         self._seen = 0
         self._prefilled = False
         self.ptr: int | None = None  # ring pointer; None while the cache is not full
-        self.last_prefill_scores: list[list[float]] | None = None  # per kv head, per position
+        self.last_raw_scores: list[list[float]] | None = None  # per kv head, per position, before pooling
+        self.last_prefill_scores: list[list[float]] | None = None  # the same after pooling (what a selection uses)
+        # per kv head, after a decode step that demoted or evicted (zeromerge, h2o once full): the candidate slots,
+        # their updated scores, the slot taken (``i``) and, for zeromerge, the dense slots' metric to slot i's key
+        # (dot: larger is nearer; l2: smaller) and the dense slot merged into (``j``); [] after any other step
+        self.last_choices: list[dict] = []
 
     # ------------------------------------------------------------------ public API
 
@@ -190,47 +203,45 @@ class ZeroMergeOracle:
             raise ValueError("bad k/v shape")
 
         out = torch.zeros(n_heads, T, d, dtype=torch.float64)
-        decayed = [[0.0] * T for _ in range(self.n_kv_heads)]  # exact decayed column sums
-        windowed = [[0.0] * T for _ in range(self.n_kv_heads)]  # undecayed, last `window` queries
-        first_window_query = max(0, T - self.window)
+        decayed = [[0.0] * T for _ in range(self.n_kv_heads)]  # exact decayed column sums over every query
+        windowed = [[0.0] * T for _ in range(self.n_kv_heads)]  # undecayed, last `score_window` queries
+        first_window_query = max(0, T - self.score_window) if self.score_window is not None else 0
+        ql, kl, vl = q.tolist(), k.tolist(), v.tolist()  # Python lists: T^2 dot products in plain Python
         for h in range(n_heads):
             g = h // self.group
             for i in range(T):
-                logits = [_dot(q[h, i], k[g, j]) * self.scale for j in range(i + 1)]
+                logits = [_dot(ql[h][i], kl[g][j]) * self.scale for j in range(i + 1)]
                 p = _softmax(logits)
-                out[h, i] = _weighted_sum(p, [v[g, j] for j in range(i + 1)], d)
+                row = [0.0] * d
+                for pj, vec in zip(p, vl[g]):
+                    for c in range(d):
+                        row[c] += pj * vec[c]
+                out[h, i] = torch.tensor(row, dtype=torch.float64)
                 factor = self.decay ** (T - 1 - i)
                 for j in range(i + 1):
                     decayed[g][j] += factor * p[j]
                     if i >= first_window_query:
                         windowed[g][j] += p[j]
 
-        if self.policy in ("zeromerge", "h2o"):
-            scores = decayed
-        elif self.policy == "snapkv":
-            scores = [self._max_pool(windowed[g]) for g in range(self.n_kv_heads)]
+        if self.policy == "streaming":
+            raw = [[0.0] * T for _ in range(self.n_kv_heads)]
+        elif self.score_window is not None:
+            raw = windowed
         else:
-            scores = [[0.0] * T for _ in range(self.n_kv_heads)]
-        self.last_prefill_scores = [list(row) for row in scores]
+            raw = decayed
+        pooled = [self.pool_scores(raw[g]) for g in range(self.n_kv_heads)]
+        self.last_raw_scores = [list(row) for row in raw]
+        self.last_prefill_scores = [list(row) for row in pooled]
 
         B = self.budget
+        if T > B:
+            self._slots = self.select_prompt(k, v, raw)
+        else:
+            # a prompt that fits keeps its unpooled scores (snapkv: the pooled ones, which the cache never reads)
+            kept = pooled if self.policy == "snapkv" else raw
+            self._slots = [[Slot(k[g, j].clone(), v[g, j].clone(), 1.0, kept[g][j], [j]) for j in range(T)]
+                           for g in range(self.n_kv_heads)]
         for g in range(self.n_kv_heads):
-            plain = [Slot(k[g, j].clone(), v[g, j].clone(), 1.0, scores[g][j], [j]) for j in range(T)]
-            if T <= B:
-                self._slots[g] = plain
-            elif self.policy == "streaming":
-                keep = list(range(self.sinks)) + list(range(T - (B - self.sinks), T))
-                self._slots[g] = [plain[j] for j in keep]
-            else:
-                tail_pos = list(range(T - self.tail, T))
-                n_top = B - self.dense - self.tail
-                top_pos = _top_positions(scores[g], T - self.tail, n_top)
-                top_set = set(top_pos)
-                dense_slots: list[Slot] = []
-                if self.policy == "zeromerge":
-                    rest = [j for j in range(T - self.tail) if j not in top_set]
-                    dense_slots = self._chunk_into_dense(rest, k[g], v[g], scores[g])
-                self._slots[g] = dense_slots + [plain[j] for j in top_pos] + [plain[j] for j in tail_pos]
             assert len(self._slots[g]) == min(T, B)
 
         self._seen = T
@@ -239,7 +250,48 @@ class ZeroMergeOracle:
             self.ptr = 0
         return out
 
-    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def pool_scores(self, raw: list[float]) -> list[float]:
+        """``raw`` max-pooled over ``score_pool`` neighbours (a copy of it without pooling)."""
+        return self._max_pool(raw) if self.score_pool is not None and self.score_pool > 1 else list(raw)
+
+    def select_prompt(self, k: torch.Tensor, v: torch.Tensor, raw: list[list[float]],
+                      keep: list[list[int]] | None = None) -> list[list[Slot]]:
+        """The slots of every KV head after a compressing prefill (T > B) of keys and values k, v (KV, T, d) with the
+        unpooled scores ``raw`` (per KV head, per position): pooled, then ``[dense | top | last tail]`` (zeromerge),
+        ``[top | last tail]`` (h2o, snapkv) or ``[sinks | last B - sinks]`` (streaming). ``keep`` (per KV head, the
+        top positions, ascending) replaces the top-k: a comparison that finds an implementation taking the other side
+        of a near-tie there follows it. Changes no state."""
+        k = k.detach().to(torch.float64)
+        v = v.detach().to(torch.float64)
+        T, B = k.shape[1], self.budget
+        if T <= B:
+            raise ValueError("select_prompt compresses a prompt longer than the budget")
+        out = []
+        for g in range(self.n_kv_heads):
+            scores = self.pool_scores(raw[g])
+            plain = [Slot(k[g, j].clone(), v[g, j].clone(), 1.0, scores[j], [j]) for j in range(T)]
+            if self.policy == "streaming":
+                keep = list(range(self.sinks)) + list(range(T - (B - self.sinks), T))
+                out.append([plain[j] for j in keep])
+                continue
+            tail_pos = list(range(T - self.tail, T))
+            n_top = B - self.dense - self.tail
+            top_pos = _top_positions(scores, T - self.tail, n_top) if keep is None else list(keep[g])
+            assert len(top_pos) == n_top and top_pos == sorted(set(top_pos)) and top_pos[-1] < T - self.tail
+            top_set = set(top_pos)
+            dense_slots: list[Slot] = []
+            if self.policy == "zeromerge":
+                rest = [j for j in range(T - self.tail) if j not in top_set]
+                dense_slots = self._chunk_into_dense(rest, k[g], v[g], scores)
+            out.append(dense_slots + [plain[j] for j in top_pos] + [plain[j] for j in tail_pos])
+        return out
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               choose: dict[int, tuple[int, int | None]] | None = None) -> torch.Tensor:
+        """One decode step. ``choose`` (kv head -> (i, j)) makes a full zeromerge/h2o step demote slot ``i`` and
+        (zeromerge) merge it into dense slot ``j`` (None: the nearest, as usual) instead of the argmin: a comparison
+        that finds an implementation taking the other side of a near-tie follows it (after checking, in
+        ``last_choices``, that the choice is within its tolerance of the best)."""
         q = q.detach().to(torch.float64)
         k = k.detach().to(torch.float64)
         v = v.detach().to(torch.float64)
@@ -277,6 +329,8 @@ class ZeroMergeOracle:
 
         # 3. insertion
         was_full = self.ptr is not None
+        choose = choose or {}
+        self.last_choices = []
         for g in range(self.n_kv_heads):
             new_slot = Slot(k[g].clone(), v[g].clone(), 1.0, new_p[g] if scored else 0.0, [pos])
             slots = self._slots[g]
@@ -285,18 +339,23 @@ class ZeroMergeOracle:
                 continue
             assert len(slots) == B
             n_idx = self.ring_start + self.ptr
-            if self.policy == "zeromerge":
-                cand = list(range(self.dense, self.ring_start))
-                i = cand[_argmin_first([slots[c].s for c in cand])]
-                j = self._pick_dense(slots, slots[i].key)
-                self._merge_into(slots[j], slots[i])
+            if self.policy in ("zeromerge", "h2o"):
+                cand = list(range(self.dense if self.policy == "zeromerge" else 0, self.ring_start))
+                cand_s = [slots[c].s for c in cand]
+                i, j = choose.get(g, (None, None))
+                i = cand[_argmin_first(cand_s)] if i is None else i
+                assert i in cand, (g, i)
+                choice = {"candidates": cand, "scores": cand_s, "i": i}
+                if self.policy == "zeromerge":
+                    metric = self._dense_metric(slots, slots[i].key)
+                    j = self._pick_dense(slots, slots[i].key) if j is None else j
+                    assert 0 <= j < self.dense, (g, j)
+                    choice.update(metric=metric, j=j)
+                    self._merge_into(slots[j], slots[i])
+                # zeromerge: slot i now in dense slot j; h2o: slot i's token is dropped
                 slots[i] = slots[n_idx]
                 slots[n_idx] = new_slot
-            elif self.policy == "h2o":
-                cand = list(range(0, self.ring_start))
-                i = cand[_argmin_first([slots[c].s for c in cand])]
-                slots[i] = slots[n_idx]  # slot i's token is dropped
-                slots[n_idx] = new_slot
+                self.last_choices.append(choice)
             else:  # streaming, snapkv: the new token overwrites the ring's oldest
                 slots[n_idx] = new_slot
         if was_full:
@@ -311,11 +370,11 @@ class ZeroMergeOracle:
     def _max_pool(self, raw: list[float]) -> list[float]:
         """torch.max_pool1d(kernel=pool, stride=1, padding=pool//2) with -inf padding; first T outputs."""
         T = len(raw)
-        pad = self.pool // 2
+        pad = self.score_pool // 2
         pooled = []
         for o in range(T):
             best = -math.inf
-            for j in range(o - pad, o - pad + self.pool):
+            for j in range(o - pad, o - pad + self.score_pool):
                 if 0 <= j < T and raw[j] > best:
                     best = raw[j]
             pooled.append(best)
@@ -343,14 +402,19 @@ class ZeroMergeOracle:
             out.append(Slot(key / size, value / size, float(size), s, list(chunk)))
         return out
 
-    def _pick_dense(self, slots: list[Slot], key: torch.Tensor) -> int:
+    def _dense_metric(self, slots: list[Slot], key: torch.Tensor) -> list[float]:
+        """Per dense slot: k_j . key (dot) or |k_j - key|^2 (l2)."""
         if self.metric == "dot":
-            return _argmax_first([_dot(slots[j].key, key) for j in range(self.dense)])
+            return [_dot(slots[j].key, key) for j in range(self.dense)]
         dists = []
         for j in range(self.dense):
             diff = slots[j].key - key
             dists.append(_dot(diff, diff))
-        return _argmin_first(dists)
+        return dists
+
+    def _pick_dense(self, slots: list[Slot], key: torch.Tensor) -> int:
+        metric = self._dense_metric(slots, key)
+        return _argmax_first(metric) if self.metric == "dot" else _argmin_first(metric)
 
     def _merge_into(self, dst: Slot, src: Slot) -> None:
         wi, wj = src.w, dst.w

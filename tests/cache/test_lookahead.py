@@ -9,15 +9,20 @@ the keys before it is folded into the prompt's decayed scores as a decode step w
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
+from hypothesis import event, example, given
+from hypothesis import strategies as st
 
 import zmzoo
-from tests.conftest import TINY
+from tests.conftest import TINY, examples
 from zmzoo.cache.base import KVCache
 from zmzoo.cache.full import FullCache
+
+from .oracle import ZeroMergeOracle
 
 SMALL = {**TINY, "max_position_embeddings": 256}
 
@@ -103,3 +108,324 @@ def test_retrieval_preset_mass_and_batch_rows():
     for c in caches:
         # 19 of the 20 new tokens were fed back; each row's weights sum to its prompt + 19
         torch.testing.assert_close(c.w.sum(-1), torch.tensor([[74.0] * 2, [55.0] * 2, [27.0] * 2]))
+
+
+# ---------------------------------------------------------------------------------------------- property tests
+# Generated prompts, budgets and lookahead settings through a generator (prefill, draft, rescore), both backends, fp32
+# and bf16. The reference is computed apart from the cache's code: the prompt's and the draft's q, k, v come from a
+# full cache's prefill of prompt + draft, the scores from a float64 softmax, the selection from the oracle
+# (tests/cache/oracle.py, ``select_prompt``), the expected draft from plain ZeroMerge's greedy continuation and
+# ``lookup_ref`` below. The cache's top-k must be a top selection of the reference scores within their tolerance (fp32
+# 1e-4 relative; bf16 1e-3: the layers' outputs are rounded to bf16, the second layer's q and k with them); where a
+# near-tie let it take the other side, the reference selects what it kept, and the rest (dense chunks, keys, values,
+# weights, scores) is compared slot by slot.
+
+
+@functools.cache
+def base_model(n_kv: int, dtype: torch.dtype, backend: str, last_token: bool = False):
+    """A random tiny llama (2 layers, 4 query heads of 16) with a full cache; examples take caches of their own on its
+    weights (``with_cache``). ``last_token``: its attention and MLP outputs zeroed (``wo``, ``w2``), so its logits are
+    a function of the last token alone and its greedy continuation of a prompt ending in L is L's chain
+    ``next_token(L), next_token(next_token(L)), ...`` whatever the cache holds: a prompt that holds that chain's start
+    in its body makes prompt lookup extend the draft (its caches, q and k still come from the attention's inputs)."""
+    gen = zmzoo.load("llama2-7b", weights="random", args_overrides={**SMALL, "n_kv_heads": n_kv}, device="cpu",
+                     dtype=dtype, compile=False, max_seq_len=128, ops=backend, seed=3, verbose=False)
+    if last_token:
+        with torch.no_grad():
+            for layer in gen.model.layers:
+                layer.attention.wo.weight.zero_()
+                layer.feed_forward.w2.weight.zero_()
+    return gen
+
+
+@functools.cache
+def next_token(n_kv: int, dtype: torch.dtype, backend: str) -> list[int]:
+    """The ``last_token`` model's greedy next token after each token id: one prefill of every id, whose logits at each
+    position are those of its token alone."""
+    full = base_model(n_kv, dtype, backend, last_token=True).with_cache("full")
+    with torch.inference_mode():
+        logits = full.model.prefill(torch.arange(SMALL["vocab_size"]).view(1, -1), row=0, all_logits=True)
+    return logits[0].argmax(-1).tolist()
+
+
+def lookup_ref(prompt: list[int], draft: list[int], n: int, min_match: int = 3, max_match: int = 8,
+               skip_end: int = 32) -> list[int]:
+    """Prompt-lookup drafting restated by brute force (docs/zeromerge.md, section 3): of every stretch of ``draft`` of
+    min_match..max_match tokens that occurs in the prompt's body (all but its last ``skip_end`` tokens) with a body
+    token after it, the longest, the earliest in the draft among equals; ``draft`` up to it, then what follows the
+    stretch's first occurrence in the prompt, n tokens at most. ``draft`` unchanged without a match (no more greedy
+    tokens: a draft costs its greedy steps whatever the lookup finds)."""
+    body = prompt[: max(0, len(prompt) - skip_end)]
+    best = None
+    for end in range(1, len(draft) + 1):
+        for m in range(min_match, min(max_match, end) + 1):
+            at = [i for i in range(len(body) - m) if body[i : i + m] == draft[end - m : end]]
+            if at and (best is None or m > best[0] or (m == best[0] and end < best[1])):
+                best = (m, end, at[0] + m)
+    if best is None:
+        return draft
+    _, end, cont = best
+    return (draft[:end] + prompt[cont : cont + n - end])[:n]
+
+
+@st.composite
+def lookahead_cases(draw, small=False):
+    """Settings and prompts. Half the histories run the ``last_token`` model (see ``base_model``), its prompts
+    longer than the lookup's skipped end, with the start of the last token's chain planted (``plant``, in the test):
+    ``lookahead_greedy`` of 3 or more then finds it, and of 4 or more finds a second stretch, the chain's tokens 2 to
+    4, where that one is planted in the body (the earlier in the draft must win); one in four plants the chain's start
+    in the skipped end only (not to be found). ``small`` (the interpreted kernels): one short prompt."""
+    dense = draw(st.integers(1, 3))
+    tail = draw(st.integers(2, 4))
+    budget = draw(st.integers(tail + dense + 3, 16 if small else 24))
+    last_token = False if small else draw(st.booleans())
+    n = draw(st.integers(4, 8) if last_token else st.integers(1, 4 if small else 8))
+    prompts, plant = [], []
+    for _ in range(1 if small else draw(st.integers(1, 2))):
+        length = draw(st.integers(41, 60) if last_token else st.integers(1, 24 if small else 80))
+        prompts.append(draw(st.lists(st.integers(0, SMALL["vocab_size"] - 1), min_size=length, max_size=length)))
+        # where the chain's first 4 tokens go (in the body), and the 3 after its first (anywhere)
+        if last_token:
+            body = length - 32
+            if draw(st.integers(0, 3)) == 0:  # the chain's start in the skipped end only: lookup must not find it
+                plant.append((draw(st.integers(body, length - 6)), None))
+                continue
+            at = draw(st.integers(0, body - 6))
+            # the second stretch and the token after it, apart from the first plant: in the body or in the skipped end
+            in_body = [j for j in range(1, body - 3) if j + 3 < at or j > at + 5]
+            in_end = list(range(max(body, at + 6), length - 4))
+            at2 = draw(st.sampled_from(in_end) if not in_body or draw(st.booleans()) else st.sampled_from(in_body))
+            plant.append((at, at2))
+        else:
+            plant.append(None)
+    # 0: all greedy; 1 and 2 greedy tokens are never found (3 at least)
+    greedy = [3] + ([4, n - 1] if n >= 5 else []) if last_token else [0, 0, 1] + ([3] if n >= 4 else [])
+    return {
+        "n_kv": draw(st.sampled_from([1, 2])), "budget": budget, "tail": tail, "dense": dense, "prompts": prompts,
+        "last_token": last_token, "plant": plant,
+        "decay": draw(st.sampled_from([0.98, 0.9])), "score_pool": draw(st.sampled_from([None, None, 3])),
+        "score_window": draw(st.sampled_from([None, None, 8])),
+        "lookahead": n, "lookahead_prompt_weight": draw(st.sampled_from([1.0, 0.25, 0.0])),
+        "lookahead_rounds": draw(st.sampled_from([1, 1, 2])),
+        "lookahead_greedy": draw(st.sampled_from(greedy)) if n > 1 else 0,  # (n > 1 whenever last_token)
+        "new_tokens": draw(st.integers(1, 2 if small else 4)),
+    }
+
+
+def record_drafts(gen) -> dict[int, list[list[int]]]:
+    """Each row's draft tokens, one list per round, as the model hands them to every layer's ``rescore``."""
+    drafts: dict[int, list[list[int]]] = {}
+    rescore = gen.model._rescore
+
+    def on_rescore(tokens, row, start):
+        assert start == gen.pos[row]  # the draft sits right after the prompt
+        drafts.setdefault(row, []).append(tokens[0].tolist())
+        return rescore(tokens, row, start)
+
+    gen.model._rescore = on_rescore
+    return drafts
+
+
+def record_inputs(gen) -> dict[tuple[int, int], dict]:
+    """(layer, row) -> the q, k, v (float64, batch dim dropped) its cache got in ``prefill`` and in each ``rescore``,
+    until ``del`` of the hooks (``stop_recording``)."""
+    seen: dict[tuple[int, int], dict] = {}
+    for layer, cache in enumerate(gen.model.caches):
+        def on_prefill(q, k, v, row, layer=layer, orig=cache.prefill):
+            seen[layer, row] = {"prefill": tuple(x[0].double() for x in (q, k, v)), "rescore": []}
+            return orig(q, k, v, row)
+
+        def on_rescore(q, k, v, row, layer=layer, orig=cache.rescore):
+            seen[layer, row]["rescore"].append(tuple(x[0].double() for x in (q, k, v)))
+            return orig(q, k, v, row)
+
+        cache.prefill, cache.rescore = on_prefill, on_rescore
+    return seen
+
+
+def stop_recording(gen) -> None:
+    for cache in gen.model.caches:
+        del cache.prefill, cache.rescore
+
+
+def full_qkv(base, tokens: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    """Every layer's q, k, v (float64, batch dim dropped) of a full cache's prefill of ``tokens``."""
+    full = base.with_cache("full")
+    captured = []
+    for cache in full.model.caches:
+        def on_prefill(q, k, v, row, _orig=cache.prefill):
+            captured.append(tuple(x[0].double() for x in (q, k, v)))
+            return _orig(q, k, v, row)
+
+        cache.prefill = on_prefill
+    with torch.inference_mode():
+        full.model.prefill(torch.tensor([tokens]), row=0)
+    return captured
+
+
+def probs(q, k, lo, hi):
+    """Group-summed softmax (Hkv, hi - lo, keys) of queries lo..hi-1 over the keys up to each (causal), float64."""
+    n_kv, _, hd = k.shape
+    g = q.shape[0] // n_kv
+    logits = torch.einsum("hgid,hjd->hgij", q[:, lo:hi].reshape(n_kv, g, hi - lo, hd), k[:, :hi]) / math.sqrt(hd)
+    causal = torch.arange(hi).view(1, -1) > torch.arange(lo, hi).view(-1, 1)
+    return logits.masked_fill(causal, float("-inf")).softmax(-1).sum(1)
+
+
+def check_lookahead(c, backend, dtype):
+    prompts, n, budget = [list(p) for p in c["prompts"]], c["lookahead"], c["budget"]
+    plain_kw = {k: c[k] for k in ("tail", "dense", "decay", "score_pool", "score_window")}
+    la_kw = {k: c[k] for k in ("lookahead", "lookahead_prompt_weight", "lookahead_rounds", "lookahead_greedy")}
+    base = base_model(c["n_kv"], dtype, backend, c["last_token"])
+    if c["last_token"]:  # the start of the chain the draft will follow, in the body; other tokens after it
+        nxt = next_token(c["n_kv"], dtype, backend)
+        for p, (at, at2) in zip(prompts, c["plant"]):
+            chain = [p[-1]]
+            for _ in range(4):
+                chain.append(nxt[chain[-1]])
+            if at2 is not None:
+                p[at2 : at2 + 3] = chain[2:5]
+            p[at : at + 4] = chain[:4]
+            event("the chain's start planted in the skipped end only" if at2 is None else
+                  "a second stretch planted " + ("in the body" if at2 + 3 < len(p) - 32 else "in the skipped end"))
+    gen = base.with_cache("zeromerge", kv_budget=budget, max_batch_size=len(prompts), **plain_kw, **la_kw)
+    drafts = record_drafts(gen)
+    inputs = record_inputs(gen)
+    gen.prefill(prompts)
+    stop_recording(gen)
+    rows = len(prompts)
+    long_rows = [r for r, p in enumerate(prompts) if len(p) > budget]
+    event(f"{len(long_rows)} of {rows} rows drafted")
+    # the draft leaves no trace: positions at the prompts' ends, nothing pending; only prompts past the budget drafted
+    assert gen.pos[:rows].tolist() == [len(p) for p in prompts]
+    assert all(cache.draft_request() == {} and not cache._pending for cache in gen.model.caches)
+    assert sorted(drafts) == long_rows and all(len(d) == c["lookahead_rounds"] for d in drafts.values())
+    # round 1's draft: plain ZeroMerge's greedy tokens (the first from the prompt's logits), extended from the prompt
+    # after the first `lookahead_greedy` of them where that finds a stretch of them in it
+    plain = base.with_cache("zeromerge", kv_budget=budget, max_batch_size=rows, **plain_kw)
+    greedy = plain.generate(prompts, max_new_tokens=n, return_ids=True)
+    g = c["lookahead_greedy"] or n
+    for r in long_rows:
+        want = lookup_ref(prompts[r], greedy[r][:g], n) if g < n else greedy[r][:n]
+        assert drafts[r][0] == want, (r, drafts[r][0], want)
+        at, at2 = c["plant"][r] if c["last_token"] else (None, None)
+        if at2 is not None and 3 <= g < n and greedy[r][:3] == prompts[r][at + 1 : at + 4]:
+            assert len(want) > g, "the planted chain was not found"  # (the reference's own check)
+        event("greedy draft" if g == n else "prompt lookup extended the draft" if len(want) > g else
+              "prompt lookup found nothing: the greedy tokens alone")
+
+    hd = base.args.head_dim
+    n_heads, n_kv = base.args.n_heads, base.args.n_kv_heads
+    key_tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)
+    score_tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-5)
+    for r, prompt in enumerate(prompts):
+        t = len(prompt)
+        rounds = drafts.get(r, [])
+        full = [full_qkv(base, prompt + d) for d in rounds]  # per round, per layer: q, k, v of prompt + draft
+        for layer, cache in enumerate(gen.model.caches):
+            # the reference starts from what the cache was fed: the prompt's q, k, v, and each round's draft's
+            got = inputs[layer, r]
+            q, k, v = got["prefill"]
+            assert len(got["rescore"]) == len(rounds), (r, layer)
+            for i, per_layer in enumerate(full):
+                # the draft's q, k, v: those of a full prefill of prompt + draft (the rescore attends over the whole
+                # prompt, not its compressed cache), to the model dtype's rounding at the vectors' scale (bf16: the
+                # layers' GEMMs round differently for another number of rows)
+                for name, x, y in zip("qkv", got["rescore"][i], per_layer[layer]):
+                    scale = 1e-4 if dtype == torch.float32 else 2**-5
+                    torch.testing.assert_close(x, y[:, t:], rtol=0, atol=scale * float(y.abs().max()),
+                                               msg=lambda m, name=name, i=i: f"row {r} layer {layer} round {i} {name}: "
+                                                                             f"{m}")
+            # mass: every head's weights sum to the prompt's length
+            assert torch.equal(cache.w[r].sum(-1), torch.full((n_kv,), float(t))), (r, layer)
+            if c["score_window"]:
+                s = probs(q, k, max(0, t - c["score_window"]), t)[:, :, :t].sum(1)
+            else:
+                s = torch.einsum("hij,i->hj", probs(q, k, 0, t), c["decay"] ** torch.arange(t - 1, -1, -1.0).double())
+            if t <= budget:  # not compressed, not drafted: the prompt in order with its unpooled scores
+                assert torch.equal(cache.k[r, :, :t].double(), k) and torch.equal(cache.v[r, :, :t].double(), v)
+                assert torch.all(cache.w[r, :, :t] == 1)
+                torch.testing.assert_close(cache.s[r, :, :t].double(), s, **score_tol)
+                continue
+            s = s * c["lookahead_prompt_weight"]
+            for qd, kd, _ in got["rescore"]:  # each round folds its draft's attention in, as decode steps would
+                nd = qd.shape[1]
+                p = probs(torch.cat([q, qd], 1), torch.cat([k, kd], 1), t, t + nd)  # (Hkv, N, T + N)
+                for i in range(nd):
+                    s = c["decay"] * s + p[:, i, :t]
+            orc = ZeroMergeOracle(n_heads, n_kv, hd, budget, tail=c["tail"], dense=c["dense"], decay=c["decay"],
+                                  score_pool=c["score_pool"])
+            # the tokens the cache's top slots hold (the prompt keys nearest to theirs): a top selection of the
+            # reference's pooled scores, up to the scores' tolerance; the reference then selects the same ones (where
+            # a near-tie made the cache take the other side, its own choice differs)
+            cand, keep = t - c["tail"], []
+            for h in range(n_kv):
+                kept = torch.cdist(cache.k[r, h, c["dense"] : budget - c["tail"]].double(), k[h, :cand]).argmin(-1)
+                kept = kept.tolist()
+                assert kept == sorted(set(kept)), (r, layer, h, kept)
+                pooled = orc.pool_scores(s[h].tolist())
+                low = min(pooled[j] for j in kept)
+                high = max((pooled[j] for j in range(cand) if j not in kept), default=-math.inf)
+                slack = score_tol["rtol"] * max(map(abs, pooled)) + score_tol["atol"]
+                assert low >= high - slack, (r, layer, h, "not a top selection of the reference scores", low, high)
+                keep.append(kept)
+            own = orc.select_prompt(k[:, :t], v[:, :t], s.tolist())
+            if keep != [[sl.tokens[0] for sl in hs[orc.dense : budget - c["tail"]]] for hs in own]:
+                event("near-tie at the top-k boundary: the reference follows the cache's choice")
+            slots = orc.select_prompt(k[:, :t], v[:, :t], s.tolist(), keep=keep)
+            for h in range(n_kv):
+                torch.testing.assert_close(cache.k[r, h].double(), torch.stack([sl.key for sl in slots[h]]), **key_tol)
+                torch.testing.assert_close(cache.v[r, h].double(), torch.stack([sl.value for sl in slots[h]]),
+                                           **key_tol)
+                assert cache.w[r, h].tolist() == [sl.w for sl in slots[h]], (r, layer, h)
+                torch.testing.assert_close(cache.s[r, h].double(), torch.tensor([sl.s for sl in slots[h]],
+                                                                                dtype=torch.float64), **score_tol)
+    # the other rows are unaffected: each row's caches and drafts are what a batch of one computes
+    for r, prompt in enumerate(prompts if rows > 1 else []):
+        alone = base.with_cache("zeromerge", kv_budget=budget, max_batch_size=1, **plain_kw, **la_kw)
+        alone_drafts = record_drafts(alone)
+        alone.prefill([prompt])
+        assert alone_drafts.get(0) == drafts.get(r), r
+        for layer, (a, b) in enumerate(zip(alone.model.caches, gen.model.caches)):
+            for name in ("k", "v", "w", "s", "dense_k", "dense_v", "base"):
+                assert torch.equal(getattr(a, name)[0], getattr(b, name)[r]), (r, layer, name)
+    # and after a generate, the same prefill again gives the same caches (the slots a prompt that fits leaves empty
+    # may keep the decoded tokens' keys and values: w = 0 there, never read)
+    names = ("k", "v", "w", "s", "dense_k", "dense_v", "base")
+    after = [{name: getattr(cache, name).clone() for name in names} for cache in gen.model.caches]
+    gen.generate(prompts, max_new_tokens=c["new_tokens"], return_ids=True)
+    gen.prefill(prompts)
+    for layer, cache in enumerate(gen.model.caches):
+        for name, buf in after[layer].items():
+            for r, prompt in enumerate(prompts):
+                got, want = getattr(cache, name)[r], buf[r]
+                if name in ("k", "v"):
+                    got, want = got[:, : min(len(prompt), budget)], want[:, : min(len(prompt), budget)]
+                assert torch.equal(got, want), (layer, r, name)
+
+
+def planted(plant, greedy, n):
+    """A ``last_token`` case with one 50-token prompt (its body: the first 18) and the chain planted at ``plant``."""
+    return {"n_kv": 1, "budget": 12, "tail": 3, "dense": 2, "prompts": [[(7 * i + 3) % 128 for i in range(50)]],
+            "last_token": True, "plant": [plant], "decay": 0.98, "score_pool": None, "score_window": None,
+            "lookahead": n, "lookahead_prompt_weight": 1.0, "lookahead_rounds": 1, "lookahead_greedy": greedy,
+            "new_tokens": 1}
+
+
+@examples(20)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), c=lookahead_cases())
+@example(dtype=torch.float32, c=planted((2, 10), 5, 7))  # two stretches in the body: the earlier in the draft wins
+@example(dtype=torch.float32, c=planted((40, None), 4, 6))  # the chain's start in the skipped end only
+def test_lookahead_selection_property(dtype, c):
+    """After a generator's prefill with a lookahead: the draft is plain ZeroMerge's greedy continuation (or extended
+    by prompt lookup), every layer's cache is the reference selection of the prompt scored with the draft(s) folded
+    in, every head's mass is the prompt's length, and the draft leaves no trace (positions at the prompts' ends, other
+    batch rows as alone, a second generate the same)."""
+    check_lookahead(c, "torch", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@examples(2)
+@given(c=lookahead_cases(small=True))
+def test_lookahead_selection_property_triton(dtype, c):
+    check_lookahead(c, "triton", dtype)

@@ -11,8 +11,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.conftest import examples
 
 from .oracle import Slot, ZeroMergeOracle
 
@@ -77,6 +79,18 @@ def snapkv_scores(q, k, window, pool):
     s = p[:, max(0, T - window):, :].sum(1).view(n_kv, -1, T).sum(1)  # (KV, T)
     pooled = F.max_pool1d(s[:, None, :], kernel_size=pool, stride=1, padding=pool // 2)[:, 0, :T]
     return s, pooled
+
+
+def prompt_scores(q, k, decay, window, pool):
+    """(raw, pooled) scores (KV, T) as docs/zeromerge.md defines them for zeromerge and h2o: decayed over every query,
+    or undecayed over the last ``window``; max-pooled over ``pool`` neighbours (None: not pooled)."""
+    if window is None:
+        raw = decayed_prefill_scores(q, k, decay)
+    else:
+        raw, _ = snapkv_scores(q, k, window, 1)
+    if pool is None:
+        return raw, raw
+    return raw, F.max_pool1d(raw[:, None, :], kernel_size=pool, stride=1, padding=pool // 2)[:, 0, :raw.shape[1]]
 
 
 def top_positions(scores, k):
@@ -320,7 +334,7 @@ def test_zeromerge_score_mass_with_sum_merge():
 @pytest.mark.parametrize("policy", ["zeromerge", "h2o", "streaming", "snapkv"])
 @pytest.mark.parametrize("T,steps", [(6, 10), (16, 0), (1, 15)])
 def test_no_compression_equals_full_attention(policy, T, steps):
-    cfg = zm(budget=16, tail=4, dense=2, policy=policy, sinks=2, window=3, logw_scale=0.6)
+    cfg = zm(budget=16, tail=4, dense=2, policy=policy, sinks=2, score_window=3, logw_scale=0.6)
     orc, data, full, outs = run_and_check(cfg, T, steps, seed=T + 100 * steps)
     for s, o in enumerate(outs):
         torch.testing.assert_close(o, full[:, T + s], atol=ATOL, rtol=1e-9)
@@ -404,7 +418,7 @@ def test_streaming(T, steps, sinks):
 
 @pytest.mark.parametrize("T,steps,window,pool", [(30, 20, 8, 5), (25, 10, 32, 3), (5, 15, 4, 5), (20, 5, 1, 1)])
 def test_snapkv(T, steps, window, pool):
-    cfg = zm(budget=10, tail=3, dense=1, policy="snapkv", window=window, pool=pool)
+    cfg = zm(budget=10, tail=3, dense=1, policy="snapkv", score_window=window, score_pool=pool)
     frozen = {}
 
     def check(orc, q, k, v, t):
@@ -443,7 +457,7 @@ def test_bad_configs():
         ZeroMergeOracle(4, 2, 8, budget=4, tail=2, dense=1, policy="streaming", sinks=4)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(25)
 @given(
     data=st.data(),
     budget=st.integers(4, 12),
@@ -451,14 +465,51 @@ def test_bad_configs():
     steps=st.integers(0, 15),
     metric=st.sampled_from(["dot", "l2"]),
     score_merge=st.sampled_from(["max", "sum"]),
+    score_window=st.sampled_from([None, None, 1, 3, 8]),
+    score_pool=st.sampled_from([None, None, 1, 3, 5]),
     seed=st.integers(0, 2**16),
 )
-def test_zeromerge_property(data, budget, T, steps, metric, score_merge, seed):
+def test_zeromerge_property(data, budget, T, steps, metric, score_merge, score_window, score_pool, seed):
     tail = data.draw(st.integers(2, budget - 2))
     dense = data.draw(st.integers(1, budget - tail - 1))
     cfg = zm(n_heads=2, n_kv_heads=1, head_dim=4, budget=budget, tail=tail, dense=dense, metric=metric,
-             score_merge=score_merge)
+             score_merge=score_merge, score_window=score_window, score_pool=score_pool)
     run_and_check(cfg, T, steps, seed, extra_check=lambda orc, q, k, v, t: check_zeromerge_state(orc, k, v))
+
+
+@pytest.mark.parametrize("policy", ["zeromerge", "h2o"])
+@pytest.mark.parametrize("T,window,pool", [(30, 8, 5), (25, None, 3), (22, 1, None), (8, 4, 3), (40, 64, 1)])
+def test_score_window_and_pool(policy, T, window, pool):
+    """``score_window`` / ``score_pool`` with zeromerge and h2o: the prompt's scores are the undecayed attention of its
+    last ``window`` queries (decayed over all without one), max-pooled for a compressing selection only; the selection
+    keeps the top of the pooled scores, the dense chunks take the pooled scores' max or sum, a prompt that fits keeps
+    the unpooled scores; then decoding keeps the invariants."""
+    steps = 12
+    cfg = zm(budget=10, tail=3, dense=2, policy=policy, score_window=window, score_pool=pool, score_merge="sum")
+
+    def check(orc, q, k, v, t):
+        if policy == "zeromerge":
+            check_zeromerge_state(orc, k, v)
+        if t is not None:
+            return
+        raw, pooled = prompt_scores(q[:, :T], k[:, :T], orc.decay, window, pool)
+        torch.testing.assert_close(torch.tensor(orc.last_raw_scores, dtype=torch.float64), raw, atol=ATOL, rtol=1e-9)
+        torch.testing.assert_close(torch.tensor(orc.last_prefill_scores, dtype=torch.float64), pooled, atol=ATOL,
+                                   rtol=1e-9)
+        B, D, tail = orc.budget, orc.dense, orc.tail
+        for g in range(orc.n_kv_heads):
+            slots = orc.slots(g)
+            if T <= B:
+                assert [s.s for s in slots] == pytest.approx(raw[g].tolist(), abs=ATOL)
+                continue
+            top = top_positions(pooled[g, :T - tail], B - D - tail)
+            assert [s.tokens[0] for s in slots[D:]] == top + list(range(T - tail, T))
+            assert [s.s for s in slots[D:]] == pytest.approx(pooled[g, top + list(range(T - tail, T))].tolist(),
+                                                             abs=ATOL)
+            for s in slots[:D]:
+                assert s.s == pytest.approx(float(pooled[g, s.tokens].sum()), abs=ATOL)
+
+    run_and_check(cfg, T, steps, seed=T + 7, extra_check=check)
 
 
 def test_tie_conventions():
