@@ -85,7 +85,12 @@ def test_retrieval_preset_resolves_and_is_overridable():
 
     cfg = resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval")
     assert cfg.lookahead == PRESETS["retrieval"]["lookahead"] > 0 and cfg.method == "zeromerge"
-    assert resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead=3).lookahead == 3
+    assert cfg.lookahead_greedy == PRESETS["retrieval"]["lookahead_greedy"] > 0
+    assert resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead=64).lookahead == 64
+    with pytest.raises(ValueError, match="lookahead_greedy"):  # the preset's 8 greedy tokens exceed a 3-token draft
+        resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead=3)
+    assert resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead=3,
+                                lookahead_greedy=0).lookahead == 3
     with pytest.raises(ValueError, match="lookahead"):
         resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, lookahead=-1)
     with pytest.raises(TypeError, match="lookahead"):
