@@ -1,11 +1,12 @@
 """Shared test helpers: tiny real configs of every family, written as HF checkpoints (safetensors + config.json), and
 the Hypothesis profiles of the property tests.
 
-Hypothesis profiles, chosen by the environment variable ``HYPOTHESIS_PROFILE`` (tests/README.md):
+Hypothesis profiles, chosen by the environment variable ``HYPOTHESIS_PROFILE`` (README.md; docs/zeromerge.md,
+section 6):
 
 - ``ci`` (the default): bounded example counts, derandomized (every run draws the same examples), so CI time stays
   put and a failure reproduces by running the test again.
-- ``long``: five times as many examples (about 3,000 generated cache histories over the property tests of
+- ``long``: five times as many examples (3,300 generated cache histories over the property tests of
   tests/cache), random ones (a new run explores new histories; a failure prints the blob that reproduces it, and the
   example database under .hypothesis/ replays it first next time). ``HYPOTHESIS_PROFILE=long pytest tests/cache
   --hypothesis-show-statistics`` prints how many examples each test ran.

@@ -94,10 +94,14 @@ def ring_order(seen: int, base: int, budget: int, ring: int) -> list[tuple[int, 
 
 
 def same_token(got, want):
-    """A slot holds a token's key or value: exactly, or (a float64 cache's dense region) rounded to fp32. The dense
-    slots are kept in fp32 (``dense_k``, ``dense_v``) and written back to ``k``, ``v`` at every decode step, which
-    loses nothing in fp32, bf16 or fp16 but rounds a float64 cache's keys there."""
-    return torch.equal(got, want) or (want.dtype == torch.float64 and torch.equal(got, want.float().double()))
+    """A slot holds a token's key or value (got, want (..., hd), one vector per KV head): exactly, or (a float64
+    cache's dense region) rounded to fp32. The dense slots are kept in fp32 (``dense_k``, ``dense_v``) and the one a
+    decode step picks is written back to ``k``, ``v`` (per KV head: each head picks its own), which loses nothing in
+    fp32, bf16 or fp16 but rounds a float64 cache's keys there."""
+    exact = (got == want).all(-1)
+    if want.dtype == torch.float64:
+        exact |= (got == want.float().double()).all(-1)
+    return bool(exact.all())
 
 
 def check_ring(cache, row, k_all, v_all, seen, prompt_len, what=""):
