@@ -231,6 +231,15 @@ class Generator:
                               gemv=self.gemv, verbose=self.verbose, method=method, kv_ratio=kv_ratio,
                               kv_budget=kv_budget, preset=preset, **cache_settings)
 
+    def _seed(self, temperature: float, seed: int | None) -> int | None:
+        """The sampling seed: ``seed``, or for a tensor-parallel model sampling without one, a seed drawn on rank 0
+        and shared, so that every rank draws the same tokens (their logits are the same: the LM head is
+        replicated)."""
+        tp = self.model.tp
+        if seed is not None or temperature <= 0 or tp is None or tp.world == 1:
+            return seed
+        return tp.same_on_every_rank(int(torch.randint(2**62, ()).item()))
+
     # ------------------------------------------------------------------ inputs
     def _need_tokenizer(self, what: str):
         if self.tokenizer is None:
@@ -378,7 +387,7 @@ class Generator:
         ids = [self.encode_prompt(p, chat) for p in batch]
         self._check_lengths(ids, max_new_tokens)
         rows = self._row_texts(len(ids), stops)
-        sampler = RowSampler(temperature, top_k, top_p, seed, len(ids), self.device)
+        sampler = RowSampler(temperature, top_k, top_p, self._seed(temperature, seed), len(ids), self.device)
         for host in self._token_iter(ids, max_new_tokens, sampler, sync_every=16):
             for r, row in enumerate(rows):
                 row.add(host[r].tolist())
@@ -400,7 +409,7 @@ class Generator:
         ids = [self.encode_prompt(prompt, chat)]
         self._check_lengths(ids, max_new_tokens)
         (row,) = self._row_texts(1, stops)
-        sampler = RowSampler(temperature, top_k, top_p, seed, 1, self.device)
+        sampler = RowSampler(temperature, top_k, top_p, self._seed(temperature, seed), 1, self.device)
         for host in self._token_iter(ids, max_new_tokens, sampler, sync_every=1):
             row.add(host[0].tolist())
             piece = row.take()
@@ -470,11 +479,13 @@ class Generator:
     def cache_stats(self) -> dict[str, Any]:
         """Bytes the caches hold and what a full cache of the same batch and max_seq_len would hold, beside the
         weights' bytes: ``weight_bytes`` in memory, ``weight_bytes_per_step`` read by one decode step (less an untied
-        embedding table), and ``quantization`` (what ``zmzoo.load`` quantized, or None)."""
+        embedding table), and ``quantization`` (what ``zmzoo.load`` quantized, or None). A tensor-parallel rank's
+        figures are its own (its heads' caches, its part of the weights); ``tensor_parallel`` is the world size."""
         held = sum(c.nbytes() for c in self.model.caches)
         kv = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in self.model.caches)
-        full = full_cache_nbytes(n_layers=self.args.n_layers, batch_size=self.max_batch_size,
-                                 n_kv_heads=self.args.n_kv_heads, head_dim=self.args.head_dim,
+        local = self.model.args  # a tensor-parallel rank's: its KV heads
+        full = full_cache_nbytes(n_layers=local.n_layers, batch_size=self.max_batch_size,
+                                 n_kv_heads=local.n_kv_heads, head_dim=local.head_dim,
                                  max_seq_len=self.max_seq_len, dtype=self.dtype)
         cfg = self.cache_config
         return {
@@ -489,6 +500,7 @@ class Generator:
             "ratio": held / full,
             **self.model.weight_nbytes(),
             "quantization": self.model.quantization,
+            "tensor_parallel": self.model.tp.world if self.model.tp is not None else 1,
         }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from zmzoo.cache import build_caches, resolve_cache_config
 from zmzoo.generate import Generator
@@ -26,6 +28,7 @@ from zmzoo.models.quant import (
 from zmzoo.models.transformer import PrefillKernels, Transformer
 from zmzoo.ops import resolve_backend
 from zmzoo.ops.gemv import BACKENDS
+from zmzoo.parallel import TensorParallel, resolve_tensor_parallel
 
 
 def default_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
@@ -60,21 +63,28 @@ def random_init_(model: Transformer, seed: int = 0) -> None:
 
 @torch.no_grad()
 def random_state_dict(model: Transformer, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                      transform: Callable | None = None) -> dict[str, Any]:
+                      transform: Callable | None = None, tp: TensorParallel | None = None) -> dict[str, Any]:
     """``random_init_``'s weights (the same values, drawn in the same order from the same generator) as a state dict,
     one tensor at a time, each passed through ``transform`` as soon as it exists (``quantize``: the device holds the
     quantized model plus one full-precision matrix, never the whole full-precision model). ``model`` may be on the
-    meta device."""
+    meta device. With ``tp`` (``model`` then holds one rank's part), each weight is drawn whole and cut to the rank's
+    part at once, so a sharded model has the unsharded one's weights."""
     gen = torch.Generator(device=device).manual_seed(seed)
     sd: dict[str, Any] = {}
     for name, p in model.named_parameters():
-        t = torch.empty(p.shape, dtype=dtype, device=device)
+        part = tp.shard(name) if tp is not None else None
+        shape = list(p.shape)
+        if part is not None:
+            shape[part.dim] = part.full
+        t = torch.empty(shape, dtype=dtype, device=device)
         if name.endswith("norm.weight"):
             t.fill_(1.0)
         elif name.endswith("bias"):
             t.zero_()
         else:
             t.normal_(0.0, 0.02, generator=gen)
+        if part is not None:
+            t = part.of(t).clone()
         sd[name] = transform(name, t) if transform is not None else t
         del t
     return sd
@@ -143,9 +153,10 @@ def make_generator(model: Transformer, tokenizer: Any, args: ModelArgs, *, devic
     gemv = resolve_gemv(gemv, device, backend)
     cache_config = resolve_cache_config(max_seq_len=max_seq_len, method=method, kv_ratio=kv_ratio,
                                         kv_budget=kv_budget, preset=preset, **cache_settings)
-    caches = build_caches(cache_config, n_layers=args.n_layers, batch_size=max_batch_size, n_heads=args.n_heads,
-                          n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, max_seq_len=max_seq_len, dtype=dtype,
-                          device=device, sliding_window=args.sliding_window, backend=backend)
+    local = model.args  # a tensor-parallel rank's caches hold its heads (zmzoo.parallel)
+    caches = build_caches(cache_config, n_layers=local.n_layers, batch_size=max_batch_size, n_heads=local.n_heads,
+                          n_kv_heads=local.n_kv_heads, head_dim=local.head_dim, max_seq_len=max_seq_len, dtype=dtype,
+                          device=device, sliding_window=local.sliding_window, backend=backend)
     model.setup_caches(caches, max_seq_len)
     model.set_quant_backend(backend)
     model.set_gemv(gemv, rows=(max_batch_size,))
@@ -184,10 +195,19 @@ def _describe(gen: Generator, source: str, seconds: float) -> str:
     else:
         step = "decode step compiled on the first call (inductor)"
     dt = str(gen.dtype).replace("torch.", "")
-    weights = f"{gen.model.weight_nbytes()['weight_bytes'] / 2**30:.2f} GiB of weights"
+    tp = gen.model.tp
+    rank = " a rank" if tp is not None else ""
+    weights = f"{gen.model.weight_nbytes()['weight_bytes'] / 2**30:.2f} GiB of weights{rank}"
     if gen.model.quantization:
         weights += f" ({gen.model.quantization})"
-    return (f"[zmzoo] loaded {gen.args.name} ({n_params / 1e6:.0f}M parameters, {source}) on {gen.device} as {dt} "
+    where = f"on {gen.device}"
+    if tp is not None:
+        la = gen.model.args
+        where = (f"tensor parallel over {tp.world} rank(s) (rank 0 on {gen.device}; each rank {la.n_heads} query "
+                 f"heads, {la.n_kv_heads} KV head(s)"
+                 + (f", each KV head on {tp.kv_replicas} ranks" if tp.kv_replicas > 1 else "")
+                 + f", {la.intermediate_size} MLP columns)")
+    return (f"[zmzoo] loaded {gen.args.name} ({n_params / 1e6:.0f}M parameters{rank}, {source}) {where} as {dt} "
             f"in {seconds:.1f} s; {weights}; {cache}; ops {gen.backend}; {step}")
 
 
@@ -213,6 +233,8 @@ def load(
     token: str | bool | None = None,
     verbose: bool = True,
     args_overrides: dict[str, Any] | None = None,
+    tp: Any = "auto",
+    replicate_kv_heads: bool = True,
     **cache_settings: Any,
 ) -> Generator:
     """Load a model and return a ready ``Generator`` with preallocated caches.
@@ -254,11 +276,25 @@ def load(
         revision, token: the hub revision (branch, tag or commit) and access token for hub downloads.
         verbose: show a progress bar while reading weights and print one line saying what was loaded (stderr).
         args_overrides: ModelArgs fields to replace (e.g. ``{"n_layers": 2}`` with random weights).
+        tp: tensor parallelism (``zmzoo.parallel``, docs/tensor-parallel.md). "auto" (default): under torchrun
+            (``WORLD_SIZE`` set) or with a default process group already initialised, the model is sharded over its
+            ranks (the group initialised here if it is not: NCCL on CUDA, gloo on a CPU; each rank on
+            ``cuda:LOCAL_RANK``), each rank reading only its part of the weights; otherwise one process holds it
+            all. False: no sharding (each process loads the whole model). A ``torch.distributed.ProcessGroup``:
+            sharded over that group. Only rank 0 prints.
+        replicate_kv_heads: with more ranks than KV heads (a multiple of them), hold each KV head and its cache on
+            world / n_kv_heads ranks (default); False refuses such a world size.
         **cache_settings: tail, dense, decay, logw_scale, metric, score_merge, score_window, score_pool, sinks,
             lookahead, lookahead_prompt_weight (``zmzoo.cache``: each validated, with an error naming it).
     """
     t0 = time.perf_counter()
     dev, dt = default_device_dtype(device, dtype)
+    parallel, tpar = None, None
+    placed = resolve_tensor_parallel(tp, dev)
+    if placed is not None:
+        tp_group, dev = placed
+        parallel = functools.partial(TensorParallel, group=tp_group, replicate_kv_heads=replicate_kv_heads)
+        verbose = verbose and dist.get_rank(tp_group) == 0
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive whole number")
     if weights not in ("pretrained", "random"):
@@ -285,7 +321,7 @@ def load(
 
             args, state_dict, meta = load_gguf(res.path, dtype=dt, device=dev, progress=verbose,
                                                quantize=("gguf" if quantize == "gguf" else "auto") if mode == "gguf"
-                                               else spec)
+                                               else spec, parallel=parallel)
             tokenizer = Tokenizer.from_gguf_metadata(meta)
             args = args.replace(name=res.name, hf_repo=res.args.hf_repo if res.args is not None else None)
             source = f"GGUF {res.path.name}"
@@ -295,9 +331,10 @@ def load(
             config = json.loads((Path(res.path) / "config.json").read_text())
             args = ModelArgs.from_hf_config(config, name=res.name)
             if mode == "int4":
-                check_divisible(args, group)
+                check_divisible(parallel(args).local_args() if parallel is not None else args, group)
             files = find_safetensors(Path(res.path))
-            state_dict = load_safetensors_state_dict(files, args, dt, device=dev, progress=verbose, quantize=spec)
+            state_dict = load_safetensors_state_dict(files, args, dt, device=dev, progress=verbose, quantize=spec,
+                                                     parallel=parallel)
             source = f"safetensors from {res.path}"
             tok_files = ("tokenizer.json", "tokenizer.model")
             if any((Path(res.path) / f).is_file() for f in tok_files):
@@ -306,14 +343,19 @@ def load(
                 warnings.warn(f"{res.path} has no tokenizer ({' or '.join(tok_files)}): pass token ids", stacklevel=2)
     if args_overrides:
         args = args.replace(**args_overrides)
+    if parallel is not None:
+        tpar = parallel(args)  # this rank's part (the checks of what divides: TensorParallelError)
+    local = tpar.local_args() if tpar is not None else args
 
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(local)
     if state_dict is None and mode in ("int8", "int4"):
         if mode == "int4":
-            check_divisible(args, group)
+            check_divisible(local, group)
         spec = QuantSpec(mode, group)
-        state_dict = random_state_dict(model, dt, dev, seed, quantize_transform(spec, args.tie_embeddings))
+        state_dict = random_state_dict(model, dt, dev, seed, quantize_transform(spec, args.tie_embeddings), tp=tpar)
+    if state_dict is None and tpar is not None:  # drawn whole and cut: the unsharded model's weights
+        state_dict = random_state_dict(model, dt, dev, seed, tp=tpar)
     if state_dict is None:
         model = model.to(dtype=dt).to_empty(device=dev)  # built in the target dtype: no fp32 copy of the model
         random_init_(model, seed)
@@ -324,6 +366,7 @@ def load(
         load_weights_into(model, state_dict, dtype=dt)  # errors name each tensor's file and its name there
         del state_dict
     model.eval().requires_grad_(False)
+    model.set_tensor_parallel(tpar)
     model.fuse_projections()
     model.quantization = describe_quantization(model, mode, group)
     gen = make_generator(model, tokenizer, args, device=dev, dtype=dt, max_seq_len=max_seq_len,

@@ -36,6 +36,7 @@ from zmzoo.ops.gemv import (
     tuning_key,
 )
 from zmzoo.ops.qgemv import qgemv
+from zmzoo.parallel import TensorParallel
 
 Plan = Config | Split | None  # how a decode-step product runs (``zmzoo.ops.gemv``): None is the torch composition
 
@@ -221,6 +222,16 @@ def _linear(x: Tensor, w: Tensor | QuantLinear) -> Tensor:
     return w(x) if isinstance(w, QuantLinear) else F.linear(x, w)
 
 
+def _sharded(tp: TensorParallel | None) -> bool:
+    """A tensor-parallel model over more than one rank: products by ``wo`` and ``w2`` are partial sums."""
+    return tp is not None and tp.world > 1
+
+
+def _reduce(tp: TensorParallel | None, y: Tensor) -> Tensor:
+    """The sum over the ranks of a partial product (``y`` itself when the model is not sharded)."""
+    return tp.all_reduce(y) if _sharded(tp) else y
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -238,6 +249,7 @@ class Attention(nn.Module):
         self.register_buffer("bqkv", None, persistent=False)
         self.kv_cache = None  # a zmzoo.cache.KVCache, set by Transformer.setup_caches
         self.gemv_plan: dict[str, Plan] = {}  # "qkv", "wo" -> how the decode step's product runs (set_gemv)
+        self.tp: TensorParallel | None = None  # this rank's heads of a tensor-parallel model (set_tensor_parallel)
 
     def fuse(self) -> None:
         """One (q|k|v) matrix: a single GEMV reads all three (batch-1 decode is bound by weight reads, and one large
@@ -302,14 +314,16 @@ class Attention(nn.Module):
         del xn
         y = self.kv_cache.prefill(q, k, v, row)  # (1, H, T, hd)
         del q, k, v
-        return self.wo(y.transpose(1, 2).reshape(bsz, t, -1))
+        return _reduce(self.tp, self.wo(y.transpose(1, 2).reshape(bsz, t, -1)))
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, norm: RMSNorm) -> Tensor:
         """The residual stream after attention: x + attention(norm(x)), the add inside the output projection."""
         q, k, v = self._qkv(x, cos, sin, norm)
         y = self.kv_cache.decode(q, k, v, pos)  # (B, H, 1, hd)
-        return product(y.transpose(1, 2).reshape(x.shape[0], 1, -1), weight_of(self.wo), None,
-                       self.gemv_plan.get("wo"), residual=x)
+        y = y.transpose(1, 2).reshape(x.shape[0], 1, -1)
+        if _sharded(self.tp):  # each rank's product is a partial sum: the residual is added once, after the sum
+            return x + self.tp.all_reduce(product(y, weight_of(self.wo), None, self.gemv_plan.get("wo")))
+        return product(y, weight_of(self.wo), None, self.gemv_plan.get("wo"), residual=x)
 
     def rescore(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, norm: RMSNorm) -> Tensor:
         """The prefill draft's tokens x (1, N, dim) of ``row`` through this layer's attention (see
@@ -317,13 +331,14 @@ class Attention(nn.Module):
         bsz, n, _ = x.shape
         q, k, v = self._qkv_prefill(norm(x), cos, sin)
         y = self.kv_cache.rescore(q, k, v, row)  # (1, H, N, hd)
-        return x + self.wo(y.transpose(1, 2).reshape(bsz, n, -1))
+        return x + _reduce(self.tp, self.wo(y.transpose(1, 2).reshape(bsz, n, -1)))
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gemv_plan: dict[str, Plan] = {}  # "w13", "w2" (see Attention.gemv_plan); prompts always use F.linear
+        self.tp: TensorParallel | None = None  # this rank's MLP columns (see Attention.tp)
         self.register_buffer("w13", None, persistent=False)  # gate|up as one matrix once fused (fuse; see wqkv)
         self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
@@ -340,8 +355,8 @@ class FeedForward(nn.Module):
         """The prompt's MLP (of the normalised x)."""
         act = kern.silu_mul if kern is not None else silu_mul
         if self.w13 is not None:
-            return self.w2(act(*_linear(x, self.w13).chunk(2, dim=-1)))
-        return self.w2(act(self.w1(x), self.w3(x)))
+            return _reduce(self.tp, self.w2(act(*_linear(x, self.w13).chunk(2, dim=-1))))
+        return _reduce(self.tp, self.w2(act(self.w1(x), self.w3(x))))
 
     def decode(self, h: Tensor, norm: RMSNorm) -> Tensor:
         """The residual stream after the MLP: h + mlp(norm(h)). With gate|up fused, two products: the norm inside the
@@ -349,6 +364,9 @@ class FeedForward(nn.Module):
         if self.w13 is None:
             return h + self(norm(h))
         gate_up = product(h, self.w13, None, self.gemv_plan.get("w13"), norm=norm.weight, eps=norm.eps)
+        if _sharded(self.tp):  # a partial sum (see Attention.decode)
+            return h + self.tp.all_reduce(product(gate_up, weight_of(self.w2), None, self.gemv_plan.get("w2"),
+                                                  silu=True))
         return product(gate_up, weight_of(self.w2), None, self.gemv_plan.get("w2"), silu=True, residual=h)
 
 
@@ -399,6 +417,16 @@ class Transformer(nn.Module):
         self.gemv_plan: dict[str, Plan] = {}  # "output": the LM head's product (see Attention.gemv_plan)
         self.gemv_tuning: dict[tuple, Tuned] = {}  # what zmzoo.ops.gemv.tune measured on this model's weights
         self.quantization: str | None = None  # what zmzoo.load quantized, in words (None: full precision)
+        self.tp: TensorParallel | None = None  # tensor parallelism: this rank's part (set_tensor_parallel)
+
+    def set_tensor_parallel(self, tp: TensorParallel | None) -> None:
+        """This model is rank ``tp.rank``'s part of a tensor-parallel model (``zmzoo.parallel``): its layers hold its
+        heads and MLP columns (built from ``tp.local_args()``), and the attention output and MLP down products are
+        summed over the ranks (one all-reduce each). Set it before ``set_gemv`` (the products it times fuse the
+        residual add only when the model is not sharded) and before the decode step is compiled."""
+        self.tp = tp
+        for layer in self.layers:
+            layer.attention.tp = layer.feed_forward.tp = tp
 
     def set_prefill_kernels(self, kernels: PrefillKernels | None) -> None:
         """Run the prompt's RMSNorm, RoPE and SiLU gate through ``kernels`` (compiled), or eagerly with None."""
@@ -430,14 +458,15 @@ class Transformer(nn.Module):
     def _products(self) -> list[tuple[nn.Module, str, Tensor, Fusion]]:
         """(module, plan name, weight, fusion) of every product the decode step runs through ``gemv``."""
         out = []
+        residual = not _sharded(self.tp)  # sharded, the residual is added after the all-reduce
         for layer in self.layers:
             att, ff = layer.attention, layer.feed_forward
             if att.wqkv is not None:
                 out.append((att, "qkv", att.wqkv, Fusion(norm=True)))
-            out.append((att, "wo", weight_of(att.wo), Fusion(residual=True)))
+            out.append((att, "wo", weight_of(att.wo), Fusion(residual=residual)))
             if ff.w13 is not None:
                 out += [(ff, "w13", ff.w13, Fusion(norm=True)),
-                        (ff, "w2", weight_of(ff.w2), Fusion(silu=True, residual=True))]
+                        (ff, "w2", weight_of(ff.w2), Fusion(silu=True, residual=residual))]
         return out + [(self, "output", weight_of(self.output), Fusion(norm=True))]
 
     def decode_products(self) -> list[tuple[Tensor, Fusion]]:
@@ -517,6 +546,8 @@ class Transformer(nn.Module):
             memo[id(cache)] = None
         if self.prefill_kernels is not None:  # compiled pure functions: shared
             memo[id(self.prefill_kernels)] = self.prefill_kernels
+        if self.tp is not None:  # the rank's place (its process group) is the same
+            memo[id(self.tp)] = self.tp
         return copy.deepcopy(self, memo)
 
     @property

@@ -255,6 +255,7 @@ def load_safetensors_state_dict(
     device: str | torch.device = "cpu",
     progress: bool = False,
     quantize: Any = None,
+    parallel: Any = None,
 ) -> StateDict:
     """Read HF-named safetensors files (one or shards) into a zmzoo-named state dict.
 
@@ -270,6 +271,9 @@ def load_safetensors_state_dict(
         progress: show a progress bar over each file's tensors (stderr).
         quantize: a ``zmzoo.models.quant.QuantSpec``: the weights it names are quantized as soon as they are read
             (``QTensor`` values); None keeps every tensor as read.
+        parallel: tensor parallelism, a callable ``args -> zmzoo.parallel.TensorParallel`` (this rank's place): of a
+            weight it shards only this rank's rows or columns are read from the memory map (then quantized, with
+            ``quantize``), after checking that the stored tensor has the whole weight's extent there.
 
     Returns:
         A ``StateDict`` whose ``sources`` maps each zmzoo name to ``"<file> ('<name in file>')"``.
@@ -281,6 +285,7 @@ def load_safetensors_state_dict(
     parents = list(dict.fromkeys(str(f.parent) for f in files))
     sd = StateDict(checkpoint=parents[0] if len(parents) == 1 else ", ".join(map(str, files)), format="safetensors")
     transform = _transform(quantize, args.tie_embeddings)
+    tp = parallel(args) if parallel is not None else None
     for file in files:
         with _safe_open(file, device) as f:
             keys = list(f.keys())
@@ -290,14 +295,30 @@ def load_safetensors_state_dict(
                 name = hf_to_zmzoo_name(key) or key
                 if name in sd:
                     raise ValueError(f"tensor {key!r} is stored twice: in {sd.sources[name]} and in {file}")
+                part = tp.shard(name) if tp is not None else None
                 try:
-                    t = f.get_tensor(key)
+                    if part is None:
+                        t = f.get_tensor(key)
+                    else:
+                        sl = f.get_slice(key)
+                        _check_extent(sl.get_shape(), part, name, f"{file} ({key!r})")
+                        t = (sl[part.start : part.stop] if part.dim == 0 else sl[:, part.start : part.stop]).to(device)
                 except (SafetensorError, OSError) as e:
                     raise CheckpointError(f"{file}: tensor {key!r} could not be read ({e}). {_REDOWNLOAD}") from e
                 t = t.to(dtype) if t.is_floating_point() else t
                 sd.add(name, transform(name, t) if transform is not None else t, file, key)
     _drop_tied_output(sd, args)
     return sd
+
+
+def _check_extent(shape: Any, part: Any, name: str, where: str) -> None:
+    """A tensor that ``part`` (a ``zmzoo.parallel.Shard``) slices must have the whole weight's extent there: a slice
+    of a wrong-sized tensor would have the shard's shape and hide the mismatch."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) <= part.dim or shape[part.dim] != part.full:
+        raise ValueError(f"tensor {name!r} in {where} has shape {shape}; the model expects {part.full} along "
+                         f"dimension {part.dim} (of which this rank reads [{part.start}, {part.stop})): weights of "
+                         f"another model size, or a wrong config")
 
 
 def _safe_open(file: Path, device: str | torch.device) -> Any:
@@ -652,18 +673,40 @@ def open_gguf(path: str | Path) -> Any:
                                 f"({type(e).__name__}: {e})") from e
 
 
-def _gguf_torch(t: Any, gguf: Any) -> tuple[Tensor, bool]:
-    """A GGUF tensor as torch, in its stored dtype where torch has it (F32, F16, BF16, F64, integers) and else
-    dequantized to float32; row-major (HF) shape. Returns ``(tensor, owned)``: not owned is a view of the file's
-    memory map, which must be copied before it is kept."""
-    q = gguf.GGMLQuantizationType
+def _gguf_data(t: Any, part: Any, zname: str, path: Path, gguf: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A GGUF tensor's stored data (a view of the memory map: numbers, or the bytes of quantized blocks and of BF16)
+    and its row-major (HF) shape, cut to ``part`` (a ``zmzoo.parallel.Shard``: this rank's rows or columns) when
+    given. Columns of quantized blocks are cut at block boundaries (32 columns for Q8_0 / Q4_0 / Q4_1)."""
     shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
     data = np.asarray(t.data)
+    if part is None:
+        return data, shape
+    _check_extent(shape, part, zname, f"{path} ({t.name!r})")
+    axis = part.dim  # of the row-major shape; the data's axes follow it (the last one in bytes for blocks)
+    a, b = part.start, part.stop
+    if axis == len(shape) - 1 and data.dtype == np.uint8:
+        block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        if a % block or b % block:
+            raise CheckpointError(f"{path}: tensor {t.name!r} ({zname!r}) is stored in blocks of {block} columns "
+                                  f"({t.tensor_type.name}); this rank's columns [{a}, {b}) do not start and end at a "
+                                  f"block: run it on a world size whose share of the columns is a multiple of "
+                                  f"{block}")
+        a, b = a // block * size, b // block * size
+    data = data[(slice(None),) * axis + (slice(a, b),)]
+    return data, shape[:axis] + (part.stop - part.start,) + shape[axis + 1:]
+
+
+def _gguf_torch(t: Any, gguf: Any, data: np.ndarray, shape: tuple[int, ...]) -> tuple[Tensor, bool]:
+    """A GGUF tensor (its data and shape from ``_gguf_data``) as torch, in its stored dtype where torch has it (F32,
+    F16, BF16, F64, integers) and else dequantized to float32; row-major (HF) shape. Returns ``(tensor, owned)``:
+    not owned is a view of the file's memory map, which must be copied before it is kept."""
+    q = gguf.GGMLQuantizationType
     if t.tensor_type == q.BF16:  # numpy has no bfloat16: the reader gives the bytes
         return _from_mapped(data).view(torch.bfloat16).reshape(shape), False
     if data.dtype != np.uint8:  # F32, F16, F64, I8..I64: the reader gives them in their numpy dtype
         return _from_mapped(data).reshape(shape), False
-    arr = gguf.quants.dequantize(data, t.tensor_type)  # a new float32 array (NotImplementedError if unknown)
+    arr = gguf.quants.dequantize(np.ascontiguousarray(data), t.tensor_type)  # a new float32 array
+    # (NotImplementedError where the gguf package does not know the type)
     return torch.from_numpy(arr.reshape(shape)), True
 
 
@@ -681,6 +724,7 @@ def load_gguf(
     name: str | None = None,
     progress: bool = False,
     quantize: Any = None,
+    parallel: Any = None,
 ) -> tuple[ModelArgs, StateDict, dict[str, Any]]:
     """Read a llama.cpp GGUF file of architecture ``llama`` (LLaMA, Mistral, SmolLM2, ...), ``qwen2`` (Qwen2, Qwen2.5)
     or ``qwen3`` (Qwen3), one tensor at a time.
@@ -703,6 +747,9 @@ def load_gguf(
             weight is of those three types, else None with a warning naming the first one that is not. A
             ``zmzoo.models.quant.QuantSpec`` (``zmzoo.load``'s ``quantize="int8"`` / ``"int4"``): every tensor read
             as with None, then the weights it names quantized by zmzoo from those values.
+        parallel: tensor parallelism, a callable ``args -> zmzoo.parallel.TensorParallel`` (called with the config
+            read from the metadata): of a weight it shards only this rank's rows or columns are read (and
+            dequantized, or repacked), the stored tensor checked for the whole weight's extent first.
 
     Returns:
         ``(args, state_dict, tokenizer_metadata)``: the config from the metadata (tied when there is no
@@ -799,10 +846,14 @@ def load_gguf(
                           f"them again", stacklevel=3)
     sd = StateDict(checkpoint=str(path), format="gguf")
     transform = _transform(None if quantize == "gguf" else quantize, args.tie_embeddings)
+    tp = parallel(args) if parallel is not None else None
+    local_heads, local_kv_heads = (tp.n_heads, tp.n_kv_heads) if tp is not None else (n_heads, n_kv_heads)
     for t in _progress(reader.tensors, path.name, progress):
         gname = t.name
         zname = gguf_to_zmzoo_name(gname) or gname
-        heads = n_heads if ".attention.wq." in zname else n_kv_heads if ".attention.wk." in zname else 0
+        # the heads of this rank's rows (Q and K are permuted per head, so a slice of whole heads unpermutes alone)
+        heads = local_heads if ".attention.wq." in zname else local_kv_heads if ".attention.wk." in zname else 0
+        data, shape = _gguf_data(t, tp.shard(zname) if tp is not None else None, zname, path, gguf)
         if quantize == "gguf" and t.tensor_type not in float_types and len(t.shape) == 2 and zname.endswith(".weight"):
             kind = t.tensor_type.name
             if kind not in GGUF_BLOCKS:
@@ -811,15 +862,14 @@ def load_gguf(
                     f"quantized (native: {', '.join(GGUF_BLOCKS)}; K-quants, Q5_* and IQ* are not supported). Load "
                     f"it with quantize=None to dequantize every tensor to {str(dtype).replace('torch.', '')} (as "
                     f"zmzoo did before), or quantize='int8' / 'int4' to quantize the dequantized weights again")
-            shape = tuple(int(n) for n in reversed(t.shape))  # (N, K)
-            raw = _from_mapped(np.asarray(t.data)).to(device=device, copy=True)  # the blocks' bytes, (N, row bytes)
+            raw = _from_mapped(np.ascontiguousarray(data)).to(device=device, copy=True)  # blocks' bytes (N, row)
             qt = from_gguf_blocks(raw.reshape(shape[0], -1), kind, shape[1])
             if spec.permuted_qk and heads and shape[0] % (2 * heads) == 0:
                 qt = qt.map(lambda a: _unpermuted_view(a, heads).reshape(a.shape))  # rows: integers and scales alike
             sd.add(zname, qt, path, gname, kind)
             continue
         try:
-            w, owned = _gguf_torch(t, gguf)
+            w, owned = _gguf_torch(t, gguf, data, shape)
         except NotImplementedError as e:
             raise ValueError(f"{path}: tensor {gname!r} is of GGML type {t.tensor_type.name}, which the installed "
                              f"gguf package cannot dequantize ({e}); try a newer gguf or another quantization") from e
