@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import platform
 import signal
 import sys
@@ -255,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(ns.threads)
     device, dtype = default_device_dtype(ns.device, ns.dtype)
     cuda = device.type == "cuda"
+    # under torchrun (tensor parallel, zmzoo.parallel): every rank runs the same steps, rank 0 prints and writes
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if cuda and "WORLD_SIZE" in os.environ and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # for the process's life
     ns.contexts = parse_list(ns.contexts, int)
     ns.methods = parse_list(ns.methods)
     ns.cache_settings = dict(parse_setting(s) for s in ns.cache_setting)
@@ -301,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{str(dtype).replace('torch.', '')} on {device} ({hw}), "
           f"ops={backend}, gemv={base.gemv} (asked {ns.gemv}), compile={ns.compile}; loaded in "
           f"{time.perf_counter() - t0:.1f}s; weights {wn['weight_bytes'] / GiB:.2f} GiB in memory, "
-          f"{weight_bytes(base.model) / GiB:.2f} GiB read per step ({base.model.quantization or 'not quantized'})")
+          f"{weight_bytes(base.model) / GiB:.2f} GiB read per step ({base.model.quantization or 'not quantized'})"
+          + (f"; tensor parallel over {base.model.tp.world} rank(s), memory and roofline per rank"
+             if base.model.tp is not None else ""))
     budget_desc = f"kv_budget={ns.kv_budget}" if ns.kv_budget else f"kv_ratio={ns.kv_ratio} of the context"
 
     def plan(context: int) -> tuple[int, int]:
@@ -317,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"model": args.name, "weights": ns.weights, "tiny": ns.tiny, "contexts": ns.contexts,
                    "methods": ns.methods, "budget": budget_desc, "kv_ratio": ns.kv_ratio, "kv_budget": ns.kv_budget,
                    "cache_settings": ns.cache_settings, "batch": ns.batch, "compile": ns.compile,
+                   "tensor_parallel": base.model.tp.world if base.model.tp is not None else 1,
                    "gemv": ns.gemv, "gemv_ran": base.gemv, "ops": ns.ops, "warmup": ns.warmup, "seed": ns.seed,
                    "quantize": ns.quantize, "group_size": ns.group_size, "quantization": base.model.quantization,
                    "weight_bytes_in_memory": wn["weight_bytes"], "weight_bytes_per_step": wn["weight_bytes_per_step"],
@@ -339,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         return ns.time_limit is not None and time.perf_counter() - t_all > ns.time_limit
 
     def save() -> None:  # after every configuration, so that a run cut short still leaves its figures
+        if rank:
+            return
         if base is not None:
             results["gemv_tuning"] = gemv_report(base.model.gemv_tuning, show=False)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -388,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_group(base, ns, method, group, ns.batch, plans, report)
 
     peers = [x for x in parse_list(ns.peers) if x != "none"]
+    if peers and world > 1:
+        print(f"[decode] peers ({', '.join(peers)}) run in one process: skipped under torchrun's {world} ranks")
+        peers = []
     if peers and not ns.max_batch:
         save()
         base = None  # the peers build their own models: zmzoo's weights go first

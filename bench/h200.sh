@@ -45,6 +45,10 @@
 #   quant70b llama2-70b shapes on one GPU, random weights built and quantized tensor by tensor, ZeroMerge (kv_budget
 #            2048) at 40K, for each of $QUANT70B_MODES (default "int4 int8"; bf16 does not fit): tok/s, prefill, peaks.
 #            Several minutes a mode: one mode a call (QUANT70B_MODES=int4, then int8)
+#   tp1      tensor parallelism at world size 1 (docs/tensor-parallel.md): bench/decode.py as one process and under
+#            `torchrun --nproc-per-node 1` (the model loaded through the sharding path, zmzoo.parallel), in the order
+#            $TP1_ORDER (default "plain torchrun"; runs numbered tp1_N_HOW/), for $TP1_METHODS (default zeromerge) at
+#            $TP1_CONTEXTS (default 4K, 40K), with --gemv $TP1_GEMV (default auto)
 #
 # DEADLINE (seconds, default 570) bounds the whole script: each stage gets the time left. Everything lands in OUTDIR
 # (logs, results.json, PNGs) and is packed into OUTDIR/h200.tar.gz at the end.
@@ -183,6 +187,16 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             run "quant70b_$q" "$py" -m bench.decode --model llama2-70b --weights random --batch 1 --kv-budget 2048 \
                 --ops triton -v --contexts 40960 --methods zeromerge --quantize "$q" "${group[@]}" --steps 16 \
                 --repeats 3 --peers none --out "$out/quant70b_$q"
+        done
+        ;;
+    tp1)
+        i=0
+        for how in ${TP1_ORDER:-plain torchrun}; do
+            i=$((i + 1))
+            launch=("$py")
+            [[ $how == torchrun ]] && launch=("$py" -m torch.distributed.run --standalone --nproc-per-node 1)
+            run "tp1_${i}_$how" "${launch[@]}" "${decode[@]}" --contexts "${TP1_CONTEXTS:-4096,40960}" \
+                --methods "${TP1_METHODS:-zeromerge}" --gemv "${TP1_GEMV:-auto}" --peers none --out "$out/tp1_${i}_$how"
         done
         ;;
     *)

@@ -89,7 +89,7 @@ def kv_bytes_per_step(gen, context: int, batch: int) -> int:
     """KV-cache bytes one decode step reads: full, ``2 * layers * kv_heads * head_dim * itemsize`` per token
     attended; compressed, the same over the budget's slots, plus the fp32 ``w`` read where compensation is on and the
     fp32 scores read and written where decode scoring is on; times the batch."""
-    a = gen.args
+    a = gen.model.args  # a tensor-parallel rank's own KV heads: the roofline is per rank
     item = torch.empty((), dtype=gen.dtype).element_size()
     cfg = gen.cache_config
     per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * item

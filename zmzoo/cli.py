@@ -49,7 +49,10 @@ def _generate(ns: argparse.Namespace) -> int:
     kw.update(parse_setting(x) for x in ns.cache_setting)
     gen = zmzoo.load(ns.model, method=ns.method, device=ns.device, dtype=ns.dtype, max_seq_len=ns.max_seq_len,
                      compile=compile, preset=ns.preset, revision=ns.revision, quantize=quantize,
-                     group_size=ns.group_size, **kw)  # prints what it loaded
+                     group_size=ns.group_size, tp="auto" if ns.tp == "auto" else False, **kw)  # prints what it loaded
+    tp = gen.model.tp
+    if tp is not None and not tp.is_first:  # under torchrun every rank generates the same tokens; rank 0 prints
+        return _run_quietly(gen, prompt, ns)
     n_prompt = len(gen.encode_prompt(prompt, chat=ns.chat))
     print(f"[zmzoo] prompt: {n_prompt} tokens", file=sys.stderr)
     for piece in gen.stream(prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, chat=ns.chat):
@@ -57,10 +60,18 @@ def _generate(ns: argparse.Namespace) -> int:
     print()
     st = gen.last_stats
     cs = gen.cache_stats()
-    print(f"[zmzoo] prefill {st.prefill_s:.2f}s ({n_prompt / max(st.prefill_s, 1e-9):.0f} tok/s); decode "
+    who = f" rank 0 of {tp.world} (its cache and weights):" if tp is not None else ""
+    print(f"[zmzoo]{who} prefill {st.prefill_s:.2f}s ({n_prompt / max(st.prefill_s, 1e-9):.0f} tok/s); decode "
           f"{st.decode_tokens_per_s:.1f} tok/s; KV cache {cs['cache_bytes'] / 2**20:.1f} MiB "
           f"(full cache: {cs['full_cache_bytes'] / 2**20:.1f} MiB, {100 * cs['ratio']:.1f}%); weights "
           f"{cs['weight_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+    return 0
+
+
+def _run_quietly(gen, prompt: str, ns: argparse.Namespace) -> int:
+    """A tensor-parallel rank other than 0: the same generation (its collectives pair with rank 0's), no output."""
+    for _ in gen.stream(prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, chat=ns.chat):
+        pass
     return 0
 
 
@@ -147,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                         "Q4_1 tensors on CUDA, full precision otherwise; none; int8 (per channel); int4 (per group); "
                         "gguf = keep a GGUF's quantization on any device")
     g.add_argument("--group-size", type=int, help="int4 columns per scale: 32, 64 (default) or 128")
+    g.add_argument("--tp", choices=["auto", "off"], default="auto",
+                   help="tensor parallelism (zmzoo.load's tp): auto = sharded over torchrun's ranks when started by "
+                        "torchrun (rank 0 prints), off = every process loads the whole model")
     ns = p.parse_args(argv)
     if ns.cmd == "generate":
         return _generate(ns)
