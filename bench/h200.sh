@@ -49,6 +49,9 @@
 #            `torchrun --nproc-per-node 1` (the model loaded through the sharding path, zmzoo.parallel), in the order
 #            $TP1_ORDER (default "plain torchrun"; runs numbered tp1_N_HOW/), for $TP1_METHODS (default zeromerge) at
 #            $TP1_CONTEXTS (default 4K, 40K), with --gemv $TP1_GEMV (default auto)
+#   tpcoll   bench/probes/tp_collectives.py under `torchrun --nproc-per-node 1`: the sharded decode step (residual add
+#            after the product, one NCCL all-reduce after wo and w2) forced at world size 1, against the same run
+#            without (tpcoll_1_skipped/, tpcoll_2_forced/); $TP1_METHODS, $TP1_CONTEXTS, --gemv $TP1_GEMV (default torch)
 #
 # DEADLINE (seconds, default 570) bounds the whole script: each stage gets the time left. Everything lands in OUTDIR
 # (logs, results.json, PNGs) and is packed into OUTDIR/h200.tar.gz at the end.
@@ -197,6 +200,18 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             [[ $how == torchrun ]] && launch=("$py" -m torch.distributed.run --standalone --nproc-per-node 1)
             run "tp1_${i}_$how" "${launch[@]}" "${decode[@]}" --contexts "${TP1_CONTEXTS:-4096,40960}" \
                 --methods "${TP1_METHODS:-zeromerge}" --gemv "${TP1_GEMV:-auto}" --peers none --out "$out/tp1_${i}_$how"
+        done
+        ;;
+    tpcoll)
+        i=0
+        for how in skipped forced; do
+            i=$((i + 1))
+            flag=()
+            [[ $how == skipped ]] && flag=(--no-force)
+            run "tpcoll_${i}_$how" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 \
+                -m bench.probes.tp_collectives "${flag[@]}" "${decode[@]:2}" --contexts "${TP1_CONTEXTS:-4096,40960}" \
+                --methods "${TP1_METHODS:-zeromerge}" --gemv "${TP1_GEMV:-torch}" --peers none \
+                --out "$out/tpcoll_${i}_$how"
         done
         ;;
     *)

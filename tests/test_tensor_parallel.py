@@ -227,3 +227,22 @@ def test_cli_generate_under_torchrun_prints_once(ckpts):
     assert tp.stdout == one.stdout and one.stdout.strip()  # the same answer, printed once
     assert tp.stderr.count("[zmzoo] prompt:") == 1 and "tensor parallel over 2 rank(s)" in tp.stderr
     assert "rank 0 of 2 (its cache and weights): prefill" in tp.stderr
+
+
+def test_tp_setting(monkeypatch):
+    """``tp``: "auto" shards only under torchrun's environment (or an initialised group); False never; anything else is
+    an error naming it."""
+    import torch.distributed as dist
+
+    from zmzoo.parallel import resolve_tensor_parallel
+
+    assert not dist.is_initialized()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_tensor_parallel("auto", cpu) is None and resolve_tensor_parallel(False, cpu) is None
+    for bad in ("yes", 2):
+        with pytest.raises(ValueError, match=rf"tp={bad!r} must be 'auto', False or a torch.distributed ProcessGroup"):
+            resolve_tensor_parallel(bad, cpu)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a whole number"):
+        resolve_tensor_parallel("auto", cpu)

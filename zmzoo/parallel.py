@@ -194,6 +194,7 @@ def resolve_tensor_parallel(tp: Any, device: torch.device | None) -> tuple[Any, 
                 return None
             if not dist.is_available():
                 raise RuntimeError("WORLD_SIZE is set (torchrun) but this torch build has no torch.distributed")
+            device = _local_device(device, int(os.environ.get("RANK", "0")))  # before NCCL binds to a GPU
             backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
             atexit.register(_destroy)  # the group zmzoo made is zmzoo's to tear down
@@ -201,9 +202,15 @@ def resolve_tensor_parallel(tp: Any, device: torch.device | None) -> tuple[Any, 
         group = tp
     else:
         raise ValueError(f"tp={tp!r} must be 'auto', False or a torch.distributed ProcessGroup")
-    if device is not None and device.type == "cuda" and device.index is None:
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank(group) % max(torch.cuda.device_count(), 1)))
-        device = torch.device("cuda", local)
+    return group, _local_device(device, dist.get_rank())
+
+
+def _local_device(device: torch.device | None, rank: int) -> torch.device | None:
+    """A CUDA device without an index as this process's GPU (``cuda:LOCAL_RANK``, else the global rank modulo the
+    GPUs), made the current device; other devices as they are."""
     if device is not None and device.type == "cuda":
+        if device.index is None:
+            local = os.environ.get("LOCAL_RANK")
+            device = torch.device("cuda", int(local) if local is not None else rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
-    return group, device
+    return device

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [int(c) for c in ns.contexts.split(",")]
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = zmzoo.load(ns.model, weights=ns.weights, method="full", max_seq_len=64, compile=False)
+    # compile "auto": on CUDA the generators below compile their decode step (CUDA graph), through which the
+    # preset's draft runs, as it does for a user (compile=False here would time an eager draft)
+    base = zmzoo.load(ns.model, weights=ns.weights, method="full", max_seq_len=64)
     vocab = base.model.args.vocab_size
     gens = {name: base.with_cache("zeromerge", kv_budget=ns.kv_budget, preset=preset, max_seq_len=max(contexts) + 64)
             for name, preset in (("plain", None), (ns.preset, ns.preset))}
