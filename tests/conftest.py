@@ -21,6 +21,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -143,8 +144,117 @@ class SingleRuns:
         return [self.gen.score(p, c) for p, c in zip(prompts, conts)]
 
 
+class Compared(NamedTuple):
+    """What ``assert_same_function`` compared, per prompt: ``steps``, the decode steps whose teacher-forced logits were
+    compared (the prefill's logits come on top); ``evictions``, how many of those steps' eviction decisions the
+    compared logits depend on (see ``EvictionDecisions``); ``near_tie``, the step of the reference's first near-tie
+    eviction decision (0: the prompt's own selection), where the comparison stopped, or None."""
+    steps: list[int]
+    evictions: list[int]
+    near_tie: list[int | None]
+
+
+class EvictionDecisions:
+    """While active (a ``with`` block), records the eviction decisions of ``caches`` (those of policy "evict": h2o,
+    tova, knorm) and which of them were near-ties, per batch row, by decode step (step i: the i-th decode step after
+    the prompt of ``lengths[row]`` tokens; step 0: the prompt's own selection).
+
+    - a decode step of a full row drops the lowest-scored slot of ``[0, S - ring)`` (``ops.slot_insert``): the
+      decision is between the lowest and the second-lowest score there;
+    - a prompt longer than the budget keeps its ``B - tail`` highest-scored tokens of the first ``T - tail``: between
+      the last one kept and the first one dropped.
+
+    A decision is a near-tie when those two scores are within ``2 * tie_rtol`` of their magnitude: then the
+    reference's and the candidate's rounding can order them either way, either choice is right, and the two runs
+    evict different tokens legitimately (KNorm: copies of one token have keys of equal norm, RoPE being a rotation,
+    up to the last bit of each path's rounding; docs/performance.md, "GPU tests"). Relative only: TOVA's scores,
+    attention probabilities, can be far below a logits ``atol``. The scores are read from the run's own buffers in
+    eager Python (``slot_insert`` and the prompt hook), so the run must not be compiled.
+    """
+
+    def __init__(self, caches, lengths: list[int], tie_rtol: float):
+        self.caches = [c for c in caches if getattr(c, "policy", None) == "evict"]
+        self.lengths, self.tie_rtol = lengths, tie_rtol
+        self.full = [set() for _ in lengths]  # decode steps at which the row evicted
+        self.ties = [set() for _ in lengths]
+
+    def _near(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).abs() <= 2 * self.tie_rtol * torch.maximum(a.abs(), b.abs())
+
+    def _insert(self, real, *args, **kw):
+        s, pos = args[3], args[7]
+        if kw.get("policy") == "evict" and s.data_ptr() in self._mine:
+            s_len, ring = s.shape[2], kw["ring"]
+            cand = s[:, :, : s_len - ring]
+            if cand.shape[-1] >= 2:
+                lo2 = cand.topk(2, dim=-1, largest=False).values  # (B, Hkv, 2): lowest, second lowest
+                tie = self._near(lo2[..., 0], lo2[..., 1]).any(-1).tolist()
+            else:
+                tie = [False] * s.shape[0]
+            for row, (p, full) in enumerate(zip(pos.tolist(), (pos >= s_len).tolist())):
+                if row < len(self.lengths) and full:
+                    step = p - self.lengths[row] + 1
+                    self.full[row].add(step)
+                    if tie[row]:
+                        self.ties[row].add(step)
+        return real(*args, **kw)
+
+    def _prompt(self, cache, row, k, scores):
+        from zmzoo.ops.prefill_scores import pool_scores
+
+        t, n_top = k.shape[2], cache.budget - cache.tail  # evict: no dense region
+        if scores is not None and t > cache.budget and row < len(self.lengths):
+            head = pool_scores(scores, cache.score_pool)[:, : t - cache.tail]
+            if 0 < n_top < head.shape[1]:
+                srt = head.sort(dim=-1, descending=True).values
+                if self._near(srt[:, n_top - 1], srt[:, n_top]).any():
+                    self.ties[row].add(0)
+        return None  # the scores as they are
+
+    def __enter__(self):
+        import zmzoo.cache.zeromerge as zm
+
+        self._module, self._real = zm, zm.slot_insert
+        self._mine = {c.s.data_ptr() for c in self.caches}
+        zm.slot_insert = lambda *a, **kw: self._insert(self._real, *a, **kw)
+        for c in self.caches:
+            assert c.prompt_hook is None, "the cache already has a prompt hook"
+            c.prompt_hook = lambda row, k, scores, c=c: self._prompt(c, row, k, scores)
+        return self
+
+    def __exit__(self, *exc):
+        self._module.slot_insert = self._real
+        for c in self.caches:
+            c.prompt_hook = None
+
+    def first_tie(self, row: int) -> int | None:
+        return min(self.ties[row], default=None)
+
+
+def _score_recording(ref, prompts, conts, tie_rtol: float | None) -> tuple[list[torch.Tensor], list, list]:
+    """``ref.score(prompts, conts)`` with ``EvictionDecisions`` of its caches: (logits, first near-tie step per
+    prompt, eviction steps per prompt). A ``SingleRuns`` reference scores each prompt alone, as its batch row 0.
+    ``tie_rtol`` None: nothing recorded (no near-tie, no eviction counted)."""
+    if tie_rtol is None:
+        return ref.score(prompts, conts), [None] * len(prompts), [set() for _ in prompts]
+    runs = [(ref.gen, [p], [c]) for p, c in zip(prompts, conts)] if isinstance(ref, SingleRuns) else \
+        [(ref, prompts, conts)]
+    logits, ties, full = [], [], []
+    for gen, ps, cs in runs:
+        rec = EvictionDecisions(gen.model.caches, [len(p) for p in ps], tie_rtol)
+        if rec.caches and not (gen.compile is False or gen.compile is None):
+            raise ValueError("assert_same_function reads the reference's eviction scores eagerly: pass an eager "
+                             "reference (compile=False)")
+        with rec:
+            logits += gen.score(ps, cs)
+        ties += [rec.first_tie(r) for r in range(len(ps))]
+        full += rec.full
+    return logits, ties, full
+
+
 def assert_same_function(ref, got, prompts, max_new_tokens: int, *, rtol: float = 1e-4, atol: float = 1e-4,
-                         buffers: bool = False) -> None:
+                         buffers: bool = False, forced: list[list[int]] | None = None, tie_rtol: float | None = None,
+                         min_steps: int = 0) -> Compared:
     """Two generators that must compute the same function by different code paths (Triton vs torch ops, compiled vs
     eager, a batch vs single runs): compare what they must match, never float-exact greedy tokens.
 
@@ -155,21 +265,53 @@ def assert_same_function(ref, got, prompts, max_new_tokens: int, *, rtol: float 
        reference's logits) is below ``2 * atol`` plus the tolerance's relative part: past a near-tie either token is
        right, and the two runs part legitimately. Up to the first token where they part, the candidate's greedy run
        is the forced path, so its greedy token at each step is the argmax of its forced logits there.
+
+    ``forced``: the continuations to teacher-force instead of the reference's greedy ones (``max_new_tokens`` is then
+    unused); 3. then compares the argmax of both runs' forced logits, up to the same near-tie.
+
+    ``tie_rtol``: caches that evict by score (policy "evict": h2o, tova, knorm) make a choice of the same kind at
+    every full step, and where the reference's was a near-tie (``EvictionDecisions``: the two candidates' scores within
+    ``2 * tie_rtol`` relative) either slot is right and the runs part from the next step on. With ``tie_rtol`` set,
+    each prompt's logits and tokens are compared up to and including the decode step of its first near-tie decision
+    (that step's logits are computed before its eviction), and with ``buffers`` the buffers after the last step
+    before any prompt's first near-tie (both generators score again, that far). ``min_steps``: every prompt must
+    have had at least that many decode steps compared, so a comparison cut short cannot pass vacuously. None (the
+    default): no cut. Returns what was compared (``Compared``).
     """
     prompts = [list(p) for p in prompts]
-    want = ref.generate(prompts, max_new_tokens=max_new_tokens, return_ids=True)
-    lr = ref.score(prompts, want)
+    if forced is None:
+        want = ref.generate(prompts, max_new_tokens=max_new_tokens, return_ids=True)
+    else:
+        want = [list(c) for c in forced]
+    lr, ties, full = _score_recording(ref, prompts, want, tie_rtol)
     lg = got.score(prompts, want)
     have = [b.argmax(-1).tolist() for b in lg]
+    if forced is not None:  # the reference's own choice at each forced step
+        want_tokens = [a.argmax(-1).tolist() for a in lr]
+    else:
+        want_tokens = want
+    done = Compared([], [], ties)
     for r, (a, b) in enumerate(zip(lr, lg)):
+        rows = len(want[r]) if ties[r] is None else ties[r] + 1  # logits rows 0 .. rows - 1
+        a, b = a[:rows], b[:rows]
+        done.steps.append(rows - 1)
+        done.evictions.append(sum(1 for i in full[r] if i <= rows - 2))  # step i's eviction shows from row i + 1
         torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, r=r: f"row {r} teacher-forced logits: {m}")
         top2 = a.topk(2, dim=-1).values
         margin = top2[:, 0] - top2[:, 1]
         tie = (margin <= 2 * (atol + rtol * top2[:, 0].abs())).nonzero()
-        n = int(tie[0, 0]) if len(tie) else len(want[r])
-        if have[r][:n] != want[r][:n]:
-            first = next(i for i in range(n) if have[r][i] != want[r][i])
+        n = int(tie[0, 0]) if len(tie) else rows
+        if have[r][:n] != want_tokens[r][:n]:
+            first = next(i for i in range(n) if have[r][i] != want_tokens[r][i])
             raise AssertionError(f"row {r}: greedy tokens part at step {first}, before the first near-tie (step {n})")
+    assert min(done.steps) >= min_steps, f"only {done.steps} decode steps compared (near-ties at {ties}), " \
+                                         f"fewer than min_steps={min_steps}"
+    if buffers and any(t == 0 for t in ties):
+        raise AssertionError(f"the reference's prompt selection was a near-tie (rows {ties}): no buffer to compare")
+    if buffers and any(t is not None for t in ties):
+        cut = min(t for t in ties if t is not None)  # continuations of `cut` tokens: decode steps 1 .. cut - 1
+        ref.score(prompts, [c[:cut] for c in want])
+        got.score(prompts, [c[:cut] for c in want])
     if buffers:
         theirs = dict(got.model.named_buffers())  # by name: the two models may hold other buffers (quantized ones)
         bufs = {n: (a, theirs[n]) for n, a in ref.model.named_buffers()
@@ -187,3 +329,4 @@ def assert_same_function(ref, got, prompts, max_new_tokens: int, *, rtol: float 
                 torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, n=name: f"buffer {n}: {m}")
             else:
                 assert torch.equal(a, b), name
+    return done

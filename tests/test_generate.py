@@ -97,6 +97,27 @@ def test_prompt_too_long_is_refused():
         gen.generate("hello")
 
 
+@pytest.mark.parametrize("bad", [-1, "vocab", True])
+def test_prefill_refuses_ids_outside_the_vocabulary(bad):
+    """Generator.prefill (public: benchmarks drive the decode step after it) checks every id on the host, as
+    generate does, before anything runs: a negative id, one == vocab_size and a bool are each refused with an error
+    naming the prompt, the position and the id, not a bare IndexError from the embedding (a device-side assert on
+    CUDA). score checks its continuations the same way (they reach the decode step as a device tensor)."""
+    gen = tiny_gen(max_batch_size=2)
+    vocab = gen.args.vocab_size
+    bad = vocab if bad == "vocab" else bad
+    msg = rf"prompt #1 token #2 = {bad!r} is not a token id in \[0, {vocab}\)"
+    with pytest.raises(ValueError, match=msg):
+        gen.prefill([[1, 2, 3], [4, 5, bad, 6]])
+    with pytest.raises(ValueError, match=msg):
+        gen.generate([[1, 2, 3], [4, 5, bad, 6]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"continuation #0 token #1 = {bad!r} is not a token id in \[0, {vocab}\)"):
+        gen.score([1, 2, 3], [4, bad])
+    assert gen.pos.tolist() == [0, 0]  # refused before the prefill touched the generator
+    (logits,) = gen.prefill([[1, 2, vocab - 1]])  # the largest id is fine
+    assert logits.shape == (1, vocab) and gen.pos.tolist() == [3, 0]
+
+
 def test_sampling_seeded_and_filtered():
     gen = tiny_gen()
     a = gen.generate([1, 2, 3], max_new_tokens=8, temperature=1.0, seed=3, return_ids=True)

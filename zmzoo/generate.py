@@ -196,7 +196,9 @@ class Generator:
 
     def decode_step(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """One decode step for every row (tokens, pos: (max_batch_size,)); returns logits (B, V) (a fresh tensor).
-        The first call of a compiled step compiles it (and says so when the Generator is verbose)."""
+        The first call of a compiled step compiles it (and says so when the Generator is verbose). ``tokens`` are not
+        checked (that would read them back from the device every step): pass ids in [0, vocab_size), as the sampled
+        tokens and ``score``'s continuations (checked on the host before they are copied there) are."""
         if not self._compiled:
             return self._first_call(tokens, pos)
         with torch.inference_mode():
@@ -247,7 +249,20 @@ class Generator:
         return self.tokenizer
 
     def encode_prompt(self, prompt: Prompt, chat: bool = False) -> list[int]:
-        """Token ids of one prompt: a string (chat-templated with ``chat=True``), messages, or ids."""
+        """Token ids of one prompt: a string (chat-templated with ``chat=True``), messages, or ids (checked: each a
+        token id in [0, vocab_size))."""
+        return self._encode(prompt, chat, "prompt")
+
+    def _check_ids(self, seq: list, what: str) -> None:
+        """Every element of ``seq`` an int (not a bool) in [0, vocab_size), on the host: the embedding would raise a
+        bare IndexError on CPU and a device-side assert on CUDA. ``what`` names the sequence in the error ("prompt
+        #0")."""
+        vocab = self.args.vocab_size
+        for i, t in enumerate(seq):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"{what} token #{i} = {t!r} is not a token id in [0, {vocab})")
+
+    def _encode(self, prompt: Prompt, chat: bool, what: str) -> list[int]:
         if isinstance(prompt, str):
             tok = self._need_tokenizer("text")
             if chat:
@@ -259,9 +274,7 @@ class Generator:
             tok = self._need_tokenizer("chat messages")
             text = tok.apply_chat_template(seq, add_generation_prompt=True)
             return tok.encode(text, add_bos=False)
-        for i, t in enumerate(seq):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.args.vocab_size:
-                raise ValueError(f"prompt token #{i} = {t!r} is not a token id in [0, {self.args.vocab_size})")
+        self._check_ids(seq, what)
         return seq
 
     def _as_batch(self, prompts: Any) -> tuple[list[Prompt], bool]:
@@ -309,10 +322,13 @@ class Generator:
         """Prefill prompt i (token ids) into batch row i, then run the caches' prefill draft if they want one
         (``Transformer.finish_prefill``: ZeroMerge's lookahead, drafted through this Generator's decode step). Returns
         each row's last-position logits (1, V) and leaves ``pos`` at the prompts' lengths, ready for ``decode_step``:
-        what ``generate`` and ``score`` do first, for benchmarks and probes that drive the decode step themselves."""
+        what ``generate`` and ``score`` do first, for benchmarks and probes that drive the decode step themselves.
+        Every id is checked on the host before anything runs (an error names the prompt, the position and the id)."""
         ids = [list(seq) for seq in ids]
         if len(ids) > self.max_batch_size or not all(ids):
             raise ValueError(f"prefill takes 1 to max_batch_size ({self.max_batch_size}) non-empty prompts")
+        for row, seq in enumerate(ids):
+            self._check_ids(seq, f"prompt #{row}")
         self.pos.zero_()
         greedy = torch.zeros(self.max_batch_size, dtype=torch.int64, device=self.device)
         out = []
@@ -384,7 +400,7 @@ class Generator:
         check_sampling(temperature, top_k, top_p, seed)
         stops = self._stops(stop)
         batch, is_batch = self._as_batch(prompts)
-        ids = [self.encode_prompt(p, chat) for p in batch]
+        ids = [self._encode(p, chat, f"prompt #{i}" if is_batch else "prompt") for i, p in enumerate(batch)]
         self._check_lengths(ids, max_new_tokens)
         rows = self._row_texts(len(ids), stops)
         sampler = RowSampler(temperature, top_k, top_p, self._seed(temperature, seed), len(ids), self.device)
@@ -439,8 +455,9 @@ class Generator:
         conts = [list(c) for c in continuation_ids] if batched else [list(continuation_ids)]
         if len(prompts) != len(conts):
             raise ValueError(f"score: {len(prompts)} prompts but {len(conts)} continuations (one each)")
-        prompts = [self.encode_prompt(p) for p in prompts]
-        conts = [self.encode_prompt(c) if c else [] for c in conts]
+        prompts = [self._encode(p, False, f"prompt #{r}") for r, p in enumerate(prompts)]
+        # the continuation's ids are checked here, on the host: they reach the decode step as a device tensor
+        conts = [self._encode(c, False, f"continuation #{r}") if c else [] for r, c in enumerate(conts)]
         if any(not c for c in conts):
             raise ValueError("score needs a non-empty continuation for every prompt")
         n = max(len(c) for c in conts)

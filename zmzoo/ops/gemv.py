@@ -120,6 +120,25 @@ def gemv_ref(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | No
     return y if residual is None else residual + y
 
 
+def _input_tile(x_ptr, g_ptr, offs_m, mask_m, stride_xm, cols, mask_c, K,
+                SILU: tl.constexpr, NORM: tl.constexpr):
+    """The prologue of the GEMV kernels on one tile of the input: x[offs_m][:, cols] in fp32 (BLOCK_M, len(cols)),
+    zero where ``mask_m`` or ``mask_c`` is off. SILU: x holds gate|up and the tile is silu(gate) * up, up K columns
+    further. Returns the tile (NORM: times the norm weight g[cols]) and its squares before that weight, which the
+    caller sums over K for the RMSNorm's rsqrt (the squares are unused, and compiled away, without NORM). Used by
+    ``_gemv_kernel`` and ``zmzoo.ops.qgemv._qgemv_kernel`` (whose 4-bit branch calls it on the two nibbles' columns)."""
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + cols[None, :]
+    mask_x = mask_m[:, None] & mask_c[None, :]
+    x = tl.load(x_ptrs, mask=mask_x, other=0.0).to(tl.float32)
+    if SILU:
+        up = tl.load(x_ptrs + K, mask=mask_x, other=0.0).to(tl.float32)
+        x = x / (1.0 + tl.exp(-x)) * up
+    x2 = x * x
+    if NORM:
+        x = x * tl.load(g_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    return x, x2
+
+
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
@@ -142,15 +161,9 @@ def _gemv_kernel(
         mask_k = offs_k < K
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-        mask_x = mask_m[:, None] & mask_k[None, :]
-        x = tl.load(x_ptrs, mask=mask_x, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
-        if SILU:
-            up = tl.load(x_ptrs + K, mask=mask_x, other=0.0).to(tl.float32)
-            x = x / (1.0 + tl.exp(-x)) * up
+        x, x2 = _input_tile(x_ptr, g_ptr, offs_m, mask_m, stride_xm, offs_k, mask_k, K, SILU, NORM)
         if NORM:
-            sq += x * x
-            x = x * tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            sq += x2
         acc += x[:, None, :] * w[None, :, :]
     y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     if NORM:
@@ -177,6 +190,7 @@ def _gemv_impl(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor]
 
 
 if triton is not None:
+    _input_tile = triton.jit(_input_tile)  # called from the kernels (which are jitted on first launch, see _launch)
     # zmzoo::gemv(Tensor x, Tensor w, Tensor? b, Tensor? norm, Tensor? residual, float eps, bool silu, int block_n,
     #             int block_k, int num_warps, int num_stages) -> Tensor
     _gemv_op = torch.library.triton_op("zmzoo::gemv", _gemv_impl, mutates_args=())

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from zmzoo.ops._launch import launch, next_pow2
-from zmzoo.ops.gemv import _DTYPES, MAX_ROWS, Config, Split, gemv_config, gemv_ref, silu_mul
+from zmzoo.ops.gemv import _DTYPES, MAX_ROWS, Config, Split, _input_tile, gemv_config, gemv_ref, silu_mul
 from zmzoo.ops.quant import QTensor, dequantize_ref
 
 try:
@@ -77,15 +77,9 @@ def _qgemv_kernel(
             if GROUP > 0:  # dequantize with the group's scale (BLOCK_N, BLOCK_K)
                 w = w * tl.load(s_ptr + rows * stride_sn + (offs_k // GROUP)[None, :], mask=mask_w,
                                 other=0.0).to(tl.float32)
-            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-            mask_x = mask_m[:, None] & mask_k[None, :]
-            x = tl.load(x_ptrs, mask=mask_x, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
-            if SILU:
-                up = tl.load(x_ptrs + K, mask=mask_x, other=0.0).to(tl.float32)
-                x = x / (1.0 + tl.exp(-x)) * up
+            x, x2 = _input_tile(x_ptr, g_ptr, offs_m, mask_m, stride_xm, offs_k, mask_k, K, SILU, NORM)
             if NORM:
-                sq += x * x
-                x = x * tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+                sq += x2
             acc += x[:, None, :] * w[None, :, :]
         y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
         sq_sum = tl.sum(sq, axis=1)
@@ -110,19 +104,11 @@ def _qgemv_kernel(
             else:  # w = scale * (q - 8)
                 w_lo = (lo - 8.0) * s
                 w_hi = (hi - 8.0) * s
-            mask_x = mask_m[:, None] & mask_b[None, :]
-            x_row = x_ptr + offs_m[:, None] * stride_xm
-            x_lo = tl.load(x_row + col_lo[None, :], mask=mask_x, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K // 2)
-            x_hi = tl.load(x_row + col_hi[None, :], mask=mask_x, other=0.0).to(tl.float32)
-            if SILU:
-                up_lo = tl.load(x_row + K + col_lo[None, :], mask=mask_x, other=0.0).to(tl.float32)
-                up_hi = tl.load(x_row + K + col_hi[None, :], mask=mask_x, other=0.0).to(tl.float32)
-                x_lo = x_lo / (1.0 + tl.exp(-x_lo)) * up_lo
-                x_hi = x_hi / (1.0 + tl.exp(-x_hi)) * up_hi
+            # (BLOCK_M, BLOCK_K // 2) each: the input at the low and the high nibbles' columns
+            x_lo, x2_lo = _input_tile(x_ptr, g_ptr, offs_m, mask_m, stride_xm, col_lo, mask_b, K, SILU, NORM)
+            x_hi, x2_hi = _input_tile(x_ptr, g_ptr, offs_m, mask_m, stride_xm, col_hi, mask_b, K, SILU, NORM)
             if NORM:
-                sq += x_lo * x_lo + x_hi * x_hi
-                x_lo = x_lo * tl.load(g_ptr + col_lo, mask=mask_b, other=0.0).to(tl.float32)[None, :]
-                x_hi = x_hi * tl.load(g_ptr + col_hi, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+                sq += x2_lo + x2_hi
             acc += x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
         y = tl.sum(acc, axis=2)
         sq_sum = tl.sum(sq, axis=1)
