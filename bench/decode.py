@@ -34,9 +34,16 @@ caught) and the total tokens/s of the compiled step at that batch. Rows are fill
 cache state to the other rows (every cache buffer is per row along dim 0; ``--prefill-all-rows`` prefills each row
 instead).
 
-Peers (``--peers hf``, ``bench.peers``): HF transformers' LlamaForCausalLM with the same dimensions, random weights
-from the same seed, a ``StaticCache`` and ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)``;
-skipped with the reason printed when transformers is missing or the run fails.
+Peers (``--peers hf,gptfast``, ``bench.peers``), after zmzoo's rows, at ``--peer-contexts``: ``hf`` is HF
+transformers' LlamaForCausalLM with the same dimensions, random weights from the same seed, a ``StaticCache`` and
+``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)``. ``gptfast`` is gpt-fast's Transformer with
+the same dimensions and random weights, weight-only int8 / int4 (group ``--group-size``, default 64) by its own quant
+handlers when ``--quantize`` is int8 / int4 (its full precision otherwise: bf16 on CUDA), its prefill (chunks of
+``--gptfast-prefill-chunk``) and its ``decode_one_token`` (sampling included) compiled as its generate.py does, with
+``mode="reduce-overhead", fullgraph=True`` (``--compile auto`` on CUDA; eager on CPU). gpt-fast's code is not in
+this repository: ``scripts/fetch_peers.sh`` puts it in the ignored ``.peers/gpt-fast`` (carry that folder to a machine
+without network). gpt-fast's int4 runs on CUDA only (its kernels have no CPU version). A peer that cannot run
+(transformers missing, no .peers/gpt-fast, another architecture) is skipped with the reason printed and in its row.
 
 Writes ``OUT/results.json`` (every figure and the environment; rewritten after every configuration, so a run cut
 short keeps what it measured) and ``OUT/decode.png``; prints a table. ``--merge`` joins the results.json of separate
@@ -70,7 +77,7 @@ import torch
 try:
     from bench.maxbatch import max_batch_search
     from bench.measure import compile_arg, run_group, weight_bytes
-    from bench.peers import hf_peer
+    from bench.peers import gptfast_label, gptfast_peer, hf_peer
     from bench.plots import decode_plot
     from bench.timing import GiB, copy_bandwidth, free_memory, max_rss_bytes, run_env
 except ModuleNotFoundError as e:  # `python bench/decode.py` puts bench/, not the checkout's root, on the path
@@ -128,7 +135,7 @@ def fmt_bytes(b: int | None, unit: int = GiB) -> str:
 
 def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
     mem = "GiB" if cuda else "(n/a on CPU)"
-    head = (f"{'method':<11} {'context':>7} {'batch':>5} {'slots':>6} {'prefill s':>9} {'pre peak':>8} "
+    head = (f"{'method':<17} {'context':>7} {'batch':>5} {'slots':>6} {'prefill s':>9} {'pre peak':>8} "
             f"{'tok/s':>9} {'dec peak':>8} {'cache MiB':>9} {'MB/step':>8} {'roof tok/s':>10} {'% roof':>6} "
             f"{'compile s':>9} {'wt MB':>7}")
     print(f"peak memory columns in {mem}")
@@ -137,11 +144,11 @@ def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
     for r in rows:
         if not r.get("ok"):
             what = "" if str(r.get("error", "")).startswith("skipped") else "FAILED: "
-            print(f"{r['method']:<11} {r['context']:>7} {r.get('batch', '-'):>5}  {what}{r.get('error')}")
+            print(f"{r['method']:<17} {r['context']:>7} {r.get('batch', '-'):>5}  {what}{r.get('error')}")
             continue
         slots = r.get("budget_slots") or "all"
         cache_mib = f"{r['cache_bytes'] / 2**20:.1f}" if r.get("cache_bytes") is not None else "-"
-        print(f"{r['method']:<11} {r['context']:>7} {r['batch']:>5} {slots!s:>6} {r['prefill_s']:>9.3f} "
+        print(f"{r['method']:<17} {r['context']:>7} {r['batch']:>5} {slots!s:>6} {r['prefill_s']:>9.3f} "
               f"{fmt_bytes(r.get('prefill_peak_bytes')):>8} {r['tokens_per_s']:>9.1f} "
               f"{fmt_bytes(r.get('decode_peak_bytes')):>8} {cache_mib:>9} {r['bytes_per_step'] / 1e6:>8.1f} "
               f"{r['roofline_tokens_per_s']:>10.1f} {r['pct_roofline']:>6.1f} {r['compile_s']:>9.1f} "
@@ -226,9 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-time", type=float, default=120.0, help="search seconds per (method, context)")
     p.add_argument("--max-batch-steps", type=int, default=16)
     p.add_argument("--max-batch-repeats", type=int, default=3)
-    p.add_argument("--peers", default="hf", help="comma-separated peers: hf, or none")
+    p.add_argument("--peers", default="hf",
+                   help="comma-separated peers: hf (transformers, static cache), gptfast (gpt-fast from "
+                        ".peers/gpt-fast, see scripts/fetch_peers.sh; int8 / int4 with --quantize int8 / int4, "
+                        "else full precision), or none")
     p.add_argument("--peer-contexts", help="contexts for the peers (default: all of --contexts)")
     p.add_argument("--hf-prefill-chunk", type=int, default=8192, help="HF prefill chunk (bounds its mask memory)")
+    p.add_argument("--gptfast-prefill-chunk", type=int, default=1024,
+                   help="gpt-fast prefill chunk (its uncompiled prefill materializes each chunk's scores)")
     p.add_argument("--bandwidth-bytes", type=int, help="copy buffer for the bandwidth test (default 2 GiB CUDA, "
                                                         "256 MiB CPU)")
     p.add_argument("--time-limit", type=float, help="skip the configurations left after this many seconds")
@@ -409,18 +421,25 @@ def main(argv: list[str] | None = None) -> int:
         base = None  # the peers build their own models: zmzoo's weights go first
         free_memory(device)
         peer_contexts = parse_list(ns.peer_contexts, int) if ns.peer_contexts else ns.contexts
+        gf_quantize = ns.quantize if ns.quantize in ("int8", "int4") else None
+        gf_group = ns.group_size or 64  # zmzoo's int4 default
         for peer in peers:
-            if peer != "hf":
-                print(f"[decode] peer {peer!r} unknown (known: hf): skipped")
+            if peer not in ("hf", "gptfast"):
+                print(f"[decode] peer {peer!r} unknown (known: hf, gptfast): skipped")
                 continue
+            name = "hf-static" if peer == "hf" else gptfast_label(dtype, gf_quantize, gf_group)
             for context in peer_contexts:
                 steps, repeats = plan(context)
                 if out_of_time():
-                    results["peers"].append({"peer": "hf-static", "method": "hf-static", "context": context,
+                    results["peers"].append({"peer": name, "method": name, "context": context,
                                              "ok": False, "error": f"skipped: --time-limit {ns.time_limit}s reached"})
                     continue
-                print(f"[decode] peer hf-static at context {context} ...", flush=True)
-                r = hf_peer(args, ns, device, dtype, context, steps, repeats)
+                print(f"[decode] peer {name} at context {context} ...", flush=True)
+                if peer == "hf":
+                    r = hf_peer(args, ns, device, dtype, context, steps, repeats)
+                else:
+                    r = gptfast_peer(args, ns, device, dtype, context, steps, repeats, quantize=gf_quantize,
+                                     groupsize=gf_group)
                 results["peers"].append(r)
                 save()
                 if r["ok"]:
@@ -428,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"first call {r['compile_s']:.1f}s")
                 else:
                     print(f"[decode]   peer skipped: {r['error']}")
-                    if "ModuleNotFoundError" in r["error"] or "ImportError" in r["error"]:
+                    if any(k in r["error"] for k in ("ModuleNotFoundError", "ImportError", "FileNotFoundError")):
                         break
 
     results["wall_s"] = time.perf_counter() - t_all

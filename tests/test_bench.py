@@ -1,7 +1,8 @@
 """The benchmark programs on CPU: bench.decode on a tiny random model (merge with an older results file included),
 bench.quality's side-by-side runs against standalone generators, its RULER task on a tiny model (end to end and
 resumed; rows against standalone ``generate``), a tiny quality run on SmolLM2-135M when its GGUF is installed, failing
-kernels as errors, and the probes' command lines."""
+kernels as errors, the probes' command lines, and the gpt-fast peer (from .peers/gpt-fast when present; its
+missing-folder record always)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import importlib
 import json
 import math
 import re
+import sys
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,11 +21,12 @@ import pytest
 import torch
 
 import zmzoo
-from bench import decode, quality
+from bench import decode, peers, quality
 from bench.measure import prefill, run_group
 from bench.tasks.common import Config, Harness
 from bench.tasks.texts import default_texts, prose_paragraphs
 from tests.conftest import TINY
+from zmzoo.models.config import ModelArgs
 from zmzoo.models.weights import bundled_smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +118,75 @@ def test_decode_max_batch_cpu(tmp_path):
     (r,) = json.loads((out / "results.json").read_text())["max_batch"]
     assert r["ok"] and r["batch"] == 4 and r["tokens_per_s"] > 0 and r["ops"] == "torch"
     assert [b for b, _ in r["probes"]] == [1, 2, 4]
+
+
+GPTFAST = pytest.mark.skipif(not (peers.GPTFAST_DIR / "model.py").is_file(),
+                             reason=f"gpt-fast is not in {peers.GPTFAST_DIR}: run scripts/fetch_peers.sh")
+
+
+def test_gptfast_peer_without_its_folder(tmp_path, monkeypatch):
+    """A checkout without .peers/gpt-fast (CI's fresh clone): the peer's row is ok=False and names the folder and
+    scripts/fetch_peers.sh; zmzoo's rows and the run still succeed."""
+    missing = tmp_path / "no-gpt-fast"
+    monkeypatch.setattr(peers, "GPTFAST_DIR", missing)
+    out = tmp_path / "dec"
+    argv = decode_argv(out, "--contexts", "16,32", "--methods", "full", "--steps", "2", "--repeats", "1", "--warmup",
+                       "3", "--compile", "none", "--peers", "gptfast", "--no-plot")
+    assert decode.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["ok"] for r in res["results"]] == [True, True]
+    (r,) = res["peers"]  # the other context is not tried: the folder is missing for every context
+    assert not r["ok"] and r["peer"] == "gpt-fast-fp32" and r["context"] == 16
+    assert str(missing) in r["error"] and "scripts/fetch_peers.sh" in r["error"]
+
+
+@GPTFAST
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gptfast_peer_cpu(quantize):
+    """gpt-fast's own Transformer, quant handler, prefill and decode_one_token (compiled fullgraph by aot_eager) at
+    the tiny model's shapes (head_dim = dim / heads, as gpt-fast's ModelArgs has it; bench.decode's --tiny keeps
+    llama2-7b's head_dim of 128, which gpt-fast cannot build), from .peers/gpt-fast; its modules and generate.py's
+    inductor settings do not outlive it."""
+    before = torch._inductor.config.coordinate_descent_tuning
+    args = ModelArgs(name="tiny", **TINY)
+    ns = SimpleNamespace(batch=2, warmup=3, seed=0, compile="aot_eager", verbose=False, bandwidth=1e10)
+    rows = [peers.gptfast_peer(args, ns, torch.device("cpu"), torch.float32, c, 2, 2, quantize=quantize)
+            for c in (24, 40)]
+    for r in rows:
+        assert r["ok"], r.get("error")
+        assert r["peer"] == ("gpt-fast-int8" if quantize == "int8" else "gpt-fast-fp32")
+        assert r["tokens_per_s"] > 0 and r["compile"].startswith("torch.compile(decode_one_token, fullgraph=True")
+        assert r["gpt_fast"] == (peers.GPTFAST_DIR / "COMMIT").read_text().split()[0]
+        assert r["bytes_per_step"] == r["weight_bytes"] + r["kv_bytes_per_step"]
+        assert r["roofline_tokens_per_s"] * r["bytes_per_step"] == pytest.approx(2 * ns.bandwidth)
+        assert r["pct_roofline"] > 0 and r["max_seq_len"] == r["context"] + 1 + 3 + 4 + 1
+    # the linears as stored (int8: a byte per weight + a scale per output row) and the fp32 norms; no embedding table
+    a = SimpleNamespace(**TINY)
+    hd = a.dim // a.n_heads
+    outs = [(a.n_heads + 2 * a.n_kv_heads) * hd, a.dim, a.intermediate_size, a.intermediate_size, a.dim]
+    ins = [a.dim, a.dim, a.dim, a.dim, a.intermediate_size]
+    lin = a.n_layers * sum(o * i for o, i in zip(outs, ins)) + a.vocab_size * a.dim
+    rows_out = a.n_layers * sum(outs) + a.vocab_size
+    norms = (2 * a.n_layers + 1) * a.dim * 4
+    want = lin + rows_out * 4 + norms if quantize == "int8" else lin * 4 + norms
+    assert rows[0]["weight_bytes"] == want
+    assert rows[1]["kv_bytes_per_step"] > rows[0]["kv_bytes_per_step"]  # flex decoding reads the filled blocks
+    assert not {"model", "quantize", "generate", "tokenizer"} & set(sys.modules)
+    assert torch._inductor.config.coordinate_descent_tuning == before
+
+
+@GPTFAST
+def test_gptfast_peer_records_what_it_cannot_run():
+    """gpt-fast's int4 calls _convert_weight_to_int4pack / _weight_int4pack_mm, CUDA-only, and its ModelArgs has
+    head_dim = dim / heads (bench.decode's --tiny has 128): the records say so instead of running something else."""
+    args = ModelArgs(name="tiny", **TINY)
+    ns = SimpleNamespace(batch=1, warmup=3, seed=0, compile="none", verbose=False, bandwidth=1e10)
+    r = peers.gptfast_peer(args, ns, torch.device("cpu"), torch.bfloat16, 16, 2, 1, quantize="int4", groupsize=32)
+    assert not r["ok"] and r["peer"] == "gpt-fast-int4-g32"
+    assert "cannot run on cpu" in r["error"] and "_weight_int4pack_mm" in r["error"]
+    wide = ModelArgs(name="tiny", **{**TINY, "head_dim": 128})
+    r = peers.gptfast_peer(wide, ns, torch.device("cpu"), torch.float32, 16, 2, 1)
+    assert not r["ok"] and "head_dim = dim // n_head" in r["error"]
 
 
 @pytest.fixture
