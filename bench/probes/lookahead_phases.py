@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     gens = {name: base.with_cache("zeromerge", kv_budget=ns.kv_budget, preset=preset, max_seq_len=max(contexts) + 64)
             for name, preset in (("plain", None), (ns.preset, ns.preset))}
     g = torch.Generator().manual_seed(0)
-    report: dict = dict(command=" ".join(["python -m bench.probes.lookahead_phases", *(argv or [])]),
+    given = sys.argv[1:] if argv is None else argv
+    report: dict = dict(command=" ".join(["python -m bench.probes.lookahead_phases", *given]),
                         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", contexts={})
     for ctx in contexts:
         ids = torch.randint(3, vocab, (ctx,), generator=g).tolist()
