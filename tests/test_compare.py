@@ -143,3 +143,19 @@ def test_fanout_checks_its_parts():
     q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match="row 0"):
         fan.prefill(q, k, k, row=1)
+
+
+@pytest.mark.parametrize("where", ["prompt", "forced"])
+@pytest.mark.parametrize("bad", [-1, 128, True])
+def test_out_of_range_ids_are_named(gen, where, bad):
+    """A token id outside the vocabulary (or a bool) is refused before anything runs, naming the sequence, position and
+    id (the embedding would raise a bare IndexError, or a device-side assert on CUDA)."""
+    prompt, forced = list(range(3, 13)), [5, 6, 7]
+    if where == "prompt":
+        prompt[4] = bad
+    else:
+        forced[1] = bad
+    pos = 4 if where == "prompt" else 1
+    with pytest.raises(ValueError, match=rf"compare_caches: {where} token #{pos} = {bad!r} is not a token id in "
+                                         rf"\[0, {gen.args.vocab_size}\)"):
+        zmzoo.compare_caches(gen, {"full": {"method": "full"}}, prompt, steps=3, forced=forced)

@@ -17,6 +17,7 @@ configs[label])`` computes alone at the same ``max_seq_len`` (tests/test_compare
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,13 @@ def _decode_fn(model, compile: bool | str | Callable, device: torch.device) -> C
 
 
 @torch.inference_mode()
+def _ids(seq: Sequence[Any]) -> list[Any]:
+    """Token ids as Python ints (numpy and tensor integers converted; bools and other values kept, for
+    ``Generator._check_ids`` to refuse by name)."""
+    seq = seq.tolist() if isinstance(seq, Tensor) else seq
+    return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in seq]
+
+
 def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Sequence[int], *, steps: int,
                    forced: Sequence[int] | None = None, attention_error: bool = False,
                    compile: bool | str | Callable = False, max_seq_len: int | None = None,
@@ -127,14 +135,16 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
     The decode step's GEMV plans are set for N rows as ``gen``'s own are (``Transformer.set_gemv``); what timing them
     measured joins ``gen.model.gemv_tuning`` (the same weights), so later calls with N configurations reuse it.
     """
-    prompt = [int(t) for t in prompt_ids]
+    prompt = _ids(prompt_ids)
+    gen._check_ids(prompt, "compare_caches: prompt")  # the embedding would fail without naming the token
     t = len(prompt)
     if t == 0:
         raise ValueError("compare_caches: the prompt is empty")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"compare_caches: steps={steps!r} must be a whole number >= 1")
     if forced is not None:
-        forced = [int(x) for x in forced]
+        forced = _ids(forced)
+        gen._check_ids(forced, "compare_caches: forced")
         if len(forced) != steps:
             raise ValueError(f"compare_caches: forced has {len(forced)} tokens for steps={steps} (one per step)")
         if stop_ids:
@@ -144,7 +154,7 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
     max_seq_len = t + steps if max_seq_len is None else max_seq_len
     if t + steps > max_seq_len:
         raise ValueError(f"compare_caches: a prompt of {t} tokens and {steps} steps exceed max_seq_len {max_seq_len}")
-    a = gen.args
+    a = gen.model.args  # a tensor-parallel rank's own heads
     common = dict(n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim,
                   max_seq_len=max_seq_len, dtype=gen.dtype, device=gen.device, sliding_window=a.sliding_window,
                   backend=gen.backend)
