@@ -434,3 +434,54 @@ def test_lookahead_selection_property(dtype, c):
 @given(c=lookahead_cases(small=True))
 def test_lookahead_selection_property_triton(dtype, c):
     check_lookahead(c, "triton", dtype)
+
+
+def lookup_by_table(prompt, draft, n, min_match=3, skip_end=32):
+    """prompt_lookup as it was first written (a dict of every m-gram's first position), the oracle of the numpy one."""
+    best = None
+    body = len(prompt) - skip_end
+    for m in range(min(len(draft), 8), min_match - 1, -1):
+        positions = {}
+        for i in range(body - m):
+            positions.setdefault(tuple(prompt[i : i + m]), i)
+        for end in range(m, len(draft) + 1):
+            at = positions.get(tuple(draft[end - m : end]))
+            if at is not None:
+                best = (m, end, at + m)
+                break
+        if best is not None:
+            break
+    if best is None:
+        return draft
+    _, end, cont = best
+    return (draft[:end] + prompt[cont : cont + n - end])[:n]
+
+
+@examples(300)
+@given(vocab=st.integers(2, 6), prompt_len=st.integers(0, 90), draft_len=st.integers(0, 12), n=st.integers(1, 40),
+       skip_end=st.integers(0, 40), min_match=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_prompt_lookup_is_the_table_lookup(vocab, prompt_len, draft_len, n, skip_end, min_match, seed):
+    """The vectorised prompt lookup gives what the table of m-grams gives (small vocabularies: many matches, ties
+    between lengths and positions, matches at the body's edge), for drafts shorter and longer than 8."""
+    import random
+
+    from zmzoo.models.transformer import prompt_lookup
+
+    r = random.Random(seed)
+    prompt = [r.randrange(vocab) for _ in range(prompt_len)]
+    draft = [r.randrange(vocab) for _ in range(draft_len)]
+    got = prompt_lookup(prompt, draft, n, min_match=min_match, skip_end=skip_end)
+    assert got == lookup_by_table(prompt, draft, n, min_match=min_match, skip_end=skip_end)
+    event("matched" if got != draft else "unchanged")
+
+
+def test_prompt_lookup_examples():
+    from zmzoo.models.transformer import prompt_lookup
+
+    prompt = [9, 1, 2, 3, 4, 5, 6, 7] + [0] * 32  # the last 32 (skip_end) are never looked in
+    assert prompt_lookup(prompt, [1, 2, 3], 6) == [1, 2, 3, 4, 5, 6]  # continued after the stretch
+    assert prompt_lookup(prompt, [8, 2, 3, 4, 8], 6) == [8, 2, 3, 4, 5, 6]  # the draft's tail after it replaced
+    assert prompt_lookup(prompt, [8, 8, 8], 6) == [8, 8, 8]  # nothing matches: unchanged
+    assert prompt_lookup(prompt, [0, 0, 0], 6) == [0, 0, 0]  # only in the skipped end
+    assert prompt_lookup([1, 2, 3, 4], [1, 2, 3], 6, skip_end=0) == [1, 2, 3, 4]
+    assert prompt_lookup([4, 1, 2, 3], [1, 2, 3], 6, skip_end=0) == [1, 2, 3]  # a stretch must leave a next token

@@ -15,6 +15,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -141,28 +142,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096, kern: Pre
 
 def prompt_lookup(prompt: list[int], draft: list[int], n: int, min_match: int = 3, skip_end: int = 32) -> list[int]:
     """``draft`` extended to ``n`` tokens from ``prompt`` (prompt-lookup drafting): the longest stretch of ``draft``
-    (at least ``min_match`` tokens, the earliest among equals) that occurs in the prompt before its last ``skip_end``
-    tokens (where the question and the chat template sit, which the draft often restates), followed by what follows
-    its first occurrence there; the draft's tokens after that stretch are replaced. ``draft`` unchanged where nothing
-    matches."""
-    best = None  # (length, end in draft, continuation start in prompt)
-    positions: dict[tuple[int, ...], int] = {}
+    (at most 8, at least ``min_match`` tokens, the earliest among equals) that occurs in the prompt before its last
+    ``skip_end`` tokens (where the question and the chat template sit, which the draft often restates), followed by
+    what follows its first occurrence there; the draft's tokens after that stretch are replaced. ``draft`` unchanged
+    where nothing matches.
+
+    A stretch of m tokens is looked for at the prompt positions i < len(prompt) - skip_end - m, all at once (numpy:
+    one comparison of the prompt with each of its tokens, shifted), so a 40K-token prompt takes milliseconds, not the
+    0.1-0.2 s of a table of every m-gram."""
     body = len(prompt) - skip_end
-    for m in range(min(len(draft), 8), min_match - 1, -1):  # first occurrence of every m-gram of the prompt
-        positions = {}
-        for i in range(body - m):
-            positions.setdefault(tuple(prompt[i : i + m]), i)
-        for end in range(m, len(draft) + 1):  # the earliest in the draft: an answer restates the question first
-            at = positions.get(tuple(draft[end - m : end]))
-            if at is not None:
-                best = (m, end, at + m)
-                break
-        if best is not None:
-            break
-    if best is None:
+    if body <= min_match or len(draft) < min_match:
         return draft
-    _, end, cont = best
-    return (draft[:end] + prompt[cont : cont + n - end])[:n]
+    p = np.asarray(prompt[:body], dtype=np.int64)
+    for m in range(min(len(draft), 8), min_match - 1, -1):
+        limit = body - m  # the stretch's first token at i < limit
+        if limit <= 0:
+            continue
+        for end in range(m, len(draft) + 1):  # the earliest in the draft: an answer restates the question first
+            hit = p[:limit] == draft[end - m]
+            for j in range(1, m):
+                hit &= p[j : limit + j] == draft[end - m + j]
+            first = np.flatnonzero(hit)
+            if first.size:
+                cont = int(first[0]) + m
+                return (draft[:end] + prompt[cont : cont + n - end])[:n]
+    return draft
 
 
 @torch.no_grad()
