@@ -32,6 +32,16 @@ import torch
 from bench.timing import free_memory, is_oom, peak_bytes, reset_peak, sync, time_decode
 
 
+def add_roofline(rec: dict[str, Any], ns, args, item: int, weight_bytes: int, attended: int) -> None:
+    """A peer's bytes a step (its weights as stored, the KV of ``attended`` positions) and its roofline, into ``rec``,
+    which it marks ok."""
+    kvb = ns.batch * 2 * args.n_layers * args.n_kv_heads * args.head_dim * item * attended
+    rec.update(weight_bytes=weight_bytes, kv_bytes_per_step=kvb, bytes_per_step=weight_bytes + kvb,
+               roofline_tokens_per_s=ns.batch * ns.bandwidth / (weight_bytes + kvb))
+    rec["pct_roofline"] = 100.0 * rec["tokens_per_s"] / rec["roofline_tokens_per_s"]
+    rec["ok"] = True
+
+
 def hf_peer(args, ns, device, dtype, context: int, steps: int, repeats: int) -> dict[str, Any]:
     """HF transformers LlamaForCausalLM + StaticCache + compiled forward, the same shape and timing as zmzoo."""
     rec: dict[str, Any] = {"peer": "hf-static", "method": "hf-static", "context": context, "batch": ns.batch}
@@ -121,11 +131,7 @@ def hf_peer(args, ns, device, dtype, context: int, steps: int, repeats: int) -> 
         if not args.tie_embeddings:
             wb -= model.model.embed_tokens.weight.numel() * item
         # HF's SDPA over a static cache reads all max_cache_len slots (masked), not only the filled ones
-        kvb = ns.batch * 2 * args.n_layers * args.n_kv_heads * args.head_dim * item * max_seq_len
-        rec.update(weight_bytes=wb, kv_bytes_per_step=kvb, bytes_per_step=wb + kvb,
-                   roofline_tokens_per_s=ns.batch * ns.bandwidth / (wb + kvb))
-        rec["pct_roofline"] = 100.0 * rec["tokens_per_s"] / rec["roofline_tokens_per_s"]
-        rec["ok"] = True
+        add_roofline(rec, ns, args, item, wb, max_seq_len)
     except Exception as e:
         rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}", oom=is_oom(e))
         if ns.verbose:
@@ -421,11 +427,7 @@ def gptfast_peer(args, ns, device, dtype, context: int, steps: int, repeats: int
             # flex decoding skips the mask's empty blocks: the tokens attended on average while timed, as zmzoo's
             # rows count them; SDPA over the static cache reads every slot (masked), as HF's does
             attended = context + 1 + ns.warmup + steps * repeats // 2 if flex else model.max_seq_length
-            kvb = ns.batch * 2 * args.n_layers * args.n_kv_heads * args.head_dim * item * attended
-            rec.update(weight_bytes=wb, kv_bytes_per_step=kvb, bytes_per_step=wb + kvb,
-                       roofline_tokens_per_s=ns.batch * ns.bandwidth / (wb + kvb))
-            rec["pct_roofline"] = 100.0 * rec["tokens_per_s"] / rec["roofline_tokens_per_s"]
-            rec["ok"] = True
+            add_roofline(rec, ns, args, item, wb, attended)
     except Exception as e:
         rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}", oom=is_oom(e))
         if ns.verbose:
