@@ -85,6 +85,24 @@ def test_smollm2_round_trip_and_digits(smol):
     assert smol.encode(" 2024") == smol.encode(" ") + [smol.encode(d)[0] for d in "2024"]
 
 
+@needs_bundled
+def test_smollm2_word_classes(smol):
+    """Case, a leading space and a plural share a class; other words, whitespace and special tokens do not."""
+    cls = smol.word_classes
+    assert cls.shape == (smol.vocab_size,) and cls.dtype.kind == "i"
+
+    def one(text: str) -> int:
+        ids = smol.encode(text)
+        assert len(ids) == 1, (text, ids)
+        return int(cls[ids[0]])
+
+    assert one(" number") == one(" numbers") == one("number")
+    assert one("The") == one(" the") and one(" Magic") == one(" magic")
+    assert len({one(" number"), one(" class"), one(" pass"), one(" the"), one(" was")}) == 5  # "ss", short words
+    assert one("\n") != one("\n\n") and one("<|im_end|>") != one("<|im_start|>")
+    assert all(cls[i] <= i for i in range(0, smol.vocab_size, 97))  # the smallest id of its class
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # tokenizer.json directories
 

@@ -187,7 +187,8 @@ def compare_caches(gen, configs: Mapping[str, Mapping[str, Any]], prompt_ids: Se
         logits0 = model.prefill(torch.tensor([prompt], device=dev), row=0)  # (1, V)
         pos = torch.full((n,), t, dtype=torch.int64, device=dev)
         tok = logits0.argmax(-1).expand(n).contiguous()
-        model.finish_prefill(tok, pos, step, prompts=[prompt] * n)  # the prefill drafts (ZeroMerge's lookahead)
+        model.finish_prefill(tok, pos, step, prompts=[prompt] * n,  # the prefill drafts (ZeroMerge's lookahead)
+                             classes=gen.lookup_classes(layers))
         _sync(dev)
         t1 = time.perf_counter()
         toks = [tok]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -169,6 +170,7 @@ class Generator:
                  verbose: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        self._classes: np.ndarray | None = None  # the tokenizer's word classes, built on a prefill draft's first lookup
         self.args = args
         self.cache_config = cache_config
         self.device = device
@@ -316,6 +318,19 @@ class Generator:
         stop_ids = set(self.tokenizer.eos_ids) if self.tokenizer is not None else set()
         return [RowText(self.tokenizer, stop, stop_ids) for _ in range(n)]
 
+    def lookup_classes(self, caches: Sequence[Any] | None = None) -> np.ndarray | None:
+        """The classes a prefill draft's prompt lookup compares tokens by (``Transformer.finish_prefill``): the
+        tokenizer's word classes over the model's vocabulary (ids past the tokenizer's: classes of their own), built
+        once; None without a tokenizer (ids compared as they are) or when none of ``caches`` (default: this
+        Generator's) has a draft pending."""
+        caches = self.model.caches if caches is None else caches
+        if self.tokenizer is None or not any(c.draft_request() for c in caches):
+            return None
+        if self._classes is None:
+            cls = self.tokenizer.word_classes[: self.args.vocab_size]
+            self._classes = np.concatenate([cls, np.arange(len(cls), self.args.vocab_size, dtype=np.int64)])
+        return self._classes
+
     # ------------------------------------------------------------------ core loop
     @torch.inference_mode()
     def prefill(self, ids: Sequence[Sequence[int]]) -> list[Tensor]:
@@ -338,7 +353,7 @@ class Generator:
             out.append(logits)
             greedy[row] = logits[0].argmax()
             self.pos[row] = len(seq)
-        self.model.finish_prefill(greedy, self.pos, self.decode_step, prompts=ids)
+        self.model.finish_prefill(greedy, self.pos, self.decode_step, prompts=ids, classes=self.lookup_classes())
         return out
 
     @torch.inference_mode()

@@ -10,6 +10,7 @@ the keys before it is folded into the prompt's decayed scores as a decode step w
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import pytest
@@ -436,46 +437,57 @@ def test_lookahead_selection_property_triton(dtype, c):
     check_lookahead(c, "triton", dtype)
 
 
-def lookup_by_table(prompt, draft, n, min_match=3, skip_end=32):
-    """prompt_lookup as it was first written (a dict of every m-gram's first position), the oracle of the numpy one."""
-    best = None
+def lookup_by_table(prompt, draft, n, min_match=3, skip_end=32, classes=None, restate=4):
+    """prompt_lookup written plainly (a dict of every m-gram's positions in the body), the oracle of the numpy one."""
     body = len(prompt) - skip_end
-    for m in range(min(len(draft), 8), min_match - 1, -1):
+    if body <= min_match:
+        return list(draft)
+    cls = (lambda t: t) if classes is None else (lambda t: int(classes[t]))
+    pr, dr = [cls(t) for t in prompt], [cls(t) for t in draft]
+    tail = pr[body:]
+    src = tail + dr
+    for in_draft, m in itertools.product((True, False), range(min(len(src), 8), min_match - 1, -1)):
         positions = {}
         for i in range(body - m):
-            positions.setdefault(tuple(prompt[i : i + m]), i)
-        for end in range(m, len(draft) + 1):
-            at = positions.get(tuple(draft[end - m : end]))
-            if at is not None:
-                best = (m, end, at + m)
-                break
-        if best is not None:
-            break
-    if best is None:
-        return draft
-    _, end, cont = best
-    return (draft[:end] + prompt[cont : cont + n - end])[:n]
+            positions.setdefault(tuple(pr[i : i + m]), []).append(i)
+        for end in range(m, len(src) + 1):
+            if (end - m >= len(tail)) != in_draft:
+                continue
+            for at in positions.get(tuple(src[end - m : end]), []):
+                cont = at + m
+                nxt = pr[cont : cont + restate]
+                if restate and any(tail[j : j + len(nxt)] == nxt for j in range(len(tail) - len(nxt) + 1)):
+                    continue  # a restatement of the tail
+                head = list(draft[: end - len(tail)]) if end > len(tail) else list(draft)
+                return (head + list(prompt[cont : cont + n - len(head)]))[:n]
+    return list(draft)
 
 
 @examples(300)
 @given(vocab=st.integers(2, 6), prompt_len=st.integers(0, 90), draft_len=st.integers(0, 12), n=st.integers(1, 40),
-       skip_end=st.integers(0, 40), min_match=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_prompt_lookup_is_the_table_lookup(vocab, prompt_len, draft_len, n, skip_end, min_match, seed):
+       skip_end=st.integers(0, 40), min_match=st.integers(1, 4), merge=st.booleans(), seed=st.integers(0, 2**16))
+def test_prompt_lookup_is_the_table_lookup(vocab, prompt_len, draft_len, n, skip_end, min_match, merge, seed):
     """The vectorised prompt lookup gives what the table of m-grams gives (small vocabularies: many matches, ties
-    between lengths and positions, matches at the body's edge), for drafts shorter and longer than 8."""
+    between lengths and positions, matches at the body's edge, in the tail and across it, restatements skipped), for
+    drafts shorter and longer than 8, comparing ids or classes (``merge``: ids 2k and 2k+1 one class)."""
     import random
+
+    import numpy as np
 
     from zmzoo.models.transformer import prompt_lookup
 
     r = random.Random(seed)
     prompt = [r.randrange(vocab) for _ in range(prompt_len)]
     draft = [r.randrange(vocab) for _ in range(draft_len)]
-    got = prompt_lookup(prompt, draft, n, min_match=min_match, skip_end=skip_end)
-    assert got == lookup_by_table(prompt, draft, n, min_match=min_match, skip_end=skip_end)
+    classes = np.arange(vocab) // 2 if merge else None
+    got = prompt_lookup(prompt, draft, n, min_match=min_match, skip_end=skip_end, classes=classes)
+    assert got == lookup_by_table(prompt, draft, n, min_match=min_match, skip_end=skip_end, classes=classes)
     event("matched" if got != draft else "unchanged")
 
 
 def test_prompt_lookup_examples():
+    import numpy as np
+
     from zmzoo.models.transformer import prompt_lookup
 
     prompt = [9, 1, 2, 3, 4, 5, 6, 7] + [0] * 32  # the last 32 (skip_end) are never looked in
@@ -485,3 +497,21 @@ def test_prompt_lookup_examples():
     assert prompt_lookup(prompt, [0, 0, 0], 6) == [0, 0, 0]  # only in the skipped end
     assert prompt_lookup([1, 2, 3, 4], [1, 2, 3], 6, skip_end=0) == [1, 2, 3, 4]
     assert prompt_lookup([4, 1, 2, 3], [1, 2, 3], 6, skip_end=0) == [1, 2, 3]  # a stretch must leave a next token
+    # the stretch in the tail (an answer prefix the prompt ends with): the whole draft, then the continuation
+    needle, question = [20, 21, 22, 23, 40, 41, 42], [30, 20, 21, 22, 23, 31, 32, 33, 34]
+    prompt = [9] * 10 + needle + [9] * 10 + question + [8] * 5 + [20, 21, 22, 23]
+    assert prompt_lookup(prompt, [50, 51], 8, skip_end=18) == [50, 51, 40, 41, 42, 9, 9, 9]
+    # the question asked just before the tail shares a longer stretch with the answer prefix than the needle, but
+    # the tail holds what follows it (the question's rest, restated by the prefix): skipped
+    needle, question = [20, 21, 22, 40, 41, 42, 43], [30, 20, 21, 22, 31, 32, 33, 34, 36]
+    prefix = [20, 21, 22, 31, 32, 33, 35]
+    prompt = [9] * 10 + needle + [9] * 10 + question + [8, 8] + prefix
+    tail = 3 + 2 + len(prefix)  # from the question's 33 on
+    assert prompt_lookup(prompt, [50], 4, skip_end=tail, restate=2) == [50, 40, 41, 42]
+    assert prompt_lookup(prompt, [50], 4, skip_end=tail, restate=0) == [50, 32, 33, 34]  # (not skipped: restate=0)
+    # classes: 22 written as 24 in the draft ("number" for "numbers") still matches
+    classes = np.arange(60)
+    classes[24] = 22
+    prompt = [9] * 5 + needle + [0] * 32
+    assert prompt_lookup(prompt, [20, 21, 24], 5) == [20, 21, 24]
+    assert prompt_lookup(prompt, [20, 21, 24], 5, classes=classes) == [20, 21, 24, 40, 41]

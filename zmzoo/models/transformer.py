@@ -140,32 +140,64 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096, kern: Pre
     return out
 
 
-def prompt_lookup(prompt: list[int], draft: list[int], n: int, min_match: int = 3, skip_end: int = 32) -> list[int]:
-    """``draft`` extended to ``n`` tokens from ``prompt`` (prompt-lookup drafting): the longest stretch of ``draft``
-    (at most 8, at least ``min_match`` tokens, the earliest among equals) that occurs in the prompt before its last
-    ``skip_end`` tokens (where the question and the chat template sit, which the draft often restates), followed by
-    what follows its first occurrence there; the draft's tokens after that stretch are replaced. ``draft`` unchanged
-    where nothing matches.
+def prompt_lookup(prompt: Sequence[int], draft: Sequence[int], n: int, min_match: int = 3, skip_end: int = 32,
+                  classes: np.ndarray | None = None, max_match: int = 8, restate: int = 4) -> list[int]:
+    """``draft`` extended to ``n`` tokens from ``prompt`` (prompt-lookup drafting), or ``draft`` unchanged where
+    nothing matches.
 
-    A stretch of m tokens is looked for at the prompt positions i < len(prompt) - skip_end - m, all at once (numpy:
-    one comparison of the prompt with each of its tokens, shifted), so a 40K-token prompt takes milliseconds, not the
-    0.1-0.2 s of a table of every m-gram."""
+    The prompt's last ``skip_end`` tokens (the *tail*: the question, the chat template, an answer prefix the caller
+    put after it) followed by the draft are the *source*; the prompt before the tail is the *body*. Looked for: the
+    longest stretch of the draft (at most ``max_match``, at least ``min_match`` tokens; among equals the earliest)
+    that occurs in the body followed by at least one body token, at its earliest occurrence there that is not a
+    restatement of the tail (the ``restate`` tokens after it occur, in a row, in the tail: the question asked again
+    rather than the fact); failing that, the same for the stretches of the source that begin in the tail (an answer
+    prefix the prompt ends with, which the draft only continues). Returned: the draft up to the stretch's end (the
+    whole draft when the stretch lies in the tail), then what follows the occurrence in the prompt, ``n`` tokens in
+    all.
+
+    ``classes`` (vocabulary-sized ints, ``Tokenizer.word_classes``) compares tokens by class, so a key written
+    ``numbers`` in the text and ``number`` in the question, or ``The``/`` the``, still match; None compares ids.
+
+    Every stretch is looked for at every body position at once (numpy: one comparison of the body with each source
+    token, carried along as the length of the match ending there), so a 40K-token prompt takes milliseconds."""
+    draft = list(draft)
     body = len(prompt) - skip_end
-    if body <= min_match or len(draft) < min_match:
+    if body <= min_match:
         return draft
-    p = np.asarray(prompt[:body], dtype=np.int64)
-    for m in range(min(len(draft), 8), min_match - 1, -1):
-        limit = body - m  # the stretch's first token at i < limit
-        if limit <= 0:
-            continue
-        for end in range(m, len(draft) + 1):  # the earliest in the draft: an answer restates the question first
-            hit = p[:limit] == draft[end - m]
-            for j in range(1, m):
-                hit &= p[j : limit + j] == draft[end - m + j]
-            first = np.flatnonzero(hit)
-            if first.size:
-                cont = int(first[0]) + m
-                return (draft[:end] + prompt[cont : cont + n - end])[:n]
+    pr = np.asarray(prompt, dtype=np.int64)
+    dr = np.asarray(draft, dtype=np.int64)
+    if classes is not None:
+        pr, dr = classes[pr], classes[dr]
+    tail = pr[body:]
+    src = np.concatenate([tail, dr])
+    p = pr[:body]
+
+    def restated(at: int) -> bool:
+        if not restate:
+            return False
+        nxt = pr[at : at + restate]
+        k = len(nxt)
+        return any(np.array_equal(tail[j : j + k], nxt) for j in range(len(tail) - k + 1))
+
+    # run[j][i]: how many tokens the source up to j and the body up to i share (their common suffix), so the
+    # m-stretch ending at source token j occurs ending at body token i where run[j][i] >= m: one pass over the source
+    runs, run = [], np.zeros(body, dtype=np.int32)
+    for tok in src:
+        nxt = np.ones(body, dtype=np.int32)
+        nxt[1:] += run[:-1]
+        run = nxt * (p == tok)
+        runs.append(run[: body - 1])  # a body token must follow the stretch
+    for in_draft in (True, False):  # stretches of the draft alone first, then those of the tail (or across it)
+        for m in range(min(len(src), max_match), min_match - 1, -1):
+            for end in range(m, len(src) + 1):
+                if (end - m >= len(tail)) != in_draft:
+                    continue
+                for i in np.flatnonzero(runs[end - 1] >= m):  # the earliest occurrence first
+                    cont = int(i) + 1
+                    if restated(cont):
+                        continue
+                    head = draft[: end - len(tail)] if end > len(tail) else draft
+                    return (head + list(prompt[cont : cont + n - len(head)]))[:n]
     return draft
 
 
@@ -579,7 +611,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def finish_prefill(self, first: Tensor, pos: Tensor, decode: Callable[[Tensor, Tensor], Tensor] | None = None,
-                       prompts: Sequence[Sequence[int]] | None = None) -> None:
+                       prompts: Sequence[Sequence[int]] | None = None, classes: np.ndarray | None = None) -> None:
         """After every row's prefill: the cache protocol's prefill draft (zmzoo/cache/base.py). Caches that ask for
         it (ZeroMerge's ``lookahead``) get each requesting row's draft run through every layer (``rescore``), which
         they use to compress the row again; then every cache's ``finish_prefill``.
@@ -588,8 +620,10 @@ class Transformer(nn.Module):
         at positions ``pos`` (B,) (each row's prompt length), decoded for all rows together by ``decode`` (default:
         ``self.decode``; a Generator passes its compiled step) over the caches as prefill left them. With g < n and
         the row's prompt in ``prompts``, up to n - g more are looked up in the prompt (``prompt_lookup``: after the
-        longest stretch of the greedy tokens that also occurs in the prompt, the prompt's own continuation); where
-        nothing matches, the draft is the g greedy tokens. So a draft costs g - 1 decode steps whatever it finds.
+        longest stretch of the greedy tokens, or else of the prompt's end, that also occurs earlier in the prompt,
+        the prompt's own continuation; tokens compared by ``classes``, a vocabulary-sized array such as
+        ``Tokenizer.word_classes``, or by id when None); where nothing matches, the draft is the g greedy tokens. So
+        a draft costs g - 1 decode steps whatever it finds.
         Every cache's state is restored after the draft's decode steps, so the draft leaves no trace."""
         while True:  # a cache may ask for several rounds, each drafted over the previous round's selection
             requests: dict[int, tuple[int, int]] = {}
@@ -600,7 +634,7 @@ class Transformer(nn.Module):
             if not requests:
                 break
             with torch.profiler.record_function("zmzoo.draft"):  # named ranges for profiles (bench/probes)
-                drafts = self._draft(first, pos, decode or self.decode, requests, prompts)
+                drafts = self._draft(first, pos, decode or self.decode, requests, prompts, classes)
             with torch.profiler.record_function("zmzoo.rescore"):
                 for row, tokens in sorted(drafts.items()):
                     self._rescore(torch.tensor([tokens], device=first.device), row, int(pos[row]))
@@ -608,7 +642,8 @@ class Transformer(nn.Module):
             c.finish_prefill()
 
     def _draft(self, first: Tensor, pos: Tensor, decode: Callable[[Tensor, Tensor], Tensor],
-               requests: dict[int, tuple[int, int]], prompts: Sequence[Sequence[int]] | None) -> dict[int, list[int]]:
+               requests: dict[int, tuple[int, int]], prompts: Sequence[Sequence[int]] | None,
+               classes: np.ndarray | None = None) -> dict[int, list[int]]:
         """The draft tokens of each requesting row (see ``finish_prefill``); the caches are restored afterwards."""
         snaps = [c.snapshot() for c in self.caches]
         tok, p = first.clone(), pos.clone()
@@ -628,7 +663,7 @@ class Transformer(nn.Module):
             for row, (n, g) in requests.items():
                 drafts[row] = greedy[row][:g]
                 if g < n and prompts is not None:  # where nothing matches, the greedy tokens alone
-                    drafts[row] = prompt_lookup(list(prompts[row]), drafts[row], n)
+                    drafts[row] = prompt_lookup(list(prompts[row]), drafts[row], n, classes=classes)
         for c, snap in zip(self.caches, snaps):
             c.restore(snap)
         return drafts
