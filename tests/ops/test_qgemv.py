@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.ops.test_quant import formats
-from zmzoo.ops.gemv import CANDIDATES, MAX_ROWS, Config, Split, for_rows
-from zmzoo.ops.qgemv import kernel_config, qgemv, qgemv_ref
-from zmzoo.ops.quant import dequantize_ref, quantize_int8
+from zmzoo.ops.gemv import CANDIDATES, MAX_ROWS, Config, Split, for_rows, gemv_config
+from zmzoo.ops.qgemv import INT4_CANDIDATES, candidates, kernel_config, qgemv, qgemv_config, qgemv_ref
+from zmzoo.ops.quant import QTensor, dequantize_ref, pack_int4, quantize_int8
 
 DEVICE = os.environ.get("ZMZOO_TEST_DEVICE", "cpu")
 
@@ -97,17 +97,85 @@ def test_qgemv_low_precision_error_at_most_twice_reference(name, fusion, dtype):
     assert err <= 2 * err_ref + 1e-6, (err, err_ref)
 
 
-@pytest.mark.parametrize("cfg", CANDIDATES, ids=lambda c: "n{}k{}w{}s{}".format(*c))
+@pytest.mark.parametrize("cfg", sorted(set(CANDIDATES) | set(INT4_CANDIDATES)), ids=lambda c: "n{}k{}w{}s{}".format(*c))
 @pytest.mark.parametrize("m", [1, 3])
 def test_qgemv_every_tuning_candidate(cfg, m):
-    """Whatever setting tune() picks (at this row count; 4 bits with BLOCK_K raised to a nibble chunk pair) computes
-    the same product, for int8 per channel and int4 per 64."""
+    """Whatever setting tune() picks (at this row count) computes the same product, for int8 per channel
+    (``CANDIDATES``) and int4 per 64 (``INT4_CANDIDATES``), each run at every setting of both lists."""
     ws = weights(37, 320, seed=7)
     x, kw = fused_inputs(m, 37, 320, torch.float32, norm=True, silu=False, residual=True, seed=m)
     for name in ("int8-row", "int4-g64"):
         c = kernel_config(for_rows(cfg, m), ws[name].bits)
         got = qgemv(x, ws[name], backend="triton", config=c, **kw)
         torch.testing.assert_close(got, qgemv_ref(x, ws[name], **kw), rtol=1e-5, atol=1e-5)
+
+
+def int4_weight(n, k, group, zero, seed=0):
+    """A random 4-bit weight of any group (a multiple of 32 dividing K, not only quantize_int4's 32 / 64 / 128), with
+    rows of magnitude up to about 1 / sqrt(K): fp16 scales (and zeros, the asymmetric form) of their own."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scale = ((0.5 + torch.rand(n, k // group, generator=g)) / (8 * k**0.5)).half()
+    z = (-8 * scale.float() * (0.8 + 0.4 * torch.rand(n, k // group, generator=g))).half() if zero else None
+    return QTensor(pack_int4(q), scale, z, group, 4).map(lambda t: t.to(DEVICE))
+
+
+# (K, group): groups of 32 / 64 / 128 (zmzoo's int4, GGUF's 32), K a multiple of the group but not of BLOCK_K; a
+# group larger than a tile's columns (128 against BLOCK_K 64: one group over two tiles); a group that is not a
+# power of two (96: the kernel's sub-blocks of 32 columns); one scale a row (group = K = 192)
+INT4_SHAPES = [(192, 32), (224, 32), (192, 64), (448, 64), (384, 128), (640, 128), (288, 96), (192, 192)]
+INT4_CONFIGS = [(Config(8, 64, 1, 1), (1, 2, 3, 4)), (qgemv_config(1, 4), (1, 3)), (Config(64, 1024, 8, 1), (1, 4))]
+
+
+@pytest.mark.parametrize("zero", [True, False], ids=["zero", "nozero"])
+@pytest.mark.parametrize("k,group", INT4_SHAPES, ids=lambda v: str(v))
+def test_qgemv_int4_groups_and_sizes(k, group, zero):
+    """The int4 kernel against the reference at every group size, with and without a zero (Q4_1 and Q4_0 forms), at
+    K a multiple of BLOCK_K (the loop without column masks) or not, N = 37 (not a multiple of BLOCK_N), 1 to 4 rows,
+    small and large tiles (BLOCK_K 64 to 1024, shrunk for more rows as tune() does)."""
+    qt = int4_weight(37, k, group, zero, seed=k + group)
+    for cfg, rows in INT4_CONFIGS:
+        for m in rows:
+            x, _ = fused_inputs(m, 37, k, torch.float32, norm=False, silu=False, residual=False, seed=m)
+            got = qgemv(x, qt, backend="triton", config=kernel_config(for_rows(cfg, m), 4))
+            torch.testing.assert_close(got, qgemv_ref(x, qt), rtol=1e-5, atol=1e-5,
+                                       msg=lambda e, m=m, c=cfg: f"{m} rows {c}: {e}")
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("fusion", FUSIONS, ids=FIDS)
+def test_qgemv_int4_fusions_even_k(fusion, m):
+    """Every fusion where K is a multiple of BLOCK_K (the loop without column masks), group 64 with a zero and
+    group 32 without, bias on the norm products; 1, 2 and 4 rows."""
+    for group, zero in ((64, True), (32, False)):
+        qt = int4_weight(37, 256, group, zero, seed=m)
+        x, kw = fused_inputs(m, 37, 256, torch.float32, bias=fusion["norm"], seed=m, **fusion)
+        b = kw.pop("b")
+        want = qgemv_ref(x, qt, b, eps=1e-5, silu=fusion["silu"], **kw)
+        for cfg in (Config(8, 64, 1, 1), Config(16, 256, 2, 1)):
+            got = qgemv(x, qt, b, backend="triton", eps=1e-5, silu=fusion["silu"], config=for_rows(cfg, m), **kw)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qgemv_int4_unaligned_rows():
+    """Packed rows that are not 4-byte aligned (a view into a wider buffer: the kernel reads int32 words, so it
+    copies them) give the same product as contiguous ones."""
+    qt = int4_weight(21, 192, 64, True, seed=3)
+    wide = torch.zeros(21, 96 + 1, dtype=torch.uint8, device=qt.q.device)
+    wide[:, 1:] = qt.q
+    view = qt._replace(q=wide[:, 1:])
+    assert view.q.storage_offset() % 4 and view.q.stride(0) % 4
+    x, _ = fused_inputs(2, 21, 192, torch.float32, norm=False, silu=False, residual=False, seed=2)
+    torch.testing.assert_close(qgemv(x, view, backend="triton"), qgemv_ref(x, qt), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_candidates_and_default():
+    """4-bit weights tune over ``INT4_CANDIDATES`` and run ``qgemv_config`` untuned; 8-bit ones keep the bf16
+    kernel's list and default."""
+    assert candidates(4) == INT4_CANDIDATES and candidates(8) == CANDIDATES
+    assert qgemv_config(1, 8) == gemv_config(1)
+    assert qgemv_config(4, 4).block_k == qgemv_config(1, 4).block_k // 4
+    assert all(c.block_k // 8 < 32 * c.num_warps for c in INT4_CANDIDATES)  # the inputs' loads stay cheap
 
 
 def test_qgemv_split_leading_dims_and_fallback(monkeypatch):

@@ -126,16 +126,28 @@ def _input_tile(x_ptr, g_ptr, offs_m, mask_m, stride_xm, cols, mask_c, K,
     zero where ``mask_m`` or ``mask_c`` is off. SILU: x holds gate|up and the tile is silu(gate) * up, up K columns
     further. Returns the tile (NORM: times the norm weight g[cols]) and its squares before that weight, which the
     caller sums over K for the RMSNorm's rsqrt (the squares are unused, and compiled away, without NORM). Used by
-    ``_gemv_kernel`` and ``zmzoo.ops.qgemv._qgemv_kernel`` (whose 4-bit branch calls it on the two nibbles' columns)."""
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + cols[None, :]
-    mask_x = mask_m[:, None] & mask_c[None, :]
-    x = tl.load(x_ptrs, mask=mask_x, other=0.0).to(tl.float32)
+    ``_gemv_kernel`` and ``zmzoo.ops.qgemv._qgemv_kernel``'s int8 branch; its int4 branch calls ``_input_at``."""
+    return _input_at(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], g_ptr + cols[None, :],
+                     mask_m[:, None] & mask_c[None, :], mask_c[None, :], K, SILU, NORM)
+
+
+def _input_at(x_ptrs, g_ptrs, mask_x, mask_g, K, SILU: tl.constexpr, NORM: tl.constexpr):
+    """``_input_tile`` on pointers of any shape: ``x_ptrs`` into x (masked by ``mask_x``), ``g_ptrs`` the norm weight
+    of the same columns (masked by ``mask_g``, broadcast against x's rows). A mask of None: all in range."""
+    if mask_x is None:
+        x = tl.load(x_ptrs).to(tl.float32)
+        up = tl.load(x_ptrs + K).to(tl.float32) if SILU else x
+    else:
+        x = tl.load(x_ptrs, mask=mask_x, other=0.0).to(tl.float32)
+        up = tl.load(x_ptrs + K, mask=mask_x, other=0.0).to(tl.float32) if SILU else x
     if SILU:
-        up = tl.load(x_ptrs + K, mask=mask_x, other=0.0).to(tl.float32)
         x = x / (1.0 + tl.exp(-x)) * up
     x2 = x * x
     if NORM:
-        x = x * tl.load(g_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        if mask_g is None:
+            x = x * tl.load(g_ptrs).to(tl.float32)
+        else:
+            x = x * tl.load(g_ptrs, mask=mask_g, other=0.0).to(tl.float32)
     return x, x2
 
 
@@ -190,7 +202,8 @@ def _gemv_impl(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor]
 
 
 if triton is not None:
-    _input_tile = triton.jit(_input_tile)  # called from the kernels (which are jitted on first launch, see _launch)
+    _input_at = triton.jit(_input_at)  # called from the kernels (which are jitted on first launch, see _launch)
+    _input_tile = triton.jit(_input_tile)
     # zmzoo::gemv(Tensor x, Tensor w, Tensor? b, Tensor? norm, Tensor? residual, float eps, bool silu, int block_n,
     #             int block_k, int num_warps, int num_stages) -> Tensor
     _gemv_op = torch.library.triton_op("zmzoo::gemv", _gemv_impl, mutates_args=())
@@ -294,7 +307,7 @@ def _composite(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor]
 
 @torch.no_grad()
 def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int] = (1,),
-         candidates: Sequence[Config] = CANDIDATES, calls: int = 24,
+         candidates: Sequence[Config] | None = None, calls: int = 24,
          known: dict[tuple, Tuned] | None = None) -> dict[tuple, Tuned]:
     """Time the torch composition and the kernel at every candidate setting for each (rows, weight shape, fusion) on
     its CUDA device, and return what was measured (keys already in ``known`` are taken from it, not timed again).
@@ -304,12 +317,15 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
     also timed as a ``Split``: the gate compiled apart, the kernel at each setting without it. Weights of one shape are
     cycled through (``calls`` products in a CUDA graph), so several layers' matrices keep the timing off the L2 cache
     as in a real step. A setting that fails to launch is skipped. Returns {(rows bucket, N, K, dtype, device, Fusion):
-    Tuned} (see ``tuning_key``). Does nothing on CPU (the interpreter's timings mean nothing).
+    Tuned} (see ``tuning_key``). Does nothing on CPU (the interpreter's timings mean nothing). ``candidates``: the
+    settings at 1 row (``for_rows`` adapts them to more), default ``CANDIDATES`` (dense weights) and
+    ``zmzoo.ops.qgemv.candidates(bits)`` (quantized ones).
 
     Quantized weights (``zmzoo.models.quant.QuantLinear``) are timed the same way with ``zmzoo.ops.qgemv``: the
     composition is ``qgemv_ref`` compiled (dequantize, then F.linear), the kernel ``zmzoo::qgemv``; their key's dtype
     part is the weight's ``QFormat``."""
-    from zmzoo.ops.qgemv import kernel_config, qcomposite  # (zmzoo.ops.qgemv imports this module)
+    from zmzoo.ops.qgemv import candidates as qcandidates  # (zmzoo.ops.qgemv imports this module)
+    from zmzoo.ops.qgemv import kernel_config, qcomposite
 
     groups: dict[tuple, list] = {}
     for item in products:
@@ -359,7 +375,8 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
 
             with torch._dynamo.config.patch(**limit):
                 times: dict = {"torch": time_graph([lambda a=a: torch_call(a) for a in args])}
-            settings = list(dict.fromkeys(for_rows(c, m) for c in candidates))
+            cands = candidates if candidates is not None else qcandidates(ws[0].bits) if quant else CANDIDATES
+            settings = list(dict.fromkeys(for_rows(c, m) for c in cands))
             if quant:
                 settings = list(dict.fromkeys(kernel_config(c, ws[0].bits) for c in settings))
             for cfg in settings + ([Split(c) for c in settings] if fusion.silu else []):

@@ -7,22 +7,37 @@ registers (fp32), so a step reads 1 byte (int8) or half a byte (int4) a weight p
 
 - int8, one scale a row (zmzoo's ``quantize="int8"``): the integer products are summed in fp32 and scaled once a
   row at the end, as the RMSNorm's rsqrt is;
-- int8 per group (GGUF Q8_0) and int4 (zmzoo's ``quantize="int4"``, GGUF Q4_0 / Q4_1): every element is dequantized
-  with its group's scale (and zero) before its product. A 4-bit tile of BLOCK_K columns is BLOCK_K / 2 bytes a row;
-  each byte's two nibbles are columns 16 apart (the chunked nibble order), multiplied by the matching x columns.
+- int8 per group (GGUF Q8_0): every element is dequantized with its group's scale before its product;
+- int4 (zmzoo's ``quantize="int4"``, GGUF Q4_0 / Q4_1): the scale and zero are factored out of each group's dot
+  product (``_qgemv_kernel``), so an element costs its unpacking and one FMA. The tile is read as int32 words, 8
+  nibbles each (4 bytes of one 32-column chunk: the low nibbles are 4 consecutive columns, the high ones 16
+  further), each nibble multiplied by the input at its column.
 
 ``qgemv_ref`` is the plain-torch composition: ``dequantize_ref`` to the activations' dtype, then ``gemv_ref``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from zmzoo.ops._launch import launch, next_pow2
-from zmzoo.ops.gemv import _DTYPES, MAX_ROWS, Config, Split, _input_tile, gemv_config, gemv_ref, silu_mul
+from zmzoo.ops.gemv import (
+    _DTYPES,
+    CANDIDATES,
+    MAX_ROWS,
+    Config,
+    Split,
+    _input_at,
+    _input_tile,
+    for_rows,
+    gemv_config,
+    gemv_ref,
+    silu_mul,
+)
 from zmzoo.ops.quant import QTensor, dequantize_ref
 
 try:
@@ -50,16 +65,40 @@ def qcomposite(x: Tensor, q: Tensor, scale: Tensor, zero: Optional[Tensor], norm
     return qgemv_ref(x, QTensor(q, scale, zero, group, bits), norm=norm, silu=silu, residual=residual)
 
 
+def _nibble(v, MASK: tl.constexpr, MAGIC, BIAS: tl.constexpr):
+    """The nibble q of the int32 words ``v`` under ``MASK`` (bits s..s+3, s = 0, 4, 8 or 12), as q - 8 in fp32.
+    Without an integer-to-float conversion (a fraction of the FMA rate on the GPU): the nibble OR-ed into the
+    mantissa of ``MAGIC`` = 2^(23 - s), whose last mantissa bit weighs 2^-s, is the float 2^(23 - s) + q exactly,
+    and one exact subtraction of ``BIAS`` = 2^(23 - s) + 8 leaves q - 8."""
+    return ((v & MASK) | MAGIC).to(tl.float32, bitcast=True) - BIAS
+
+
+def _nibble_dot(dot, xs, sqs, v, MASK: tl.constexpr, MAGIC, BIAS: tl.constexpr, x_ptrs, g_ptrs, mask_x, mask_g, K,
+                SILU: tl.constexpr, NORM: tl.constexpr):
+    """One nibble of every word (``_nibble``) times the input at its columns (``_input_at``), added to ``dot``; the
+    input added to ``xs``, its square to ``sqs``."""
+    x, x2 = _input_at(x_ptrs, g_ptrs, mask_x, mask_g, K, SILU, NORM)
+    return dot + _nibble(v, MASK, MAGIC, BIAS) * x, xs + x, sqs + x2
+
+
 def _qgemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
-    M, N, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_ym, eps,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_ym, eps, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Program p computes y[:, p*BLOCK_N : (p+1)*BLOCK_N] for all M rows, reading its BLOCK_N rows of integers once,
     BLOCK_K columns at a time (``_gemv_kernel``'s scheme). GROUP 0: one scale a row (8 bits only), applied after the
-    sum over K; else the scale (and zero) of column c is at c // GROUP. 4 bits: BLOCK_K is a multiple of 32."""
+    sum over K; else the scale (and zero) of column c is at c // GROUP.
+
+    4 bits: the packed bytes are read as int32 words (``q_ptr`` an int32 view, ``stride_qn`` in words), and the
+    scale and zero are factored out of each group's dot product: with w = s (q - 8) + z' (z' = zero + 8 s; the
+    zero-less Q4_0 form is z' = 0), y = sum over groups of s * sum(q_i - 8) x_i + z' * sum x_i. Per element the loop
+    only unpacks (one LOP3 and one exact FADD: ``_nibble``) and does one FMA; the scales are loaded once a (row,
+    sub-block) of SUB columns (SUB = gcd(GROUP, BLOCK_K): a group, or a part of one), the input sums once a
+    sub-block for all rows. The RMSNorm's rsqrt, a scalar a row, still comes at the end (both terms are linear in
+    x). EVEN_K: K is a multiple of BLOCK_K, so the columns need no mask. ``magic``: 0x4B000000 (see below)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -84,34 +123,86 @@ def _qgemv_kernel(
         y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
         sq_sum = tl.sum(sq, axis=1)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-        sq = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+        # int32 words of packed nibbles, (NSUB, BLOCK_N, WS) a tile: sub-block j holds columns [j SUB, (j+1) SUB)
+        # of the tile, all of one group (SUB divides GROUP), WS = SUB / 8 words; word t of a row's tile holds its
+        # bytes 4t..4t+3, in 32-column chunk t // 4: byte 4 (t % 4) + b has column 32 (t // 4) + 4 (t % 4) + b in its
+        # low nibble (bits 8b..8b+3 of the word) and that column + 16 in its high nibble (bits 8b+4..8b+7)
+        WS: tl.constexpr = SUB // 8
+        NSUB: tl.constexpr = BLOCK_K // SUB
+        # 4-D tiles (BLOCK_M, NSUB, BLOCK_N, WS), built at full rank from the start (no expand_dims of a loaded
+        # tile, which would move it through shared memory). Triton's coalescing orders a load's dimensions by
+        # contiguity, ties in index order, and gives lanes and warps to them in that order: 4 words (16 bytes) a
+        # thread along WS, then NSUB, then BLOCK_N last, so a thread holds several rows of the same words and loads
+        # and converts their 32 inputs once for all of them
+        m4 = offs_m[:, None, None, None]
+        mask_m4 = mask_m[:, None, None, None]
+        rows4 = offs_n[None, None, :, None]
+        mask_n4 = mask_n[None, None, :, None]
+        word = tl.arange(0, NSUB)[:, None] * WS + tl.arange(0, WS)[None, :]  # (NSUB, WS) words of the tile
+        col = ((word // 4) * 32 + (word % 4) * 4)[None, :, None, :]  # the column of each word's byte 0, low nibble
+        word = word[None, :, None, :]
+        sub = (tl.arange(0, NSUB) * SUB)[None, :, None, None]  # the sub-blocks' first columns
+        s_rows = offs_n[None, None, :]  # (1, 1, BLOCK_N): the scales' tiles are 3-D (BLOCK_M, NSUB, BLOCK_N)
+        mask_s_rows = mask_n[None, None, :]
+        s_sub = (tl.arange(0, NSUB) * SUB)[None, :, None]
+        acc = tl.zeros((BLOCK_M, NSUB, BLOCK_N), dtype=tl.float32)
+        # _nibble's MAGIC = 2^(23 - s) as bits: a runtime value (magic = 0x4B000000, 2^23), so that it sits in a
+        # register and the mask-and-OR is one LOP3 (with two immediates it takes two)
+        mg0 = magic
+        mg4 = magic - (4 << 23)
+        mg8 = magic - (8 << 23)
+        mg12 = magic - (12 << 23)
+        sq = tl.zeros((BLOCK_M, NSUB, 1, WS), dtype=tl.float32)
+        q_ptrs = q_ptr + rows4 * stride_qn + word
+        if EVEN_K:
+            v_next = tl.load(q_ptrs, mask=mask_n4, other=0)
+        else:
+            v_next = tl.load(q_ptrs, mask=mask_n4 & (sub < K), other=0)
         for k0 in range(0, K, BLOCK_K):
-            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # bytes of the tile
-            mask_b = offs_b < K // 2
-            col_lo = (offs_b // 16) * 32 + offs_b % 16  # the low nibble's column; the high one's is 16 further
-            col_hi = col_lo + 16
-            mask_w = mask_n[:, None] & mask_b[None, :]
-            byte = tl.load(q_ptr + rows * stride_qn + offs_b[None, :], mask=mask_w, other=0).to(tl.int32)
-            lo = (byte & 15).to(tl.float32)
-            hi = (byte >> 4).to(tl.float32)
-            s = tl.load(s_ptr + rows * stride_sn + (col_lo // GROUP)[None, :], mask=mask_w, other=0.0).to(tl.float32)
-            if HAS_ZERO:  # w = scale * q + zero
-                z = tl.load(z_ptr + rows * stride_sn + (col_lo // GROUP)[None, :], mask=mask_w,
-                            other=0.0).to(tl.float32)
-                w_lo = lo * s + z
-                w_hi = hi * s + z
-            else:  # w = scale * (q - 8)
-                w_lo = (lo - 8.0) * s
-                w_hi = (hi - 8.0) * s
-            # (BLOCK_M, BLOCK_K // 2) each: the input at the low and the high nibbles' columns
-            x_lo, x2_lo = _input_tile(x_ptr, g_ptr, offs_m, mask_m, stride_xm, col_lo, mask_b, K, SILU, NORM)
-            x_hi, x2_hi = _input_tile(x_ptr, g_ptr, offs_m, mask_m, stride_xm, col_hi, mask_b, K, SILU, NORM)
+            cols = k0 + col  # (1, NSUB, 1, WS)
+            # K is a multiple of the group: a sub-block is all in or all out (a mask constant along the words, so
+            # that a thread's words load as one vector)
+            mask_k = (k0 + sub) < K
+            # the next tile's words are loaded before this one's arithmetic (a register double buffer: Triton
+            # pipelines only loads that feed a dot); past the last tile the mask reads nothing
+            v = v_next
+            v_next = tl.load(q_ptrs + (k0 + BLOCK_K) // 8, mask=mask_n4 & ((k0 + BLOCK_K + sub) < K), other=0)
+            v_hi = v >> 16  # bytes 2 and 3 moved to bits 0..15 (the exponent trick needs the nibble below bit 20)
+            x_ptrs = x_ptr + m4 * stride_xm + cols
+            g_ptrs = g_ptr + cols
+            if EVEN_K:  # every column is in range: x masked by its rows only (not at all at batch 1: M is 1)
+                mask_k = None
+                mask_x = mask_m4
+            else:
+                mask_x = mask_m4 & mask_k
+            # the 8 nibbles of each word times the input at their columns (BLOCK_M, NSUB, BLOCK_N, WS): byte b's
+            # low nibble (bits 8b.., of v for b < 2, of v_hi at 8 (b - 2)..) at the word's column + b, its high
+            # one at column + 16 + b; xs: the inputs' sum (the zero's term), sqs their squares (the norm's)
+            t = (-0.0, -0.0, -0.0)  # x + -0.0 is x: the compiler drops the first additions
+            t = _nibble_dot(*t, v, 0xF, mg0, 8388616.0, x_ptrs, g_ptrs, mask_x, mask_k, K, SILU, NORM)
+            t = _nibble_dot(*t, v, 0xF0, mg4, 524296.0, x_ptrs + 16, g_ptrs + 16, mask_x, mask_k, K, SILU, NORM)
+            t = _nibble_dot(*t, v, 0xF00, mg8, 32776.0, x_ptrs + 1, g_ptrs + 1, mask_x, mask_k, K, SILU, NORM)
+            t = _nibble_dot(*t, v, 0xF000, mg12, 2056.0, x_ptrs + 17, g_ptrs + 17, mask_x, mask_k, K, SILU, NORM)
+            t = _nibble_dot(*t, v_hi, 0xF, mg0, 8388616.0, x_ptrs + 2, g_ptrs + 2, mask_x, mask_k, K, SILU, NORM)
+            t = _nibble_dot(*t, v_hi, 0xF0, mg4, 524296.0, x_ptrs + 18, g_ptrs + 18, mask_x, mask_k, K, SILU, NORM)
+            t = _nibble_dot(*t, v_hi, 0xF00, mg8, 32776.0, x_ptrs + 3, g_ptrs + 3, mask_x, mask_k, K, SILU, NORM)
+            dot, xs, sqs = _nibble_dot(*t, v_hi, 0xF000, mg12, 2056.0, x_ptrs + 19, g_ptrs + 19, mask_x, mask_k, K,
+                                       SILU, NORM)
+            # each sub-block's sum of products times its group's scale, loaded once a (row, sub-block): the sums
+            # are (BLOCK_M, NSUB, BLOCK_N), WS times smaller than the products, so whatever layout change Triton
+            # puts between them and the scales' tile moves little
+            mask_s = mask_s_rows & ((k0 + s_sub) < K)
+            s_offs = s_rows * stride_sn + (k0 + s_sub) // GROUP
+            s = tl.load(s_ptr + s_offs, mask=mask_s, other=0.0).to(tl.float32)
+            acc += tl.sum(dot, axis=3) * s
+            if HAS_ZERO:  # w = scale * q + zero = scale * (q - 8) + (zero + 8 scale): the centred q keeps the two
+                # terms small (zero + 8 scale is the group's middle), so their sum loses less to cancellation
+                z = tl.load(z_ptr + s_offs, mask=mask_s, other=0.0).to(tl.float32) + 8.0 * s
+                acc += tl.sum(xs, axis=3) * z
             if NORM:
-                sq += x2_lo + x2_hi
-            acc += x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
-        y = tl.sum(acc, axis=2)
-        sq_sum = tl.sum(sq, axis=1)
+                sq += sqs
+        y = tl.sum(acc, axis=1)
+        sq_sum = tl.sum(tl.sum(tl.sum(sq, axis=3), axis=2), axis=1)
     if GROUP == 0:  # one scale a row
         y = y * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if NORM:
@@ -131,28 +222,62 @@ def _qgemv_impl(x: Tensor, q: Tensor, scale: Tensor, zero: Optional[Tensor], b: 
     n = q.shape[0]
     k = q.shape[1] * (8 // bits)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    sub = 0
+    if bits == 4:  # the kernel reads the packed bytes as int32 words (4 bytes, 8 nibbles, of one 32-column chunk)
+        sub = math.gcd(group, block_k)  # columns of a sub-block: one group, or a power-of-two part of one
+        if q.stride(0) % 4 or q.storage_offset() % 4:  # rows not 4-byte aligned (a view): a copy that is
+            q = q.clone(memory_format=torch.contiguous_format)
+        q = q.view(torch.int32)
     launch(_qgemv_kernel, (triton.cdiv(n, block_n),),
            x, q, scale, zero if zero is not None else scale, b if b is not None else scale,
            norm if norm is not None else scale, residual if residual is not None else y, y,
            m, n, k, x.stride(0), q.stride(0), scale.stride(0), residual.stride(0) if residual is not None else 0,
-           y.stride(0), eps, BITS=bits, GROUP=0 if scale.shape[1] == 1 and bits == 8 else group,
+           y.stride(0), eps, 0x4B000000, BITS=bits, GROUP=0 if scale.shape[1] == 1 and bits == 8 else group,
            HAS_ZERO=zero is not None, HAS_BIAS=b is not None, NORM=norm is not None, SILU=silu,
-           RESIDUAL=residual is not None, BLOCK_M=next_pow2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-           num_warps=num_warps, num_stages=num_stages)
+           RESIDUAL=residual is not None, BLOCK_M=next_pow2(m), BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub,
+           EVEN_K=bits == 4 and k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
 if triton is not None:
+    _nibble = triton.jit(_nibble)  # called from the kernel (jitted on first launch, see _launch)
+    _nibble_dot = triton.jit(_nibble_dot)
     # zmzoo::qgemv(Tensor x, Tensor q, Tensor scale, Tensor? zero, Tensor? b, Tensor? norm, Tensor? residual,
     #              float eps, bool silu, int group, int bits, int block_n, int block_k, int num_warps,
     #              int num_stages) -> Tensor
     _qgemv_op = torch.library.triton_op("zmzoo::qgemv", _qgemv_impl, mutates_args=())
 
 
+# Launch settings tune() tries for 4-bit weights at 1 row (at 2 and 4 rows ``for_rows`` shrinks BLOCK_K). Chosen by
+# compiling the kernel for sm_90 offline (Triton 3.6) and reading its SASS, not yet by timing: a thread holds
+# R = BLOCK_N * BLOCK_K / (1024 * num_warps) rows of the same 4 words (32 columns), so the 32 inputs it loads and
+# converts a step serve R rows (R = 2, 4, 8 below; about 4.4-6.2 instructions a nibble in the loop, against 3 for
+# the unpacking and product alone); BLOCK_K / 8 * rows < 32 * num_warps keeps the input loads in the weights'
+# layout (Triton moves a load that small to its user's layout instead of moving the products through shared
+# memory); BLOCK_N 16 gives N = 4096 256 programs, 64 suits the wide products. num_stages does not change the
+# code (the kernel double-buffers its words in registers itself).
+INT4_CANDIDATES = (
+    Config(16, 512, 4, 1), Config(32, 512, 4, 1), Config(64, 512, 4, 1),
+    Config(16, 1024, 8, 1), Config(32, 1024, 8, 1), Config(64, 1024, 8, 1),
+)
+
+
+def candidates(bits: int) -> tuple[Config, ...]:
+    """The launch settings ``gemv.tune`` tries for a weight of ``bits`` bits (at 1 row): ``INT4_CANDIDATES`` for 4,
+    the bf16 kernel's ``CANDIDATES`` for 8 (the int8 branch is that kernel's loop with a scale)."""
+    return INT4_CANDIDATES if bits == 4 else CANDIDATES
+
+
+def qgemv_config(m: int, bits: int) -> Config:
+    """The untuned setting at ``m`` rows: ``gemv_config`` for 8 bits; for 4 bits 32 rows a program, 4 warps (a
+    thread's 4 words serve 4 rows at 1 row)."""
+    return for_rows(Config(32, 512, 4, 1), m) if bits == 4 else gemv_config(m)
+
+
 def kernel_config(cfg: Config, bits: int) -> Config:
-    """A launch setting as the kernel runs it: 4 bits need BLOCK_K a multiple of 32 (a nibble chunk), at least 64
-    (BLOCK_K / 2 bytes a row, a power of two)."""
-    return cfg._replace(block_k=max(64, cfg.block_k)) if bits == 4 else cfg
+    """A launch setting as the kernel runs it: 4 bits need BLOCK_K a multiple of 32 (a nibble chunk: 4 int32
+    words a row)."""
+    return cfg._replace(block_k=max(32, cfg.block_k)) if bits == 4 else cfg
 
 
 def _check(x: Tensor, w: QTensor, b: Tensor | None, norm: Tensor | None, silu: bool,
@@ -180,7 +305,7 @@ def qgemv(x: Tensor, w, b: Tensor | None = None, *, norm: Tensor | None = None, 
           silu: bool = False, residual: Tensor | None = None, backend: str = "torch",
           config: Config | Split | None = None) -> Tensor:
     """``qgemv_ref`` (``backend="torch"``), or the kernel (``"triton"``) for x of at most ``MAX_ROWS`` rows (more run
-    ``qgemv_ref``) at ``config`` (default ``gemv_config``; a ``Split`` computes the SiLU gate apart by torch). ``w``:
+    ``qgemv_ref``) at ``config`` (default ``qgemv_config``; a ``Split`` computes the SiLU gate apart by torch). ``w``:
     a ``QTensor`` or a module carrying one (``QuantLinear``). The kernel dequantizes in fp32 and rounds once at the
     end; the reference rounds the dequantized weight to x's dtype first, so in low precision the two agree to that
     rounding, and in fp32 to the summation order."""
@@ -198,7 +323,7 @@ def qgemv(x: Tensor, w, b: Tensor | None = None, *, norm: Tensor | None = None, 
     if m == 0 or m > MAX_ROWS:
         return qgemv_ref(x, qt, b, **fusion)
     if config is None:
-        config = gemv_config(m)
+        config = qgemv_config(m, qt.bits)
     if isinstance(config, Split):
         x, silu, config = silu_mul(*x.chunk(2, dim=-1)), False, config.config
         width //= 2
