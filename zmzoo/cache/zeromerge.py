@@ -27,31 +27,57 @@ from zmzoo.ops.prompt_attention import prompt_attention
 from zmzoo.ops.slot_insert import slot_insert
 
 
+@torch.library.custom_op("zmzoo::stable_argsort_desc", mutates_args=())
+def stable_argsort_desc(x: Tensor) -> Tensor:
+    """Positions of x's last dimension by descending value, ties to the earlier position: ``torch.sort``'s stable
+    indices, as an op inductor cannot see into. The compiled rescore sorts the prompt's scores through it: inductor's
+    own sort lowering guards the sorted length below 32767 (its int16 indices) before it falls back to this same ATen
+    sort for a symbolic length, so a prompt past ~32K tokens would compile a second graph."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices
+
+
+@stable_argsort_desc.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=torch.int64, device=x.device)
+
+
 def chunk_of_rank(rank: Tensor, n: int, n_chunks: int) -> Tensor:
     """The chunk of item ``rank`` (0-based) of ``n`` ordered items cut into ``n_chunks`` consecutive chunks as equal as
     possible, the first ``n % n_chunks`` one longer."""
-    q, r = divmod(n, n_chunks)
+    q, r = n // n_chunks, n % n_chunks  # (n may be symbolic: the compiled rescore's prompt length)
     long_span = r * (q + 1)
-    return torch.where(rank < long_span, rank // (q + 1), r + (rank - long_span) // max(q, 1))
+    return torch.where(rank < long_span, rank // (q + 1), r + (rank - long_span) // torch.sym_max(q, 1))
 
 
 def chunk_sums(k: Tensor, v: Tensor, scores: Tensor, cid: Tensor, n_chunks: int, score_merge: str,
-               block: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
+               block: int | None = 4096) -> tuple[Tensor, Tensor, Tensor]:
     """Per chunk ``c < n_chunks``: sums of the keys and values at the positions with ``cid == c`` and the max (or sum)
     of their scores. k, v (Hkv, T, D), scores and cid (Hkv, T).
 
     ``block`` positions at a time as a one-hot matrix product, so nothing of the prompt's size is allocated and no
     atomics pile onto one address (a ``scatter_add_`` into the dense slots serialises ~40K additions per slot on a 40K
     prompt). The products are exact: bf16/fp16 keys in fp32 (TF32 holds their mantissa too), fp32 keys in fp64.
+
+    ``block=None``: every position at once as one masked sum over T, no loop (the compiled rescore, whose T is
+    symbolic: inductor fuses the mask, the cast and the sum into one reduction, so nothing of the prompt's size is
+    allocated there either; eager, it would allocate (Hkv, n_chunks, T, D)). The same sums in the same precision,
+    added in another order.
     """
     n_kv, t, d = k.shape
     dev = k.device
     acc = torch.float64 if k.dtype == torch.float32 else torch.float32
+    fill = float("-inf") if score_merge == "max" else 0.0
+    chunks = torch.arange(n_chunks, device=dev).view(1, n_chunks, 1)
+    if block is None:
+        onehot = cid.unsqueeze(1) == chunks  # (Hkv, C, T)
+        hot = onehot.unsqueeze(-1)
+        kd = torch.where(hot, k.unsqueeze(1).to(acc), 0.0).sum(2)
+        vd = torch.where(hot, v.unsqueeze(1).to(acc), 0.0).sum(2)
+        s = torch.where(onehot, scores.unsqueeze(1), fill)
+        return kd, vd, s.amax(-1) if score_merge == "max" else s.sum(-1)
     kd = torch.zeros(n_kv, n_chunks, d, dtype=acc, device=dev)
     vd = torch.zeros_like(kd)
-    fill = float("-inf") if score_merge == "max" else 0.0
     sd = torch.full((n_kv, n_chunks), fill, dtype=torch.float32, device=dev)
-    chunks = torch.arange(n_chunks, device=dev).view(1, n_chunks, 1)
     for a in range(0, t, block):
         onehot = cid[:, a : a + block].unsqueeze(1) == chunks  # (Hkv, C, block)
         oh = onehot.to(acc)
@@ -151,7 +177,9 @@ class ZeroMergeCache(KVCache):
         scores = pool_scores(scores, self.score_pool)  # SnapKV-style max over neighbours (identity when None)
         head = scores[:, : t - tail]
         # highest scores, ties to the earlier position (a stable sort; topk's tie order is unspecified)
-        top = torch.sort(head, dim=-1, descending=True, stable=True).indices[:, :n_top].sort(dim=-1).values
+        order = (stable_argsort_desc(head) if torch.compiler.is_compiling() else
+                 torch.sort(head, dim=-1, descending=True, stable=True).indices)
+        top = order[:, :n_top].sort(dim=-1).values
         tail_idx = torch.arange(t - tail, t, device=k.device).expand(n_kv, tail)
         keep = torch.cat([top, tail_idx], dim=-1)  # (Hkv, B - dense)
         kk = k.gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
@@ -167,14 +195,17 @@ class ZeroMergeCache(KVCache):
         free = ~kept
         rank = free.cumsum(1) - 1  # rank of each unkept position among the unkept ones, in sequence order
         cid = torch.where(free, chunk_of_rank(rank, n_rest, dense), dense)  # kept positions: bucket `dense`, dropped
-        q_len, r_len = divmod(n_rest, dense)
-        cnt = torch.tensor([q_len + 1] * r_len + [q_len] * (dense - r_len), dtype=torch.float32, device=k.device)
-        cnt = cnt.expand(n_kv, dense)
-        kd, vd, sd = chunk_sums(k, v, scores, cid, dense, self.score_merge)
+        # chunk sizes: q_len + 1 for the first r_len chunks, q_len after (on the device: no copy from the host, and
+        # no Python list of a symbolic length in the compiled rescore)
+        q_len, r_len = n_rest // dense, n_rest % dense
+        cnt = (torch.arange(dense, device=k.device) < r_len).float() + q_len  # (dense,)
+        # compiled (the rescore, T symbolic), the chunk sums as one reduction over T instead of a loop over blocks
+        block = None if torch.compiler.is_compiling() else 4096
+        kd, vd, sd = chunk_sums(k, v, scores, cid, dense, self.score_merge, block=block)
         kd = (kd / cnt.unsqueeze(-1)).float()
         vd = (vd / cnt.unsqueeze(-1)).float()
-        return (torch.cat([kd.to(k.dtype), kk], 1), torch.cat([vd.to(v.dtype), vv], 1), torch.cat([cnt, ww], 1),
-                torch.cat([sd, ss], 1), kd, vd)
+        return (torch.cat([kd.to(k.dtype), kk], 1), torch.cat([vd.to(v.dtype), vv], 1),
+                torch.cat([cnt.expand(n_kv, dense), ww], 1), torch.cat([sd, ss], 1), kd, vd)
 
     def _needs_prompt_scores(self, t: int) -> bool:
         return self.decode_scores or t > self.budget
