@@ -503,14 +503,16 @@ class Generator:
             outs[r][0] = logits[0].float().cpu()
         # a row whose continuation is shorter repeats its last token past it (those logits are not kept; no row reads
         # another's cache, and every position stays below max_seq_len, checked above)
-        forced = torch.zeros(self.max_batch_size, n, dtype=torch.int64)
+        # step-major (n, B): each step's tokens are a row with stride 1 whatever B (a column of (B, n) at B = 1 has
+        # stride n, which the compiled step, first called with contiguous tokens, e.g. a draft's, compiles again for)
+        forced = torch.zeros(n, self.max_batch_size, dtype=torch.int64)
         for r, c in enumerate(conts):
-            forced[r, : len(c)] = torch.tensor(c)
-            forced[r, len(c) :] = c[-1]
+            forced[: len(c), r] = torch.tensor(c)
+            forced[len(c) :, r] = c[-1]
         forced = forced.to(self.device)
         chunk: list[Tensor] = []
         for i in range(1, n):
-            chunk.append(self.decode_step(forced[:, i - 1].contiguous(), self.pos).float())
+            chunk.append(self.decode_step(forced[i - 1], self.pos).float())
             self.pos += 1
             if len(chunk) == 64 or i == n - 1:  # to the host in blocks: (steps, V) per row stays bounded on device
                 host = torch.stack(chunk, 1).cpu()  # (B, steps, V)
