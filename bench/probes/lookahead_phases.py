@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch.profiler import ProfilerActivity, profile
 
 import zmzoo
 from bench.probes.rescore_ops import count_range
+from zmzoo.models.transformer import rescore_layer
 
 
 def sync() -> None:
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         c = count_range(prof, "zmzoo.rescore")
         row["rescore_per_layer"] = {k: c[k] / n_layers for k in ("aten", "launches", "graphs")}
         row["rescore_ops"] = c["ops"]
+        # graphs the compiled rescore holds so far (all contexts up to this one): 1 unless something recompiled it
+        row["rescore_graphs"] = len(_debug_get_cache_entry_list(rescore_layer.__code__))
         report["contexts"][ctx] = row
         print(f"\ncontext {ctx}: plain prefill {row['plain_prefill_s']:.3f} s, {ns.preset} "
               f"{row[ns.preset + '_prefill_s']:.3f} s", flush=True)
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:<22} cpu {v['cpu_ms']:8.1f} ms  device {v['device_ms']:8.1f} ms  x{v['count']}", flush=True)
         pl = row["rescore_per_layer"]
         print(f"  rescore, {rescore}, per layer: {pl['aten']:.1f} ATen ops, {pl['launches']:.1f} kernel launches, "
-              f"{pl['graphs']:.0f} compiled-graph calls", flush=True)
+              f"{pl['graphs']:.0f} compiled-graph calls; {row['rescore_graphs']} rescore graph(s) compiled so far",
+              flush=True)
         write()
         key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         row["top_ops"] = prof.key_averages().table(sort_by=key, row_limit=25)
