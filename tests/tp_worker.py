@@ -5,7 +5,7 @@ SPEC is a JSON list of cases ``{"name", "path", "load": {zmzoo.load keywords}, "
 [ids], "sample": bool}``. For each case every rank loads ``path`` with ``zmzoo.load`` (tensor parallel by default:
 torchrun's environment) and writes to OUT ``<name>.rank<r>.safetensors`` (the teacher-forced logits of
 ``Generator.score``, and with ``sample`` the tokens of a seedless sampled generation) and ``<name>.rank<r>.json``
-(the error a load raised, the cache bytes, and how many graphs the compiled decode step has)."""
+(the error a load raised, the cache bytes, and how many graphs the compiled decode step and rescore have)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import zmzoo
-from zmzoo.models.transformer import Transformer
+from zmzoo.models.transformer import Transformer, rescore_layer
 
 
 def run_case(case: dict, out: Path, rank: int) -> None:
@@ -40,6 +40,7 @@ def run_case(case: dict, out: Path, rank: int) -> None:
             from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
             info["decode_graphs"] = len(_debug_get_cache_entry_list(Transformer.decode.__code__))
+            info["rescore_graphs"] = len(_debug_get_cache_entry_list(rescore_layer.__code__))
     except Exception as e:  # the test reads the error (the bad-setup cases expect one)
         info["error"] = f"{type(e).__name__}: {e}"
         info["traceback"] = traceback.format_exc()

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from zmzoo.cache import CacheConfig, full_cache_nbytes
 from zmzoo.models.config import ModelArgs
-from zmzoo.models.transformer import Transformer
+from zmzoo.models.transformer import RescoreStep, Transformer
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -186,6 +186,10 @@ class Generator:
         self.last_stats = GenerationStats()
         self._decode_fn = self._make_decode(compile)
         self._compiled = compile is False or compile is None  # True once the first (compiling) call is done
+        # a lookahead's rescore (Transformer.finish_prefill), compiled with the decode step's backend (no CUDA graphs:
+        # its shapes change with every prompt length); eager when the decode step is
+        self._rescore_fn = None if self._compiled else RescoreStep(self._backend(compile))
+        self._rescore_compiled = self._compiled
 
     # ------------------------------------------------------------------ setup
     def _make_decode(self, compile: bool | str | Callable) -> Callable[[Tensor, Tensor], Tensor]:
@@ -195,6 +199,28 @@ class Generator:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             return torch.compile(self.model.decode, fullgraph=True, dynamic=False, mode=mode)
         return torch.compile(self.model.decode, fullgraph=True, dynamic=False, backend=compile)
+
+    @staticmethod
+    def _backend(compile: bool | str | Callable) -> str | Callable:
+        return "inductor" if compile is True else compile
+
+    def rescore_step(self, *args: Any) -> tuple[Tensor, Tensor]:
+        """One layer of a lookahead's rescore (``zmzoo.models.transformer.rescore_layer``), compiled: what this
+        Generator hands to ``Transformer.finish_prefill`` when it compiles. The first call, in the first prefill
+        whose prompt a lookahead compresses, compiles it for every layer and prompt length (and says so when the
+        Generator is verbose)."""
+        if self._rescore_compiled:
+            return self._rescore_fn(*args)
+        t0 = time.perf_counter()
+        if self.verbose:
+            print(f"[zmzoo] compiling the lookahead's rescore (one graph that the {self.args.n_layers} layers reuse, "
+                  f"for any prompt length); this first compressed prompt waits for the compiler, later ones do not",
+                  file=sys.stderr, flush=True)
+        out = self._rescore_fn(*args)
+        self._rescore_compiled = True
+        if self.verbose:
+            print(f"[zmzoo] rescore compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return out
 
     def decode_step(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """One decode step for every row (tokens, pos: (max_batch_size,)); returns logits (B, V) (a fresh tensor).
@@ -335,7 +361,8 @@ class Generator:
     @torch.inference_mode()
     def prefill(self, ids: Sequence[Sequence[int]]) -> list[Tensor]:
         """Prefill prompt i (token ids) into batch row i, then run the caches' prefill draft if they want one
-        (``Transformer.finish_prefill``: ZeroMerge's lookahead, drafted through this Generator's decode step). Returns
+        (``Transformer.finish_prefill``: ZeroMerge's lookahead, drafted through this Generator's decode step and, when
+        it compiles, rescored through its compiled ``rescore_step``). Returns
         each row's last-position logits (1, V) and leaves ``pos`` at the prompts' lengths, ready for ``decode_step``:
         what ``generate`` and ``score`` do first, for benchmarks and probes that drive the decode step themselves.
         Every id is checked on the host before anything runs (an error names the prompt, the position and the id)."""
@@ -353,7 +380,8 @@ class Generator:
             out.append(logits)
             greedy[row] = logits[0].argmax()
             self.pos[row] = len(seq)
-        self.model.finish_prefill(greedy, self.pos, self.decode_step, prompts=ids, classes=self.lookup_classes())
+        self.model.finish_prefill(greedy, self.pos, self.decode_step, prompts=ids, classes=self.lookup_classes(),
+                                  rescore=None if self._rescore_fn is None else self.rescore_step)
         return out
 
     @torch.inference_mode()
@@ -490,14 +518,16 @@ class Generator:
             outs[r][0] = logits[0].float().cpu()
         # a row whose continuation is shorter repeats its last token past it (those logits are not kept; no row reads
         # another's cache, and every position stays below max_seq_len, checked above)
-        forced = torch.zeros(self.max_batch_size, n, dtype=torch.int64)
+        # step-major (n, B): each step's tokens are a row with stride 1 whatever B (a column of (B, n) at B = 1 has
+        # stride n, which the compiled step, first called with contiguous tokens, e.g. a draft's, compiles again for)
+        forced = torch.zeros(n, self.max_batch_size, dtype=torch.int64)
         for r, c in enumerate(conts):
-            forced[r, : len(c)] = torch.tensor(c)
-            forced[r, len(c) :] = c[-1]
+            forced[: len(c), r] = torch.tensor(c)
+            forced[len(c) :, r] = c[-1]
         forced = forced.to(self.device)
         chunk: list[Tensor] = []
         for i in range(1, n):
-            chunk.append(self.decode_step(forced[:, i - 1].contiguous(), self.pos).float())
+            chunk.append(self.decode_step(forced[i - 1], self.pos).float())
             self.pos += 1
             if len(chunk) == 64 or i == n - 1:  # to the host in blocks: (steps, V) per row stays bounded on device
                 host = torch.stack(chunk, 1).cpu()  # (B, steps, V)

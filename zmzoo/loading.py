@@ -194,6 +194,8 @@ def _describe(gen: Generator, source: str, seconds: float) -> str:
         step = "decode step compiled on the first call (CUDA graph)"
     else:
         step = "decode step compiled on the first call (inductor)"
+    if cfg.lookahead and not (gen.compile is False or gen.compile is None):
+        step += ", the lookahead's rescore on the first prompt it compresses"
     dt = str(gen.dtype).replace("torch.", "")
     tp = gen.model.tp
     rank = " a rank" if tp is not None else ""

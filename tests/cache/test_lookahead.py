@@ -515,3 +515,60 @@ def test_prompt_lookup_examples():
     prompt = [9] * 5 + needle + [0] * 32
     assert prompt_lookup(prompt, [20, 21, 24], 5) == [20, 21, 24]
     assert prompt_lookup(prompt, [20, 21, 24], 5, classes=classes) == [20, 21, 24, 40, 41]
+
+
+def test_compiled_rescore_matches_eager_with_one_graph(monkeypatch, capsys):
+    """The rescore a compiling Generator runs (CPU inductor) goes through one graph for both layers and every prompt
+    length and draft length (``RescoreStep``), and leaves the eager rescore's caches (fp32: keys, values, scores
+    within 1e-5, weights equal) and teacher-forced logits after it (1e-5). Prompts of 300, 517 and 1200 tokens share
+    the graph; past T + N = 4096 (4501 tokens: the eager chunk sums take two blocks there) inductor's C++ code guards
+    its fp32 sums' accumulator and compiles a second graph, the bound ``RescoreStep`` states. Drafts alternate between
+    8 tokens (the greedy ones, no lookup match) and 32 (the lookup stubbed to extend odd-length prompts' drafts from
+    the prompt)."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zmzoo.models import transformer
+    from zmzoo.models.transformer import rescore_layer
+
+    def lookup(prompt, draft, n, **kw):  # the same stand-in for both generators
+        return (draft + list(prompt[: n - len(draft)]))[:n] if len(prompt) % 2 else draft
+
+    monkeypatch.setattr(transformer, "prompt_lookup", lookup)
+    lengths = []
+    monkeypatch.setattr(transformer.Transformer, "_rescore",
+                        lambda self, tokens, *a, _f=transformer.Transformer._rescore, **k:
+                        (lengths.append(tokens.shape[1]), _f(self, tokens, *a, **k))[1])
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    # two rows, the prompt in row 0: the graph writes into views of two-row buffers
+    kw = dict(method="zeromerge", kv_budget=64, preset="retrieval", max_seq_len=4600, max_batch_size=2)
+    eager = zmzoo.load("llama2-7b", weights="random", args_overrides={**SMALL, "max_position_embeddings": 4700},
+                       device="cpu", dtype=torch.float32, compile=False, seed=3, verbose=False, **kw)
+    # what a compiling Generator builds (``Generator.__init__``), here beside an eager decode step: the test is the
+    # rescore's, and the decode step's inductor compile would double its time (test_inductor_compiled_decode_matches_
+    # eager is that one's)
+    comp = eager.with_cache(**kw)
+    comp._rescore_fn, comp._rescore_compiled = transformer.RescoreStep(counter), False
+    comp.verbose = True  # it announces the compile
+    g = torch.Generator().manual_seed(0)
+    names = ("k", "v", "w", "s", "dense_k", "dense_v", "base")
+    for t in (300, 517, 1200, 4501):
+        ids = torch.randint(0, 128, (t,), generator=g).tolist()
+        cont = torch.randint(0, 128, (6,), generator=g).tolist()
+        for gen in (eager, comp):
+            gen.prefill([ids])
+        assert lengths[-2:] == ([32, 32] if t % 2 else [8, 8])  # the draft's length, eager and compiled
+        for layer, (a, b) in enumerate(zip(eager.model.caches, comp.model.caches)):
+            for name in names:
+                want, got = getattr(a, name), getattr(b, name)
+                if name in ("w", "base"):
+                    assert torch.equal(got, want), (t, layer, name)
+                else:
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"t={t} layer {layer} {name}")
+        torch.testing.assert_close(comp.score(ids, cont), eager.score(ids, cont), rtol=1e-5, atol=1e-5)
+        graphs = len(_debug_get_cache_entry_list(rescore_layer.__code__))
+        assert graphs == 1 if t + 32 <= 4096 else graphs <= 2, (t, graphs)
+    assert counter.frame_count == graphs
+    err = capsys.readouterr().err
+    assert err.count("compiling the lookahead's rescore") == 1 and "rescore compiled in" in err

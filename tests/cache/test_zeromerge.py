@@ -575,10 +575,11 @@ def test_ratio_rounding_matches_zeromerge_md():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("score_merge", ["max", "sum"])
-@pytest.mark.parametrize("n_chunks,block", [(1, 7), (5, 16), (3, 4096)])
+@pytest.mark.parametrize("n_chunks,block", [(1, 7), (5, 16), (3, 4096), (1, None), (4, None)])
 def test_chunk_sums_equal_scatter_reference(dtype, score_merge, n_chunks, block):
     """The dense slots' blocked one-hot sums equal fp32/fp64 scatter sums over the same chunk ids (several blocks,
-    positions left out of every chunk, odd sizes)."""
+    positions left out of every chunk, odd sizes); so does the loop-free form (``block=None``, the compiled
+    rescore's)."""
     from zmzoo.cache.zeromerge import chunk_of_rank, chunk_sums
 
     g = torch.Generator().manual_seed(n_chunks)

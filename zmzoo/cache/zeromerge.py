@@ -27,31 +27,57 @@ from zmzoo.ops.prompt_attention import prompt_attention
 from zmzoo.ops.slot_insert import slot_insert
 
 
+@torch.library.custom_op("zmzoo::stable_argsort_desc", mutates_args=())
+def stable_argsort_desc(x: Tensor) -> Tensor:
+    """Positions of x's last dimension by descending value, ties to the earlier position: ``torch.sort``'s stable
+    indices, as an op inductor cannot see into. The compiled rescore sorts the prompt's scores through it: inductor's
+    own sort lowering guards the sorted length below 32767 (its int16 indices) before it falls back to this same ATen
+    sort for a symbolic length, so a prompt past ~32K tokens would compile a second graph."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices
+
+
+@stable_argsort_desc.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=torch.int64, device=x.device)
+
+
 def chunk_of_rank(rank: Tensor, n: int, n_chunks: int) -> Tensor:
     """The chunk of item ``rank`` (0-based) of ``n`` ordered items cut into ``n_chunks`` consecutive chunks as equal as
     possible, the first ``n % n_chunks`` one longer."""
-    q, r = divmod(n, n_chunks)
+    q, r = n // n_chunks, n % n_chunks  # (n may be symbolic: the compiled rescore's prompt length)
     long_span = r * (q + 1)
-    return torch.where(rank < long_span, rank // (q + 1), r + (rank - long_span) // max(q, 1))
+    return torch.where(rank < long_span, rank // (q + 1), r + (rank - long_span) // torch.sym_max(q, 1))
 
 
 def chunk_sums(k: Tensor, v: Tensor, scores: Tensor, cid: Tensor, n_chunks: int, score_merge: str,
-               block: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
+               block: int | None = 4096) -> tuple[Tensor, Tensor, Tensor]:
     """Per chunk ``c < n_chunks``: sums of the keys and values at the positions with ``cid == c`` and the max (or sum)
     of their scores. k, v (Hkv, T, D), scores and cid (Hkv, T).
 
     ``block`` positions at a time as a one-hot matrix product, so nothing of the prompt's size is allocated and no
     atomics pile onto one address (a ``scatter_add_`` into the dense slots serialises ~40K additions per slot on a 40K
     prompt). The products are exact: bf16/fp16 keys in fp32 (TF32 holds their mantissa too), fp32 keys in fp64.
+
+    ``block=None``: every position at once as one masked sum over T, no loop (the compiled rescore, whose T is
+    symbolic: inductor fuses the mask, the cast and the sum into one reduction, so nothing of the prompt's size is
+    allocated there either; eager, it would allocate (Hkv, n_chunks, T, D)). The same sums in the same precision,
+    added in another order.
     """
     n_kv, t, d = k.shape
     dev = k.device
     acc = torch.float64 if k.dtype == torch.float32 else torch.float32
+    fill = float("-inf") if score_merge == "max" else 0.0
+    chunks = torch.arange(n_chunks, device=dev).view(1, n_chunks, 1)
+    if block is None:
+        onehot = cid.unsqueeze(1) == chunks  # (Hkv, C, T)
+        hot = onehot.unsqueeze(-1)
+        kd = torch.where(hot, k.unsqueeze(1).to(acc), 0.0).sum(2)
+        vd = torch.where(hot, v.unsqueeze(1).to(acc), 0.0).sum(2)
+        s = torch.where(onehot, scores.unsqueeze(1), fill)
+        return kd, vd, s.amax(-1) if score_merge == "max" else s.sum(-1)
     kd = torch.zeros(n_kv, n_chunks, d, dtype=acc, device=dev)
     vd = torch.zeros_like(kd)
-    fill = float("-inf") if score_merge == "max" else 0.0
     sd = torch.full((n_kv, n_chunks), fill, dtype=torch.float32, device=dev)
-    chunks = torch.arange(n_chunks, device=dev).view(1, n_chunks, 1)
     for a in range(0, t, block):
         onehot = cid[:, a : a + block].unsqueeze(1) == chunks  # (Hkv, C, block)
         oh = onehot.to(acc)
@@ -151,7 +177,9 @@ class ZeroMergeCache(KVCache):
         scores = pool_scores(scores, self.score_pool)  # SnapKV-style max over neighbours (identity when None)
         head = scores[:, : t - tail]
         # highest scores, ties to the earlier position (a stable sort; topk's tie order is unspecified)
-        top = torch.sort(head, dim=-1, descending=True, stable=True).indices[:, :n_top].sort(dim=-1).values
+        order = (stable_argsort_desc(head) if torch.compiler.is_compiling() else
+                 torch.sort(head, dim=-1, descending=True, stable=True).indices)
+        top = order[:, :n_top].sort(dim=-1).values
         tail_idx = torch.arange(t - tail, t, device=k.device).expand(n_kv, tail)
         keep = torch.cat([top, tail_idx], dim=-1)  # (Hkv, B - dense)
         kk = k.gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
@@ -167,14 +195,17 @@ class ZeroMergeCache(KVCache):
         free = ~kept
         rank = free.cumsum(1) - 1  # rank of each unkept position among the unkept ones, in sequence order
         cid = torch.where(free, chunk_of_rank(rank, n_rest, dense), dense)  # kept positions: bucket `dense`, dropped
-        q_len, r_len = divmod(n_rest, dense)
-        cnt = torch.tensor([q_len + 1] * r_len + [q_len] * (dense - r_len), dtype=torch.float32, device=k.device)
-        cnt = cnt.expand(n_kv, dense)
-        kd, vd, sd = chunk_sums(k, v, scores, cid, dense, self.score_merge)
+        # chunk sizes: q_len + 1 for the first r_len chunks, q_len after (on the device: no copy from the host, and
+        # no Python list of a symbolic length in the compiled rescore)
+        q_len, r_len = n_rest // dense, n_rest % dense
+        cnt = (torch.arange(dense, device=k.device) < r_len).float() + q_len  # (dense,)
+        # compiled (the rescore, T symbolic), the chunk sums as one reduction over T instead of a loop over blocks
+        block = None if torch.compiler.is_compiling() else 4096
+        kd, vd, sd = chunk_sums(k, v, scores, cid, dense, self.score_merge, block=block)
         kd = (kd / cnt.unsqueeze(-1)).float()
         vd = (vd / cnt.unsqueeze(-1)).float()
-        return (torch.cat([kd.to(k.dtype), kk], 1), torch.cat([vd.to(v.dtype), vv], 1), torch.cat([cnt, ww], 1),
-                torch.cat([sd, ss], 1), kd, vd)
+        return (torch.cat([kd.to(k.dtype), kk], 1), torch.cat([vd.to(v.dtype), vv], 1),
+                torch.cat([cnt.expand(n_kv, dense), ww], 1), torch.cat([sd, ss], 1), kd, vd)
 
     def _needs_prompt_scores(self, t: int) -> bool:
         return self.decode_scores or t > self.budget
@@ -211,14 +242,23 @@ class ZeroMergeCache(KVCache):
         return out
 
     def _write_selection(self, row: int, k: Tensor, v: Tensor, scores: Tensor | None) -> None:
+        self._write_into(self.row_buffers(row), k, v, scores)
+
+    def row_buffers(self, row: int) -> tuple[Tensor, ...]:
+        """Row ``row`` of the buffers a selection writes: k, v (Hkv, B, D), w, s (Hkv, B), dense_k, dense_v."""
+        return self.k[row], self.v[row], self.w[row], self.s[row], self.dense_k[row], self.dense_v[row]
+
+    def _write_into(self, dst: tuple[Tensor, ...], k: Tensor, v: Tensor, scores: Tensor | None) -> None:
+        """The selection of k, v (Hkv, T, D) by ``scores`` written into ``dst`` (``row_buffers``)."""
         kc, vc, wc, sc, kd, vd = self._select(k, v, scores)
-        self.k[row].copy_(kc)
-        self.v[row].copy_(vc)
-        self.w[row].copy_(wc)
-        self.s[row].copy_(sc)
+        dk, dv, dw, ds, ddk, ddv = dst
+        dk.copy_(kc)
+        dv.copy_(vc)
+        dw.copy_(wc)
+        ds.copy_(sc)
         if kd is not None:
-            self.dense_k[row].copy_(kd)
-            self.dense_v[row].copy_(vd)
+            ddk.copy_(kd)
+            ddv.copy_(vd)
 
     # ------------------------------------------------------- lookahead (prefill only)
     # With ``lookahead = N`` the prompt is compressed twice. The first pass is plain ZeroMerge, layer by layer, and
@@ -234,12 +274,20 @@ class ZeroMergeCache(KVCache):
         cache itself twice over (a 40K prompt with 2048 slots: 20x), so prefill's peak stays plain ZeroMerge's."""
         return device.type == "cuda" and t > 2 * self.budget
 
+    def _stash_len(self, t: int) -> int:
+        """Positions of a stash's key and value buffers for a prompt of t tokens: the prompt, room for the draft, and
+        one spare position, so that a draft's slice ``[:t + n]`` is never the whole buffer, whatever n: the compiled
+        rescore's graph would otherwise hold for the longest draft only, and compile again for shorter ones (or the
+        other way round)."""
+        return t + self.lookahead + 1
+
     def _stash_prompt(self, row: int, k: Tensor, v: Tensor, scores: Tensor | None) -> None:
         """Keep the prompt's k, v (1, Hkv, T, D) with room for the draft after it, and its scores."""
-        t, n = k.shape[2], self.lookahead
+        t = k.shape[2]
         if scores is None:
             scores = torch.zeros(self.n_kv_heads, t, dtype=torch.float32, device=k.device)
-        stash = {"t": t, "s": scores * self.lookahead_prompt_weight, "rounds": self.lookahead_rounds}
+        w = self.lookahead_prompt_weight
+        stash = {"t": t, "s": scores if w == 1.0 else scores * w, "rounds": self.lookahead_rounds}
         if self._stash_on_host(t, k.device):
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream(k.device)
@@ -255,7 +303,7 @@ class ZeroMergeCache(KVCache):
             stash["ready"].record(side)
         else:
             for name, x in (("k", k), ("v", v)):
-                buf = x.new_empty(1, self.n_kv_heads, t + n, self.head_dim)
+                buf = x.new_empty(1, self.n_kv_heads, self._stash_len(t), self.head_dim)
                 buf[:, :, :t] = x
                 stash[name] = buf
         self._pending[row] = stash
@@ -271,34 +319,64 @@ class ZeroMergeCache(KVCache):
         again from the stashed prompt with the scores ``s = decay^N * w * s_prompt + sum_i decay^(N-1-i) * p_i``
         (``w`` = lookahead_prompt_weight, ``p_i`` draft token i's attention over the prompt, summed over its group),
         which is what N decode steps would fold into the prompt's scores (``ops.prefill_scores`` of the N queries as
-        the last ones of the sequence)."""
+        the last ones of the sequence).
+
+        Three steps, which the model's compiled rescore (``zmzoo.models.transformer.rescore_layer``) calls apart so
+        that the middle one runs inside its graph: ``rescore_inputs`` (the stash's bookkeeping), ``rescore_tensors``
+        (a function of tensors and this cache's settings only) and ``rescore_done``."""
+        kbuf, vbuf, s = self.rescore_inputs(row, q.shape[2])
+        out, s = self.rescore_tensors(q, k, v, kbuf, vbuf, s, self.row_buffers(row))
+        self.rescore_done(row, s)
+        return out
+
+    def rescore_inputs(self, row: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Row ``row``'s stash for a draft of ``n`` tokens: its keys and values (1, Hkv, T + lookahead + 1, D) on the
+        device, the prompt in positions 0 .. T - 1 (brought back from the host if it was stashed there), and its
+        scores (Hkv, T). The stash is consumed by its last round."""
         st = self._pending.get(row)
         if st is None:
             raise RuntimeError(f"{self.method} cache: rescore of row {row}, whose prompt is not stashed")
+        if n > self.lookahead:
+            raise ValueError(f"{self.method} cache: {n} draft tokens, the stash has room for {self.lookahead}")
         st["rounds"] -= 1
         if st["rounds"] == 0:
             del self._pending[row]
-        t, n = st["t"], q.shape[2]
-        if n > self.lookahead:
-            raise ValueError(f"{self.method} cache: {n} draft tokens, the stash has room for {self.lookahead}")
-        if "ready" in st:  # on the host: to the device, after the prefill's copy is done
-            torch.cuda.current_stream(k.device).wait_event(st["ready"])
-            kk = k.new_empty(1, self.n_kv_heads, t + n, self.head_dim)
-            vv = v.new_empty(1, self.n_kv_heads, t + n, self.head_dim)
-            kk[:, :, :t].copy_(st["k"], non_blocking=True)
-            vv[:, :, :t].copy_(st["v"], non_blocking=True)
-        else:
-            kk, vv = st["k"][:, :, : t + n], st["v"][:, :, : t + n]
+        if "ready" not in st:
+            return st["k"], st["v"], st["s"]
+        # on the host: to the device, after the prefill's copy is done, into a buffer laid out as the device stash
+        t = st["t"]
+        dev = st["s"].device
+        torch.cuda.current_stream(dev).wait_event(st["ready"])
+        bufs = []
+        for host in (st["k"], st["v"]):
+            buf = torch.empty(1, self.n_kv_heads, self._stash_len(t), self.head_dim, dtype=host.dtype, device=dev)
+            buf[:, :, :t].copy_(host, non_blocking=True)
+            bufs.append(buf)
+        return bufs[0], bufs[1], st["s"]
+
+    def rescore_tensors(self, q: Tensor, k: Tensor, v: Tensor, kbuf: Tensor, vbuf: Tensor, s: Tensor,
+                        dst: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """The rescore's computation: the draft's k, v (1, Hkv, N, D) written after the prompt into ``kbuf``, ``vbuf``
+        (``rescore_inputs``: T + N <= their length), the draft's attention output over prompt and draft, the prompt's
+        scores ``s`` (Hkv, T) with the draft's folded in, and the selection by those scores written into ``dst``
+        (``row_buffers``). Returns (output (1, H, N, D), the new scores). No Python branch on T and no host sync: the
+        model's compiled rescore traces it once for every prompt length."""
+        t, n = s.shape[1], q.shape[2]
+        kk, vv = kbuf[:, :, : t + n], vbuf[:, :, : t + n]
         kk[:, :, t:] = k
         vv[:, :, t:] = v
-        keys = torch.arange(t + n, device=q.device)
-        seen = keys.view(1, -1) <= t + torch.arange(n, device=q.device).view(-1, 1)  # (N, T + N): causal
+        seen = torch.ones(n, t + n, dtype=torch.bool, device=q.device).tril(t)  # (N, T + N): query i sees <= T + i
         out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=seen, scale=self.sm_scale,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         draft = prefill_scores(q[0], kk[0], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
-        st["s"] = self.decay**n * st["s"] + draft[:, :t]  # a further round drafts over this selection and adds to it
-        self._write_selection(row, kk[0, :, :t], vv[0, :, :t], st["s"])
-        return out
+        s = self.decay**n * s + draft[:, :t]
+        self._write_into(dst, kk[0, :, :t], vv[0, :, :t], s)
+        return out, s
+
+    def rescore_done(self, row: int, s: Tensor) -> None:
+        """The scores a further round (``lookahead_rounds``) drafts over and adds to."""
+        if row in self._pending:
+            self._pending[row]["s"] = s
 
     def finish_prefill(self) -> None:
         """Drop what a prefill stashed and no rescore consumed."""

@@ -364,9 +364,12 @@ class Attention(nn.Module):
     def rescore(self, x: Tensor, cos: Tensor, sin: Tensor, row: int, norm: RMSNorm) -> Tensor:
         """The prefill draft's tokens x (1, N, dim) of ``row`` through this layer's attention (see
         ``Transformer.finish_prefill``): the residual stream after it."""
-        bsz, n, _ = x.shape
         q, k, v = self._qkv_prefill(norm(x), cos, sin)
-        y = self.kv_cache.rescore(q, k, v, row)  # (1, H, N, hd)
+        return self._rescore_residual(x, self.kv_cache.rescore(q, k, v, row))
+
+    def _rescore_residual(self, x: Tensor, y: Tensor) -> Tensor:
+        """x + the output projection of the draft's attention output y (1, H, N, hd)."""
+        bsz, n, _ = x.shape
         return x + _reduce(self.tp, self.wo(y.transpose(1, 2).reshape(bsz, n, -1)))
 
 
@@ -435,6 +438,38 @@ class TransformerBlock(nn.Module):
 
     def rescore(self, x: Tensor, cos: Tensor, sin: Tensor, row: int) -> Tensor:
         return self._mlp(self.attention.rescore(x, cos, sin, row, self.attention_norm))
+
+
+def rescore_layer(layer: TransformerBlock, x: Tensor, cos: Tensor, sin: Tensor, kbuf: Tensor, vbuf: Tensor, s: Tensor,
+                  dst: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """What ``layer.rescore(x, cos, sin, row)`` computes, as a function of tensors and settings only: the draft x
+    (1, N, dim) through the layer with its cache's stash handed in (``ZeroMergeCache.rescore_inputs``: kbuf, vbuf,
+    the prompt's scores s) and the row's buffers ``dst`` to write the new selection into (``row_buffers``). Returns
+    the residual stream after the layer and the new scores. The stash's bookkeeping stays outside, so that this can
+    be compiled once for every layer (the layer's weights are its inputs) and every prompt length (``RescoreStep``)."""
+    att = layer.attention
+    q, k, v = att._qkv_prefill(layer.attention_norm(x), cos, sin)
+    y, s = att.kv_cache.rescore_tensors(q, k, v, kbuf, vbuf, s, dst)
+    return layer._mlp(att._rescore_residual(x, y)), s
+
+
+class RescoreStep:
+    """``rescore_layer`` compiled (``torch.compile(fullgraph=True)``, the backend given, no CUDA graphs): one graph
+    for every layer (the layer's parameters and buffers are its inputs), prompt length T and draft length N (both
+    marked dynamic). The first call compiles it (in the first prefill whose prompt a lookahead compresses, on a
+    Generator that compiles: ``Generator.rescore_step``, which says so); later calls with another layer, T or N reuse
+    it. Known exceptions: inductor's C++ code (CPU) compiles a second graph once T + N passes 4096, where it sums fp32
+    in chunks for accuracy; a draft of one token (a 0/1 size) and another dtype or set of fused projections compile
+    their own. A piece that does not trace raises (fullgraph) rather than running eagerly."""
+
+    def __init__(self, backend: str | Callable = "inductor"):
+        self.fn = torch.compile(rescore_layer, fullgraph=True, backend=backend)
+
+    def __call__(self, layer: TransformerBlock, x: Tensor, cos: Tensor, sin: Tensor, kbuf: Tensor, vbuf: Tensor,
+                 s: Tensor, dst: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        for tensor, dim in ((x, 1), (cos, 2), (sin, 2), (kbuf, 2), (vbuf, 2), (s, 1)):
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return self.fn(layer, x, cos, sin, kbuf, vbuf, s, dst)
 
 
 class Transformer(nn.Module):
@@ -611,7 +646,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def finish_prefill(self, first: Tensor, pos: Tensor, decode: Callable[[Tensor, Tensor], Tensor] | None = None,
-                       prompts: Sequence[Sequence[int]] | None = None, classes: np.ndarray | None = None) -> None:
+                       prompts: Sequence[Sequence[int]] | None = None, classes: np.ndarray | None = None,
+                       rescore: Callable | None = None) -> None:
         """After every row's prefill: the cache protocol's prefill draft (zmzoo/cache/base.py). Caches that ask for
         it (ZeroMerge's ``lookahead``) get each requesting row's draft run through every layer (``rescore``), which
         they use to compress the row again; then every cache's ``finish_prefill``.
@@ -624,7 +660,10 @@ class Transformer(nn.Module):
         the prompt's own continuation; tokens compared by ``classes``, a vocabulary-sized array such as
         ``Tokenizer.word_classes``, or by id when None); where nothing matches, the draft is the g greedy tokens. So
         a draft costs g - 1 decode steps whatever it finds.
-        Every cache's state is restored after the draft's decode steps, so the draft leaves no trace."""
+        Every cache's state is restored after the draft's decode steps, so the draft leaves no trace.
+
+        ``rescore``: how each layer rescores (``rescore_layer``'s signature; a Generator that compiles passes its
+        ``RescoreStep``); default: eagerly, through the layers' ``rescore``."""
         while True:  # a cache may ask for several rounds, each drafted over the previous round's selection
             requests: dict[int, tuple[int, int]] = {}
             for c in self.caches:
@@ -637,7 +676,8 @@ class Transformer(nn.Module):
                 drafts = self._draft(first, pos, decode or self.decode, requests, prompts, classes)
             with torch.profiler.record_function("zmzoo.rescore"):
                 for row, tokens in sorted(drafts.items()):
-                    self._rescore(torch.tensor([tokens], device=first.device), row, int(pos[row]))
+                    args = (torch.tensor([tokens], device=first.device), row, int(pos[row]))
+                    self._rescore(*args) if rescore is None else self._rescore(*args, step=rescore)
         for c in self.caches:
             c.finish_prefill()
 
@@ -668,14 +708,22 @@ class Transformer(nn.Module):
             c.restore(snap)
         return drafts
 
-    def _rescore(self, tokens: Tensor, row: int, start: int) -> None:
-        """Draft ``tokens`` (1, N) of ``row`` at positions start .. start + N - 1 through every layer's ``rescore``."""
+    def _rescore(self, tokens: Tensor, row: int, start: int, step: Callable | None = None) -> None:
+        """Draft ``tokens`` (1, N) of ``row`` at positions start .. start + N - 1 through every layer's ``rescore``, or
+        through ``step`` (``rescore_layer``'s signature) for the layers whose cache splits its rescore so
+        (``rescore_tensors``)."""
         n = tokens.shape[1]
         cos = self.rope_cos[start : start + n].view(1, 1, n, -1)
         sin = self.rope_sin[start : start + n].view(1, 1, n, -1)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer.rescore(x, cos, sin, row)
+            cache = layer.attention.kv_cache
+            if step is None or not hasattr(cache, "rescore_tensors"):
+                x = layer.rescore(x, cos, sin, row)
+                continue
+            kbuf, vbuf, s = cache.rescore_inputs(row, n)
+            x, s = step(layer, x, cos, sin, kbuf, vbuf, s, cache.row_buffers(row))
+            cache.rescore_done(row, s)
 
     def decode(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """One token per batch row: tokens (B,) at absolute positions pos (B,) -> logits (B, V)."""

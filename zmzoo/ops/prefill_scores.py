@@ -57,8 +57,10 @@ def prefill_scores_ref(
     kf = k.float()
     out = torch.zeros(n_kv, t, dtype=torch.float32, device=q.device)
     key_pos = torch.arange(t, device=q.device)
-    for c0 in range(0, n_q, chunk):
-        c1 = min(n_q, c0 + chunk)
+    # one chunk without a loop when the queries fit (a lookahead's draft: the compiled rescore's query count is
+    # symbolic, and a range over it would fix it)
+    for c0 in range(0, n_q, chunk) if n_q > chunk else (0,):
+        c1 = min(n_q, c0 + chunk) if n_q > chunk else n_q
         qc = q[:, c0:c1].float().reshape(n_kv, g, c1 - c0, d)
         logits = torch.einsum("hgcd,htd->hgct", qc, kf) * sm_scale  # (Hkv, G, C, T)
         q_pos = t - n_q + torch.arange(c0, c1, device=q.device)
