@@ -87,8 +87,6 @@ def decode_inputs(bsz, n_heads, n_kv, s_len, d, dtype, device, *, kind="zm", row
         inp["v_new"] = torch.randn(bsz, n_kv, d, generator=gen, device=device).to(dtype)
         inp["w"] = torch.randint(1, 9, (bsz, n_kv, s_len), generator=gen, device=device).float()
         inp["scores"] = torch.rand(bsz, n_kv, s_len, generator=gen, device=device)
-        inp["dense_k"] = k[:, :, :1].float().contiguous()  # one dense slot, as the cache keeps it (fp32)
-        inp["dense_v"] = v[:, :, :1].float().contiguous()
     return inp
 
 
@@ -505,6 +503,22 @@ def row(r) -> str:
     return s
 
 
+def probe_device(want_cpu: bool) -> torch.device | None:
+    """The device a kernel probe runs on: CUDA, with fp32 references in full fp32 (no TF32), or the CPU under Triton's
+    interpreter (``--cpu``, or no CUDA device), bf16 loads fixed there. None, with the reason printed, when the CPU
+    is asked for but the interpreter was not set before triton loaded."""
+    cpu = want_cpu or not torch.cuda.is_available()
+    if cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        print("no CUDA device: rerun with --cpu (it sets TRITON_INTERPRET=1 before triton loads)")
+        return None
+    if cpu:
+        fix_interpreter_bf16()
+        return torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device("cuda")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.probes.ops", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for ops.json")
@@ -513,16 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=150.0, help="stop optional work (reference timings at the "
                    "largest sizes, the sweep) once the run has taken this long")
     ns = p.parse_args(argv)
-    cpu = ns.cpu or not torch.cuda.is_available()
-    if cpu and os.environ.get("TRITON_INTERPRET") != "1":
-        print("no CUDA device: rerun with --cpu (it sets TRITON_INTERPRET=1 before triton loads)")
+    device = probe_device(ns.cpu)
+    if device is None:
         return 2
-    device = torch.device("cpu" if cpu else "cuda")
-    if cpu:
-        fix_interpreter_bf16()
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references in full fp32
-        torch.backends.cudnn.allow_tf32 = False
+    cpu = device.type == "cpu"
     ns.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"versions": environment(), "device": str(device), "failures": []}
     log(f"{report['versions']}")

@@ -44,9 +44,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.probes.ops import probe_device
 from bench.timing import copy_bandwidth
 from zmzoo.environment import environment
-from zmzoo.ops._interpreter import fix_interpreter_bf16
 from zmzoo.ops._launch import launch, next_pow2, time_graph
 from zmzoo.ops.gemv import Config, _input_tile
 from zmzoo.ops.qgemv import INT4_CANDIDATES, qgemv, qgemv_ref
@@ -310,15 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="skip the groups after the first (64) once the run has taken this long")
     ns = p.parse_args(argv)
-    cpu = ns.cpu or not torch.cuda.is_available()
-    if cpu and os.environ.get("TRITON_INTERPRET") != "1":
-        print("no CUDA device: rerun with --cpu (it sets TRITON_INTERPRET=1 before triton loads)")
+    device = probe_device(ns.cpu)
+    if device is None:
         return 2
-    device = torch.device("cpu" if cpu else "cuda")
-    if cpu:
-        fix_interpreter_bf16()
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references in full fp32
+    cpu = device.type == "cpu"
     ns.out.mkdir(parents=True, exist_ok=True)
     shapes = CPU_PRODUCTS if cpu else {k: PRODUCTS[k] for k in ns.products.split(",")}
     report: dict[str, Any] = {"versions": environment(), "device": str(device), "cpu": cpu, "failures": [],
