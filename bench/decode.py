@@ -109,7 +109,8 @@ def gemv_report(tuning: dict, show: bool = True) -> list[dict[str, Any]]:
         if choice is None:
             choice_s = "torch"
         elif isinstance(choice, Split):
-            choice_s = f"silu by torch + triton {tuple(choice.config)} ({times[choice] * 1e6:.1f} us)"
+            pro = "silu" if fusion.silu else "norm"
+            choice_s = f"{pro} by torch + triton {tuple(choice.config)} ({times[choice] * 1e6:.1f} us)"
         else:
             choice_s = "triton " + repr(tuple(choice))
         row = {"rows": m, "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""), "fusion": str(fusion),

@@ -1,4 +1,4 @@
-"""Speed of the int4 decode GEMV (``zmzoo.ops.qgemv``) at LLaMA-2-7B's decode products, batch 1, bf16 input.
+"""Speed of the int4 and int8 decode GEMV (``zmzoo.ops.qgemv``) at LLaMA-2-7B's decode products, batch 1, bf16 input.
 
     python -m bench.probes.qgemv_speed --out OUT          # one CUDA GPU (H200: about 2 minutes)
     python -m bench.probes.qgemv_speed --cpu --out OUT    # no GPU: Triton's interpreter, tiny shapes, parity only
@@ -9,16 +9,19 @@ while ``--budget-s`` allows:
 
 Groups 32 and 128 time the new kernel only.
 
-1. parity: the kernel at every setting of ``INT4_CANDIDATES`` against ``qgemv_ref`` (dequantize to bf16, then
-   F.linear) and both against fp32 (the dequantized weight in fp32 times x in fp32); reported as max abs error over
-   the output's max |y|. A setting fails when its error against fp32 exceeds twice the reference's plus 1e-4
-   (relative), or its difference from the reference exceeds 1e-2 (relative): printed as PARITY FAILED, exit 1.
+1. parity: the kernel at every setting of ``INT4_CANDIDATES`` (the int8 kernel at ``INT8_CANDIDATES``) against
+   ``qgemv_ref`` (dequantize to bf16, then F.linear) and both against fp32 (the dequantized weight in fp32 times x in
+   fp32); reported as max abs error over the output's max |y|. A setting fails when its error against fp32 exceeds
+   twice the reference's plus 1e-4 (relative), or its difference from the reference exceeds 1e-2 (relative): printed
+   as PARITY FAILED, exit 1.
 2. timing: each call captured in a CUDA graph cycling through enough copies of the weight to exceed the L2
    (``zmzoo.ops._launch.time_graph``, as ``gemv.tune`` and ``bench.probes.ops`` time: median of graph replays over
    calls, warm-up and compile excluded) for: the new kernel at every candidate; the previous int4 kernel
    (``_old_int4_kernel`` below: a copy of the 4-bit branch ``zmzoo/ops/qgemv.py`` had before it was rewritten, kept
    here only for this comparison) at four of its settings; cuBLAS bf16 ``F.linear`` of the same shape; the int8
-   per-channel kernel (``quantize_int8``) at four settings.
+   per-channel kernel (``quantize_int8``) at every setting of ``INT8_CANDIDATES`` (its int32-word loop; the
+   element-by-element loop it replaced was timed on 2026-12-02, docs/results/qgemv-speed-h200.json). Settings with a
+   split (``Config.split``) include the second kernel that adds the ranges up.
 
 GB/s counts the bytes each call must read (integers, scales, zeros or the bf16 matrix, and x; the output's writes
 are not counted); the fractions are of 4.0 TB/s and of the measured copy bandwidth (read + write). Writes
@@ -49,7 +52,7 @@ from bench.timing import copy_bandwidth
 from zmzoo.environment import environment
 from zmzoo.ops._launch import launch, next_pow2, time_graph
 from zmzoo.ops.gemv import Config, _input_tile
-from zmzoo.ops.qgemv import INT4_CANDIDATES, qgemv, qgemv_ref
+from zmzoo.ops.qgemv import INT4_CANDIDATES, INT8_CANDIDATES, qgemv, qgemv_ref
 from zmzoo.ops.quant import QTensor, dequantize_ref, quantize_int4, quantize_int8
 
 try:
@@ -62,10 +65,10 @@ PRODUCTS = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2
             "output": (32000, 4096)}
 CPU_PRODUCTS = {"wqkv": (96, 256), "w2": (37, 384)}
 GROUPS = (64, 32, 128)
-# settings of the previous kernel and of the int8 kernel: the bf16 kernel's CANDIDATES the old int4 tuning picked
-# most (one or two rows a program) and two wider ones
+# settings of the previous int4 kernel: the bf16 kernel's CANDIDATES the old int4 tuning picked most (one or two rows
+# a program) and two wider ones
 OLD_SETTINGS = (Config(2, 1024, 1, 2), Config(4, 1024, 4, 2), Config(8, 512, 2, 3), Config(16, 512, 4, 3))
-INT8_SETTINGS = OLD_SETTINGS
+INT8_SETTINGS = INT8_CANDIDATES
 L2_FLUSH_BYTES = 256 * 2**20
 REF_BW = 4.0e12
 T0 = time.perf_counter()
@@ -203,7 +206,7 @@ def fmt(rec: dict[str, Any]) -> str:
 
 
 def setting(cfg: Config) -> str:
-    return "n{}k{}w{}s{}".format(*cfg)
+    return "n{}k{}w{}s{}".format(*cfg) + (f"x{cfg.split}" if cfg.split > 1 else "")
 
 
 def product_int4(name: str, n: int, k: int, group: int, device, cpu: bool, bw: float, failures: list,
@@ -307,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for qgemv_speed.json")
     p.add_argument("--cpu", action="store_true", help="no GPU: Triton's interpreter, tiny shapes, parity only")
     p.add_argument("--products", default=",".join(PRODUCTS), help="comma-separated subset of " + ",".join(PRODUCTS))
+    p.add_argument("--no-old", action="store_true", help="leave out the previous int4 kernel")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="skip the groups after the first (64) once the run has taken this long")
     ns = p.parse_args(argv)
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (n, k) in shapes.items():
             try:
                 report["rows"] += product_int4(name, n, k, group, device, cpu, bw, report["failures"],
-                                               old=group == GROUPS[0])
+                                               old=group == GROUPS[0] and not ns.no_old)
                 if group == GROUPS[0]:
                     report["rows"] += product_baselines(name, n, k, device, cpu, bw, report["failures"])
             except Exception as e:

@@ -12,8 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from tests.ops.test_quant import formats
-from zmzoo.ops.gemv import CANDIDATES, MAX_ROWS, Config, Split, for_rows, gemv_config
-from zmzoo.ops.qgemv import INT4_CANDIDATES, candidates, kernel_config, qgemv, qgemv_config, qgemv_ref
+from zmzoo.ops.gemv import CANDIDATES, MAX_ROWS, Config, Split, for_rows, gemv
+from zmzoo.ops.qgemv import (
+    INT4_CANDIDATES,
+    INT8_CANDIDATES,
+    candidates,
+    kernel_config,
+    qgemv,
+    qgemv_config,
+    qgemv_ref,
+)
 from zmzoo.ops.quant import QTensor, dequantize_ref, pack_int4, quantize_int8
 
 DEVICE = os.environ.get("ZMZOO_TEST_DEVICE", "cpu")
@@ -97,11 +105,16 @@ def test_qgemv_low_precision_error_at_most_twice_reference(name, fusion, dtype):
     assert err <= 2 * err_ref + 1e-6, (err, err_ref)
 
 
-@pytest.mark.parametrize("cfg", sorted(set(CANDIDATES) | set(INT4_CANDIDATES)), ids=lambda c: "n{}k{}w{}s{}".format(*c))
+def cid(c):
+    return "n{}k{}w{}s{}".format(*c) + (f"x{c.split}" if c.split > 1 else "")
+
+
+@pytest.mark.parametrize("cfg", sorted(set(CANDIDATES) | set(INT4_CANDIDATES) | set(INT8_CANDIDATES)), ids=cid)
 @pytest.mark.parametrize("m", [1, 3])
 def test_qgemv_every_tuning_candidate(cfg, m):
     """Whatever setting tune() picks (at this row count) computes the same product, for int8 per channel
-    (``CANDIDATES``) and int4 per 64 (``INT4_CANDIDATES``), each run at every setting of both lists."""
+    (``INT8_CANDIDATES``) and int4 per 64 (``INT4_CANDIDATES``), each run at every setting of all three lists (the
+    dense kernel's too)."""
     ws = weights(37, 320, seed=7)
     x, kw = fused_inputs(m, 37, 320, torch.float32, norm=True, silu=False, residual=True, seed=m)
     for name in ("int8-row", "int4-g64"):
@@ -169,13 +182,51 @@ def test_qgemv_int4_unaligned_rows():
     torch.testing.assert_close(qgemv(x, view, backend="triton"), qgemv_ref(x, qt), rtol=1e-5, atol=1e-5)
 
 
-def test_int4_candidates_and_default():
-    """4-bit weights tune over ``INT4_CANDIDATES`` and run ``qgemv_config`` untuned; 8-bit ones keep the bf16
-    kernel's list and default."""
-    assert candidates(4) == INT4_CANDIDATES and candidates(8) == CANDIDATES
-    assert qgemv_config(1, 8) == gemv_config(1)
+def test_quantized_candidates_and_default():
+    """4-bit weights tune over ``INT4_CANDIDATES``, 8-bit ones over ``INT8_CANDIDATES``, and run ``qgemv_config``
+    untuned (one of them, shrunk for more rows); the inputs' tile of a step stays smaller than a program's threads
+    (no trip through shared memory, see the lists' comments)."""
+    assert candidates(4) == INT4_CANDIDATES and candidates(8) == INT8_CANDIDATES
+    assert qgemv_config(1, 4) in INT4_CANDIDATES and qgemv_config(1, 8) in INT8_CANDIDATES
     assert qgemv_config(4, 4).block_k == qgemv_config(1, 4).block_k // 4
-    assert all(c.block_k // 8 < 32 * c.num_warps for c in INT4_CANDIDATES)  # the inputs' loads stay cheap
+    assert all(c.block_k // 8 < 32 * c.num_warps for c in INT4_CANDIDATES)
+    assert all(c.block_k // 4 < 32 * c.num_warps for c in INT8_CANDIDATES)
+
+
+SPLIT_CASES = [(2, Config(8, 64, 1, 1, 2)), (3, Config(16, 64, 2, 1, 3)), (1, Config(8, 64, 1, 1, 4)),
+               (4, Config(16, 128, 4, 1, 16))]
+
+
+@pytest.mark.parametrize("fusion", [FUSIONS[4], FUSIONS[5], FUSIONS[0]], ids=["norm-residual", "silu", "plain"])
+@pytest.mark.parametrize("m,cfg", SPLIT_CASES, ids=lambda v: cid(v) if isinstance(v, Config) else str(v))
+def test_qgemv_split_k(m, cfg, fusion):
+    """K cut into ranges (``Config.split``), the partial sums added by the second kernel, for every layout: K = 448
+    (7 tiles of 64: ranges of 4 + 3, 3 + 3 + 1, 2 + 2 + 2 + 1; at BLOCK_K 128 a range a tile, 4 of the 16 asked for,
+    the last one half outside K), N = 37, 1 to 4 rows, bias on the plain product; the norm's squares and the rows'
+    scales applied once, after the sum."""
+    ws = weights(37, 448, seed=m)
+    x, kw = fused_inputs(m, 37, 448, torch.float32, bias=not (fusion["norm"] or fusion["silu"]), seed=m, **fusion)
+    b = kw.pop("b")
+    for name, qt in ws.items():
+        got = qgemv(x, qt, b, backend="triton", eps=1e-5, silu=fusion["silu"], config=kernel_config(cfg, qt.bits),
+                    **kw)
+        torch.testing.assert_close(got, qgemv_ref(x, qt, b, eps=1e-5, silu=fusion["silu"], **kw), rtol=1e-5,
+                                   atol=1e-5, msg=lambda e, n=name: f"{n}: {e}")
+
+
+def test_qgemv_int8_words_unaligned_rows_and_strides():
+    """int8 rows read as int32 words: a view whose rows are not 4-byte aligned is copied first, the same product as
+    contiguous rows; K = 1000 (a multiple of 4, not of BLOCK_K: the sub-blocks of gcd(K, BLOCK_K) = 8 columns)."""
+    g = torch.Generator().manual_seed(4)
+    qt = quantize_int8(torch.randn(13, 1000, generator=g) / 1000**0.5).map(lambda t: t.to(DEVICE))
+    wide = torch.zeros(13, 1003, dtype=torch.int8, device=qt.q.device)
+    wide[:, 3:] = qt.q
+    view = qt._replace(q=wide[:, 3:])
+    assert view.q.storage_offset() % 4 and view.q.stride(0) % 4
+    x, _ = fused_inputs(3, 13, 1000, torch.float32, norm=False, silu=False, residual=False, seed=2)
+    for cfg in (Config(8, 256, 2, 1), Config(16, 512, 4, 1, 2)):
+        torch.testing.assert_close(qgemv(x, view, backend="triton", config=cfg), qgemv_ref(x, qt), rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_qgemv_split_leading_dims_and_fallback(monkeypatch):
@@ -198,6 +249,20 @@ def test_qgemv_split_leading_dims_and_fallback(monkeypatch):
                                rtol=1e-5, atol=1e-5)
     big = torch.randn(MAX_ROWS + 1, 64).to(DEVICE)
     assert torch.equal(qgemv(big, qt, backend="triton"), qgemv_ref(big, qt)) and len(launched) == 1
+
+
+@pytest.mark.parametrize("name", ["int8-row", "int4-g64"])
+def test_qgemv_norm_split(name):
+    """A ``Split`` of a norm product: the RMSNorm by torch, the kernel without it (and with a split K), within the
+    reference's tolerance; the dense kernel refuses a split K by name."""
+    qt = weights(24, 256)[name]
+    x, kw = fused_inputs(3, 24, 256, torch.float32, norm=True, silu=False, residual=True, bias=True, seed=5)
+    want = qgemv_ref(x, qt, eps=1e-5, **kw)
+    for cfg in (Split(Config(8, 64, 1, 1)), Split(Config(16, 64, 2, 1, 3))):
+        torch.testing.assert_close(qgemv(x, qt, backend="triton", eps=1e-5, config=cfg, **kw), want, rtol=1e-5,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="does not split K"):
+        gemv(x, dequantize_ref(qt), backend="triton", config=Config(8, 64, 1, 1, 2))
 
 
 def test_qgemv_bad_inputs_are_named():

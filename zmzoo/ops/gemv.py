@@ -51,6 +51,7 @@ class Config(NamedTuple):
     block_k: int  # weight columns per loop step
     num_warps: int
     num_stages: int
+    split: int = 1  # ranges of K computed by separate programs, their sums added by a second kernel (qgemv only)
 
 
 # Launch settings tune() tries at 1 row (at 2 and 4 rows BLOCK_K shrinks to keep the accumulator's size): the fp32
@@ -77,10 +78,13 @@ class Fusion(NamedTuple):
 
 
 class Split(NamedTuple):
-    """What ``auto`` runs where it measured fastest: the SiLU gate by torch (one inductor kernel in a compiled step),
-    the product and the rest of its fusion by the kernel at ``config``. The gate inside the kernel is recomputed by
-    every program over all K columns (and x read twice), which cost the down projection ~3 us of its ~27 on the H200,
-    more than the separate gate kernel (docs/results/launch-sweep-h200.txt)."""
+    """What ``auto`` runs where it measured fastest: the prologue (the SiLU gate, or the RMSNorm) by torch (one
+    inductor kernel in a compiled step, ``prologue``), the product and the rest of its fusion by the kernel at
+    ``config``. The gate inside the kernel is recomputed by every program over all K columns (and x read twice), which
+    cost the down projection ~3 us of its ~27 on the H200, more than the separate gate kernel
+    (docs/results/launch-sweep-h200.txt); the norm inside the quantized kernel holds the norm weights' tile in
+    registers beside the weights' words (168 registers a thread instead of 128 at int4's widest setting), and cost
+    gate|up 15 us of 42 (docs/quantization.md)."""
     config: Config
 
 
@@ -104,6 +108,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
+
+
+def prologue(x: Tensor, norm: Tensor | None, eps: float, silu: bool) -> Tensor:
+    """The input a product without its prologue takes (a ``Split``): ``rms_norm`` of x, or ``silu_mul`` of its two
+    halves, or x."""
+    if norm is not None:
+        return rms_norm(x, norm, eps)
+    return silu_mul(*x.chunk(2, dim=-1)) if silu else x
 
 
 def gemv_ref(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None = None, eps: float = 1e-6,
@@ -263,14 +275,14 @@ def _check(x: Tensor, w: Tensor, b: Tensor | None, norm: Tensor | None, silu: bo
 def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None = None, eps: float = 1e-6,
          silu: bool = False, residual: Tensor | None = None, backend: str = "torch",
          config: Config | Split | None = None) -> Tensor:
-    """``gemv_ref``: ``F.linear(pro(x), w, b)`` (+ ``residual``), with pro(x) = ``rms_norm(x, norm, eps)`` when
-    ``norm`` is given, ``silu_mul`` of x's two halves with ``silu`` (x is gate|up, 2K wide), else x.
+    """``gemv_ref``: ``F.linear(pro(x), w, b)`` (+ ``residual``), with pro(x) = ``rms_norm(x, norm, eps)`` when ``norm``
+    is given, ``silu_mul`` of x's two halves with ``silu`` (x is gate|up, 2K wide), else x.
 
     ``backend="triton"`` runs the kernel, prologue and epilogue inside it, when x has at most ``MAX_ROWS`` rows (in
     all its leading dimensions; more run ``gemv_ref``), at ``config`` (default ``gemv_config``); a ``Split`` config
-    computes the SiLU gate apart by torch and runs the rest in the kernel at ``Split.config``. ``backend="torch"``
-    runs ``gemv_ref``. In low precision the kernel rounds once, at the end, where the composition rounds the
-    normalised or gated input and the product before the add: results agree to that rounding."""
+    computes the SiLU gate or the norm apart by torch and runs the rest in the kernel at ``Split.config``.
+    ``backend="torch"`` runs ``gemv_ref``. In low precision the kernel rounds once, at the end, where the composition
+    rounds the normalised or gated input and the product before the add: results agree to that rounding."""
     if backend not in ("torch", "triton"):
         raise ValueError(f"gemv backend {backend!r} is not one of ('torch', 'triton')")
     fusion = dict(norm=norm, eps=eps, silu=silu, residual=residual)
@@ -286,8 +298,11 @@ def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None =
     if config is None:
         config = gemv_config(m)
     if isinstance(config, Split):
-        x, silu, config = silu_mul(*x.chunk(2, dim=-1)), False, config.config
-        width //= 2
+        x, config = prologue(x, norm, eps, silu), config.config
+        width, silu, norm = x.shape[-1], False, None
+    if config.split != 1:
+        raise ValueError(f"gemv backend='triton': a dense weight's kernel does not split K (config {config}); "
+                         "split is a setting of zmzoo.ops.qgemv")
     x2 = x.reshape(m, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -296,7 +311,7 @@ def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, norm: Tensor | None =
         r2 = residual.reshape(m, w.shape[0])
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
-    y = torch.ops.zmzoo.gemv(x2, w, b, norm, r2, float(eps), bool(silu), *config)
+    y = torch.ops.zmzoo.gemv(x2, w, b, norm, r2, float(eps), bool(silu), *config[:4])
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -311,14 +326,15 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
          known: dict[tuple, Tuned] | None = None) -> dict[tuple, Tuned]:
     """Time the torch composition and the kernel at every candidate setting for each (rows, weight shape, fusion) on
     its CUDA device, and return what was measured (keys already in ``known`` are taken from it, not timed again).
-    ``products``: weights, or (weight, Fusion) pairs for the products that carry a prologue or epilogue. The
-    composition is what a compiled decode step runs without the kernel: ``gemv_ref`` under torch.compile (F.linear,
-    and the norm, SiLU gate or residual add as one fused elementwise kernel beside it). A product with the SiLU gate is
-    also timed as a ``Split``: the gate compiled apart, the kernel at each setting without it. Weights of one shape are
-    cycled through (``calls`` products in a CUDA graph), so several layers' matrices keep the timing off the L2 cache
-    as in a real step. A setting that fails to launch is skipped. Returns {(rows bucket, N, K, dtype, device, Fusion):
-    Tuned} (see ``tuning_key``). Does nothing on CPU (the interpreter's timings mean nothing). ``candidates``: the
-    settings at 1 row (``for_rows`` adapts them to more), default ``CANDIDATES`` (dense weights) and
+    ``products``: weights, or (weight, Fusion) pairs for the products that carry a prologue or epilogue. The composition
+    is what a compiled decode step runs without the kernel: ``gemv_ref`` under torch.compile (F.linear, and the norm,
+    SiLU gate or residual add as one fused elementwise kernel beside it). A product with the SiLU gate is also timed as
+    a ``Split``: the gate compiled apart, the kernel at each setting without it; so is a quantized weight's product with
+    the norm (the norm compiled apart; a dense weight's is not, its norm costs the kernel little). Weights of one shape
+    are cycled through (``calls`` products in a CUDA graph), so several layers' matrices keep the timing off the L2
+    cache as in a real step. A setting that fails to launch is skipped. Returns {(rows bucket, N, K, dtype, device,
+    Fusion): Tuned} (see ``tuning_key``). Does nothing on CPU (the interpreter's timings mean nothing). ``candidates``:
+    the settings at 1 row (``for_rows`` adapts them to more), default ``CANDIDATES`` (dense weights) and
     ``zmzoo.ops.qgemv.candidates(bits)`` (quantized ones).
 
     Quantized weights (``zmzoo.models.quant.QuantLinear``) are timed the same way with ``zmzoo.ops.qgemv``: the
@@ -339,7 +355,7 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
     out = {}
     composite = torch.compile(_composite, fullgraph=True, dynamic=False)
     qcomposite = torch.compile(qcomposite, fullgraph=True, dynamic=False)
-    gate = torch.compile(silu_mul, fullgraph=True, dynamic=False)  # a Split's gate: one graph, not one per setting
+    pro = torch.compile(prologue, fullgraph=True, dynamic=False)  # a Split's prologue: one graph, not one per setting
     limit = dict(recompile_limit=max(64, torch._dynamo.config.recompile_limit))  # one graph per shape and fusion
     for (shape, dtype, device, fusion), ws in groups.items():
         g = torch.Generator(device=device).manual_seed(0)
@@ -365,12 +381,14 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
                 x, w, _, nw, r = a
                 return qcomposite(x, w.q, w.scale, w.zero, nw, r, fusion.silu, w.group, w.bits)
 
-            def kernel_call(a, cfg, x=None, silu=fusion.silu):
-                x = a[0] if x is None else x
+            def kernel_call(a, cfg, split=False):
+                x, w, b, nw, r = a
+                silu = fusion.silu
+                if split:  # the prologue apart (compiled), the kernel without it
+                    x, nw, silu = pro(x, nw, 1e-6, silu), None, False
                 if not quant:
-                    return torch.ops.zmzoo.gemv(x, *a[1:], 1e-6, silu, *cfg)
-                w = a[1]
-                return torch.ops.zmzoo.qgemv(x, w.q, w.scale, w.zero, None, a[3], a[4], 1e-6, silu, w.group, w.bits,
+                    return torch.ops.zmzoo.gemv(x, w, b, nw, r, 1e-6, silu, *cfg[:4])
+                return torch.ops.zmzoo.qgemv(x, w.q, w.scale, w.zero, None, nw, r, 1e-6, silu, w.group, w.bits,
                                              *kernel_config(cfg, w.bits))
 
             with torch._dynamo.config.patch(**limit):
@@ -379,10 +397,10 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
             settings = list(dict.fromkeys(for_rows(c, m) for c in cands))
             if quant:
                 settings = list(dict.fromkeys(kernel_config(c, ws[0].bits) for c in settings))
-            for cfg in settings + ([Split(c) for c in settings] if fusion.silu else []):
+            splits = [Split(c) for c in settings] if fusion.silu or (fusion.norm and quant) else []
+            for cfg in settings + splits:
                 if isinstance(cfg, Split):
-                    calls_ = [lambda a=a, c=cfg.config: kernel_call(a, c, gate(*a[0].chunk(2, dim=-1)), False)
-                              for a in args]
+                    calls_ = [lambda a=a, c=cfg.config: kernel_call(a, c, True) for a in args]
                 else:
                     calls_ = [lambda a=a, c=cfg: kernel_call(a, c) for a in args]
                 try:
