@@ -43,7 +43,7 @@
 #   quant-tests  the quantization tests on CUDA (the qgemv and dequantize kernels compiled against their references,
 #            the decode step compiled with CUDA graphs through them): ZMZOO_TEST_DEVICE=cuda pytest
 #   quant70b llama2-70b shapes on one GPU, random weights built and quantized tensor by tensor, ZeroMerge (kv_budget
-#            2048) at 40K, for each of $QUANT70B_MODES (default "int4 int8"; bf16 does not fit): tok/s, prefill, peaks.
+#            2048) at 40K, for each of $QUANT70B_MODES (default "int4 int8"; bf16, 128.5 GiB of weights, not tried): tok/s, prefill, peaks.
 #            Several minutes a mode: one mode a call (QUANT70B_MODES=int4, then int8)
 #   tp1      tensor parallelism at world size 1 (docs/tensor-parallel.md): bench/decode.py as one process and under
 #            `torchrun --nproc-per-node 1` (the model loaded through the sharding path, zmzoo.parallel), in the order
