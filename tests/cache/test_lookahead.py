@@ -87,6 +87,14 @@ def test_retrieval_preset_resolves_and_is_overridable():
     cfg = resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval")
     assert cfg.lookahead == PRESETS["retrieval"]["lookahead"] > 0 and cfg.method == "zeromerge"
     assert cfg.lookahead_greedy == PRESETS["retrieval"]["lookahead_greedy"] > 0
+    assert cfg.lookahead_pin == 0  # measured, not part of the preset (docs/retrieval.md)
+    pinned = resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead_pin=0.5,
+                                  lookahead_pin_extend=16, lookahead_pin_spans=4)
+    assert (pinned.lookahead_pin, pinned.lookahead_pin_extend, pinned.lookahead_pin_spans) == (0.5, 16, 4)
+    assert pinned.cache_kwargs()["lookahead_pin"] == 0.5
+    for bad in (dict(lookahead_pin=1.5), dict(lookahead_pin_extend=-1), dict(lookahead_pin_spans=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", **bad)
     assert resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead=64).lookahead == 64
     with pytest.raises(ValueError, match="lookahead_greedy"):  # the preset's 8 greedy tokens exceed a 3-token draft
         resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead=3)
@@ -437,11 +445,12 @@ def test_lookahead_selection_property_triton(dtype, c):
     check_lookahead(c, "triton", dtype)
 
 
-def lookup_by_table(prompt, draft, n, min_match=3, skip_end=32, classes=None, restate=4):
-    """prompt_lookup written plainly (a dict of every m-gram's positions in the body), the oracle of the numpy one."""
+def lookup_by_table(prompt, draft, n, min_match=3, skip_end=32, classes=None, restate=4, occurrences=1):
+    """prompt_lookup_spans written plainly (a dict of every m-gram's positions in the body), the oracle of the numpy
+    one: (draft, spans)."""
     body = len(prompt) - skip_end
     if body <= min_match:
-        return list(draft)
+        return list(draft), []
     cls = (lambda t: t) if classes is None else (lambda t: int(classes[t]))
     pr, dr = [cls(t) for t in prompt], [cls(t) for t in draft]
     tail = pr[body:]
@@ -453,36 +462,52 @@ def lookup_by_table(prompt, draft, n, min_match=3, skip_end=32, classes=None, re
         for end in range(m, len(src) + 1):
             if (end - m >= len(tail)) != in_draft:
                 continue
+            conts = []
             for at in positions.get(tuple(src[end - m : end]), []):
                 cont = at + m
                 nxt = pr[cont : cont + restate]
                 if restate and any(tail[j : j + len(nxt)] == nxt for j in range(len(tail) - len(nxt) + 1)):
                     continue  # a restatement of the tail
-                head = list(draft[: end - len(tail)]) if end > len(tail) else list(draft)
-                return (head + list(prompt[cont : cont + n - len(head)]))[:n]
-    return list(draft)
+                conts.append(cont)
+            if not conts:
+                continue
+            head = list(draft[: end - len(tail)]) if end > len(tail) else list(draft)
+            out = (head + list(prompt[conts[0] : conts[0] + n - len(head)]))[:n]
+            copied = len(out) - len(head)
+            return out, ([(c, min(c + copied, len(prompt))) for c in conts[:occurrences]] if copied > 0 else [])
+    return list(draft), []
 
 
 @examples(300)
 @given(vocab=st.integers(2, 6), prompt_len=st.integers(0, 90), draft_len=st.integers(0, 12), n=st.integers(1, 40),
-       skip_end=st.integers(0, 40), min_match=st.integers(1, 4), merge=st.booleans(), seed=st.integers(0, 2**16))
-def test_prompt_lookup_is_the_table_lookup(vocab, prompt_len, draft_len, n, skip_end, min_match, merge, seed):
+       skip_end=st.integers(0, 40), min_match=st.integers(1, 4), merge=st.booleans(), occurrences=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_prompt_lookup_is_the_table_lookup(vocab, prompt_len, draft_len, n, skip_end, min_match, merge, occurrences,
+                                           seed):
     """The vectorised prompt lookup gives what the table of m-grams gives (small vocabularies: many matches, ties
     between lengths and positions, matches at the body's edge, in the tail and across it, restatements skipped), for
-    drafts shorter and longer than 8, comparing ids or classes (``merge``: ids 2k and 2k+1 one class)."""
+    drafts shorter and longer than 8, comparing ids or classes (``merge``: ids 2k and 2k+1 one class): the same draft
+    and the same spans (the copied range, then up to ``occurrences`` - 1 ranges after later occurrences); and
+    ``prompt_lookup`` is its draft."""
     import random
 
     import numpy as np
 
-    from zmzoo.models.transformer import prompt_lookup
+    from zmzoo.models.transformer import prompt_lookup, prompt_lookup_spans
 
     r = random.Random(seed)
     prompt = [r.randrange(vocab) for _ in range(prompt_len)]
     draft = [r.randrange(vocab) for _ in range(draft_len)]
     classes = np.arange(vocab) // 2 if merge else None
-    got = prompt_lookup(prompt, draft, n, min_match=min_match, skip_end=skip_end, classes=classes)
-    assert got == lookup_by_table(prompt, draft, n, min_match=min_match, skip_end=skip_end, classes=classes)
-    event("matched" if got != draft else "unchanged")
+    kw = dict(min_match=min_match, skip_end=skip_end, classes=classes)
+    got = prompt_lookup_spans(prompt, draft, n, occurrences=occurrences, **kw)
+    assert got == lookup_by_table(prompt, draft, n, occurrences=occurrences, **kw)
+    assert prompt_lookup(prompt, draft, n, **kw) == got[0]
+    out, spans = got
+    if spans:  # the first span is what the draft copied
+        a, b = spans[0]
+        assert out[len(out) - (b - a):] == prompt[a:b] and b > a
+    event("matched" if spans else "unchanged")
 
 
 def test_prompt_lookup_examples():
@@ -517,6 +542,25 @@ def test_prompt_lookup_examples():
     assert prompt_lookup(prompt, [20, 21, 24], 5, classes=classes) == [20, 21, 24, 40, 41]
 
 
+def test_prompt_lookup_spans_examples():
+    """Where the draft's looked-up tokens come from, and the later occurrences of the stretch (several needles that
+    share their sentence): positions of the prompt, half-open, the copied range first."""
+    from zmzoo.models.transformer import prompt_lookup_spans
+
+    prompt = [9, 1, 2, 3, 4, 5, 6, 7] + [0] * 32
+    assert prompt_lookup_spans(prompt, [1, 2, 3], 6) == ([1, 2, 3, 4, 5, 6], [(4, 7)])
+    assert prompt_lookup_spans(prompt, [8, 8, 8], 6) == ([8, 8, 8], [])  # nothing matches
+    assert prompt_lookup_spans(prompt, [1, 2, 3, 4, 5, 6], 6) == ([1, 2, 3, 4, 5, 6], [])  # nothing left to copy
+    # three needles "20 21 22 <value>", the answer prefix "20 21 22" in the tail: every value's range, the first
+    # copied; the question (30 20 21 22 31) is a restatement, not a needle
+    body = [9] * 4 + [20, 21, 22, 40, 41] + [9] * 5 + [20, 21, 22, 50, 51] + [9] * 3 + [20, 21, 22, 60, 61] + [9] * 4
+    prompt = body + [30, 20, 21, 22, 31, 8, 8, 20, 21, 22]
+    out, spans = prompt_lookup_spans(prompt, [70], 4, skip_end=10, occurrences=4)
+    assert out == [70, 40, 41, 9] and spans == [(7, 10), (17, 20), (25, 28)]
+    assert prompt_lookup_spans(prompt, [70], 4, skip_end=10, occurrences=2)[1] == [(7, 10), (17, 20)]
+    assert prompt_lookup_spans(prompt, [70], 4, skip_end=10)[1] == [(7, 10)]
+
+
 def test_compiled_rescore_matches_eager_with_one_graph(monkeypatch, capsys):
     """The rescore a compiling Generator runs (CPU inductor) goes through one graph for both layers and every prompt
     length and draft length (``RescoreStep``), and leaves the eager rescore's caches (fp32: keys, values, scores
@@ -532,9 +576,9 @@ def test_compiled_rescore_matches_eager_with_one_graph(monkeypatch, capsys):
     from zmzoo.models.transformer import rescore_layer
 
     def lookup(prompt, draft, n, **kw):  # the same stand-in for both generators
-        return (draft + list(prompt[: n - len(draft)]))[:n] if len(prompt) % 2 else draft
+        return ((draft + list(prompt[: n - len(draft)]))[:n], [(0, n - len(draft))]) if len(prompt) % 2 else (draft, [])
 
-    monkeypatch.setattr(transformer, "prompt_lookup", lookup)
+    monkeypatch.setattr(transformer, "prompt_lookup_spans", lookup)
     lengths = []
     monkeypatch.setattr(transformer.Transformer, "_rescore",
                         lambda self, tokens, *a, _f=transformer.Transformer._rescore, **k:
@@ -572,3 +616,100 @@ def test_compiled_rescore_matches_eager_with_one_graph(monkeypatch, capsys):
     assert counter.frame_count == graphs
     err = capsys.readouterr().err
     assert err.count("compiling the lookahead's rescore") == 1 and "rescore compiled in" in err
+
+
+def test_pin_positions_share_the_count_and_skip_the_tail():
+    """``lookahead_pin``: at most that fraction of the top slots, every span's first positions before any span's
+    later ones, each span extended by ``lookahead_pin_extend``, only ``lookahead_pin_spans`` spans, nothing in the
+    tail (kept anyway); off (0) pins nothing and ``draft_source`` leaves no pin in the stash."""
+    c = gen("zeromerge", kv_budget=40, lookahead=8, lookahead_pin=0.2, lookahead_pin_extend=2,
+            lookahead_pin_spans=2).model.caches[0]
+    assert (c.budget, c.tail, c.dense) == (40, 4, 1) and c.pin_count() == 7  # floor(0.2 * 35)
+    assert c.pin_positions(50, [(10, 13), (20, 30), (1, 3)]) == [10, 11, 12, 13, 20, 21, 22]
+    assert c.pin_positions(50, [(44, 49)]) == [44, 45]  # 46.. is the tail
+    assert c.pin_positions(50, []) == []
+    off = gen("zeromerge", kv_budget=40, lookahead=8).model.caches[0]
+    assert off.pin_count() == 0 and off.pin_positions(50, [(10, 13)]) == []
+
+
+def _pinned_run(monkeypatch, pin, span=(40, 46), t=80, budget=20):
+    """A random-weight model's lookahead over a t-token prompt with the lookup stubbed to copy ``span``: each layer's
+    prompt keys (captured before the selection) and its cache after the rescore."""
+    from zmzoo.cache.zeromerge import ZeroMergeCache
+    from zmzoo.models import transformer
+
+    def lookup(prompt, draft, n, **kw):
+        a, b = span
+        return (draft + list(prompt[a:b]))[:n], [span]
+
+    monkeypatch.setattr(transformer, "prompt_lookup_spans", lookup)
+    g = gen("zeromerge", kv_budget=budget, lookahead=10, lookahead_greedy=4, lookahead_pin=pin, lookahead_pin_extend=6)
+    keys = {}
+    for i, c in enumerate(g.model.caches):
+        assert isinstance(c, ZeroMergeCache)
+        c.prompt_hook = lambda row, k, s, i=i: keys.__setitem__(i, k[0].clone())
+    ids = torch.randint(1, 128, (t,), generator=torch.Generator().manual_seed(4)).tolist()
+    g.prefill([ids])
+    return keys, g.model.caches
+
+
+def _kept(cache, k, pos):
+    """Whether every head of ``cache`` (row 0) holds prompt position ``pos``'s key as a single slot (weight 1)."""
+    single = cache.w[0] == 1  # (Hkv, B)
+    same = (cache.k[0].unsqueeze(2) == k[:, pos].unsqueeze(1).unsqueeze(2)).all(-1)[..., 0]  # (Hkv, B)
+    return bool((same & single).any(-1).all())
+
+
+def test_pinned_rescore_keeps_the_looked_up_span_in_every_head(monkeypatch):
+    """With ``lookahead_pin`` every layer and KV head keeps the copied span and its extension (40 .. 51 here, capped
+    at floor(0.5 * 17) = 8 positions: 40 .. 47) as single slots; without it,
+    the same prompt and draft lose some of them (so the test can fail)."""
+    keys, caches = _pinned_run(monkeypatch, 0.5)
+    pinned = range(40, 48)
+    for i, c in enumerate(caches):
+        assert c.pin_count() == 8
+        for pos in pinned:
+            assert _kept(c, keys[i], pos), (i, pos)
+    keys0, caches0 = _pinned_run(monkeypatch, 0.0)
+    assert not all(_kept(c, keys0[i], pos) for i, c in enumerate(caches0) for pos in pinned)
+
+
+def test_compiled_pinned_rescore_matches_eager(monkeypatch):
+    """The compiled rescore (``RescoreStep``, CPU inductor) with a pin vector gives the eager rescore's caches (fp32:
+    keys, values, scores within 1e-5, weights equal) and teacher-forced logits (1e-5), over two prompt lengths in one
+    graph."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zmzoo.models import transformer
+    from zmzoo.models.transformer import rescore_layer
+
+    def lookup(prompt, draft, n, **kw):  # copies prompt[40 : 40 + n - len(draft)], a second range at 200
+        m = n - len(draft)
+        return (draft + list(prompt[40 : 40 + m]))[:n], [(40, 40 + m), (200, 200 + m)]
+
+    monkeypatch.setattr(transformer, "prompt_lookup_spans", lookup)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    kw = dict(method="zeromerge", kv_budget=64, preset="retrieval", max_seq_len=700, lookahead_pin=0.5,
+              lookahead_pin_extend=8, lookahead_pin_spans=2)
+    eager = zmzoo.load("llama2-7b", weights="random", args_overrides={**SMALL, "max_position_embeddings": 800},
+                       device="cpu", dtype=torch.float32, compile=False, seed=3, verbose=False, **kw)
+    comp = eager.with_cache(**kw)
+    comp._rescore_fn, comp._rescore_compiled = transformer.RescoreStep(counter), False
+    g = torch.Generator().manual_seed(0)
+    for t in (300, 517):
+        ids = torch.randint(0, 128, (t,), generator=g).tolist()
+        cont = torch.randint(0, 128, (6,), generator=g).tolist()
+        for gen_ in (eager, comp):
+            gen_.prefill([ids])
+        for layer, (a, b) in enumerate(zip(eager.model.caches, comp.model.caches)):
+            assert a.pin_count() == 28  # floor(0.5 * (64 - 6 - 1))
+            for name in ("k", "v", "w", "s", "dense_k", "dense_v", "base"):
+                want, got = getattr(a, name), getattr(b, name)
+                if name in ("w", "base"):
+                    assert torch.equal(got, want), (t, layer, name)
+                else:
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"t={t} layer {layer} {name}")
+        torch.testing.assert_close(comp.score(ids, cont), eager.score(ids, cont), rtol=1e-5, atol=1e-5)
+    assert len(_debug_get_cache_entry_list(rescore_layer.__code__)) == 1 and counter.frame_count == 1

@@ -35,7 +35,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "full": {},
     "zeromerge": dict(tail=0.1, dense=1, decay=0.98, logw_scale=1.0, metric="dot", score_merge="max",
                       score_window=None, score_pool=None, lookahead=0,
-                      lookahead_prompt_weight=1.0, lookahead_rounds=1, lookahead_greedy=0),
+                      lookahead_prompt_weight=1.0, lookahead_rounds=1, lookahead_greedy=0, lookahead_pin=0.0,
+                      lookahead_pin_extend=0, lookahead_pin_spans=1),
     "h2o": dict(tail=0.1, decay=0.98, score_window=None, score_pool=None),
     "snapkv": dict(tail=0.1, score_window=32, score_pool=5),
     "streaming": dict(sinks=4),
@@ -51,7 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-v2": dict(tail=0.5, dense=0.02, logw_scale=1.0),
     # keeps what the answer will read: after the first pass, 8 greedy draft tokens decoded through the compressed
     # cache, extended to 32 from the prompt itself, rescore the stashed prompt and it is selected again
-    # (docs/retrieval.md: diagnosis, what was tried, measurements)
+    # (docs/retrieval.md: diagnosis, what was tried, measurements; lookahead_pin is measured there, not part of it)
     "retrieval": dict(lookahead=32, lookahead_greedy=8),
 }
 
@@ -76,6 +77,9 @@ class CacheConfig:
     lookahead_prompt_weight: float = 1.0
     lookahead_rounds: int = 1
     lookahead_greedy: int = 0
+    lookahead_pin: float = 0.0
+    lookahead_pin_extend: int = 0
+    lookahead_pin_spans: int = 1
     sinks: int | None = None
     preset: str | None = None
 
@@ -186,9 +190,17 @@ def resolve_cache_config(
         if isinstance(greedy, bool) or not isinstance(greedy, int) or not 0 <= greedy <= la:
             raise ValueError(f"cache setting lookahead_greedy={greedy!r} must be a whole number in [0, lookahead={la}] "
                              f"(0: every draft token greedy)")
+        pin = vals["lookahead_pin"]
+        if isinstance(pin, bool) or not isinstance(pin, (int, float)) or not 0 <= pin <= 1:
+            raise ValueError(f"cache setting lookahead_pin={pin!r} must be a fraction in [0, 1] of the top slots")
+        for key, low in (("lookahead_pin_extend", 0), ("lookahead_pin_spans", 1)):
+            x = vals[key]
+            if isinstance(x, bool) or not isinstance(x, int) or x < low:
+                raise ValueError(f"cache setting {key}={x!r} must be a whole number >= {low}")
         cfg.update(dense=dense, logw_scale=float(vals["logw_scale"]), metric=vals["metric"],
                    score_merge=vals["score_merge"], lookahead=la, lookahead_prompt_weight=float(lpw),
-                   lookahead_rounds=rounds, lookahead_greedy=greedy)
+                   lookahead_rounds=rounds, lookahead_greedy=greedy, lookahead_pin=float(pin),
+                   lookahead_pin_extend=vals["lookahead_pin_extend"], lookahead_pin_spans=vals["lookahead_pin_spans"])
     else:
         if budget <= tail:
             raise ValueError(f"kv budget {budget} must exceed tail {tail} (max_seq_len {max_seq_len})")

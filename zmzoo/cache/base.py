@@ -10,7 +10,8 @@ for what does not apply to it.
   prefilled scored again by a short greedy draft (ZeroMerge's ``lookahead``; every other cache wants nothing, the
   default). Once every row is prefilled, the model asks every cache for ``draft_request()`` (row -> draft tokens),
   drafts that many tokens with the ordinary decode step (``snapshot()`` before and ``restore()`` after, so the draft
-  leaves no trace in any cache), then runs each requesting row's draft through every layer, handing the layer's
+  leaves no trace in any cache), tells each cache where in the prompt a row's draft was looked up
+  (``draft_source(row, spans)``), then runs each requesting row's draft through every layer, handing the layer's
   cache the draft's q/k/v in ``rescore`` (which returns their attention output), and finally calls
   ``finish_prefill`` on every cache. The draft is discarded: decoding starts at the prompt's end.
 - ``decode(q, k, v, pos)``: q (B, H, 1, D), k/v (B, Hkv, 1, D) of one new token per row at absolute positions
@@ -26,6 +27,7 @@ Buffers are allocated once in ``__init__`` (``persistent=False``) and only ever 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +82,11 @@ class KVCache(nn.Module):
         """Rows whose prompt this cache wants scored again by a draft: row -> (draft tokens, of which greedy; the
         rest looked up in the prompt, see ``Transformer.finish_prefill``)."""
         return {}
+
+    def draft_source(self, row: int, spans: Sequence[tuple[int, int]]) -> None:
+        """Where in the prompt ``row``'s draft was looked up: half-open ranges of prompt positions, the one its
+        looked-up tokens were copied from first (``prompt_lookup_spans``), called before the row's ``rescore``;
+        none when nothing was looked up. ZeroMerge's ``lookahead_pin`` keeps them."""
 
     def rescore(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
         """Attention output (1, H, N, D) of ``row``'s draft tokens q (1, H, N, D), k/v (1, Hkv, N, D) at positions

@@ -56,8 +56,8 @@ class StreamingCache(ZeroMergeCache):
     def _needs_prompt_scores(self, t: int) -> bool:
         return False  # sinks + the most recent tokens: no scores needed
 
-    def _select(self, k: Tensor, v: Tensor, scores: Tensor | None):
-        n_kv, t, d = k.shape
+    def _select(self, k: Tensor, v: Tensor, scores: Tensor | None, pin: Tensor | None = None):
+        n_kv, t, d = k.shape  # (no lookahead, so no pin: the sinks and the ring are the selection)
         keep = torch.cat([torch.arange(self.sinks), torch.arange(t - self.ring, t)]).to(k.device)
         ww = torch.ones(n_kv, self.budget, dtype=torch.float32, device=k.device)
         return k[:, keep], v[:, keep], ww, torch.zeros_like(ww), None, None

@@ -31,9 +31,9 @@ class FanoutCache(KVCache):
     - ``prefill(q, k, v, row=0)``: the one prompt, into every configuration (and the shadow's every row); returns the
       causal attention output, which is the same for every cache whatever its method (the largest difference seen is
       kept in ``prefill_max_diff``, a float).
-    - ``draft_request()`` / ``rescore`` / ``finish_prefill``: row i wants what configuration i wants for its row;
-      row i's draft is rescored by configuration i; ``finish_prefill`` to all. (Each row drafts its own tokens, through
-      its own configuration, as the rows of one batch.)
+    - ``draft_request()`` / ``draft_source`` / ``rescore`` / ``finish_prefill``: row i wants what configuration i
+      wants for its row; row i's draft's source and rescore go to configuration i; ``finish_prefill`` to all. (Each
+      row drafts its own tokens, through its own configuration, as the rows of one batch.)
     - ``decode(q, k, v, pos)``: q (N, H, 1, D) ... for N configurations; row i through configuration i.
 
     With ``shadow`` (a ``FullCache`` of batch N and the same shapes), ``decode`` adds each row's relative error
@@ -95,6 +95,9 @@ class FanoutCache(KVCache):
     def draft_request(self) -> dict[int, tuple[int, int]]:
         """Row i (configuration i) asks for what its configuration asks for its one row."""
         return {i: want[0] for i, c in enumerate(self.configs) if 0 in (want := c.draft_request())}
+
+    def draft_source(self, row: int, spans: Sequence[tuple[int, int]]) -> None:
+        self.configs[row].draft_source(0, spans)
 
     def rescore(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
         return self.configs[row].rescore(q, k, v, 0)

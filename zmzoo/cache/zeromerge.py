@@ -14,7 +14,8 @@ The eviction baselines (``zmzoo.cache.eviction``) reuse this frame with another 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,9 @@ class ZeroMergeCache(KVCache):
         lookahead_prompt_weight: float = 1.0,
         lookahead_rounds: int = 1,
         lookahead_greedy: int = 0,
+        lookahead_pin: float = 0.0,
+        lookahead_pin_extend: int = 0,
+        lookahead_pin_spans: int = 1,
         **kw,
     ):
         super().__init__(**kw)
@@ -125,6 +129,11 @@ class ZeroMergeCache(KVCache):
         self.score_window, self.score_pool = score_window, score_pool
         self.lookahead, self.lookahead_prompt_weight = lookahead, lookahead_prompt_weight
         self.lookahead_rounds, self.lookahead_greedy = lookahead_rounds, lookahead_greedy
+        # the prompt positions a looked-up draft was copied from (``draft_source``), kept as single slots: at most
+        # lookahead_pin of the top slots, each span extended by lookahead_pin_extend positions, lookahead_pin_spans
+        # spans (the copied one and further occurrences of its stretch)
+        self.lookahead_pin, self.lookahead_pin_extend = lookahead_pin, lookahead_pin_extend
+        self.lookahead_pin_spans = lookahead_pin_spans
         self.extra_positions = lookahead  # the draft runs at positions T .. T + lookahead - 1
         self._pending: dict[int, dict] = {}  # row -> its stashed prompt, waiting for the lookahead's rescore
         self._copy_stream = None  # CUDA side stream of the stash's copies to the host
@@ -169,12 +178,18 @@ class ZeroMergeCache(KVCache):
         k, v (Hkv, B, D), w, s (Hkv, B) laid out ``[dense chunks | top (ascending position) | last tail]``."""
         return self._select(k, v, scores)[:4]
 
-    def _select(self, k: Tensor, v: Tensor, scores: Tensor | None) -> tuple[Tensor, ...]:
-        """``select`` plus the dense chunks' mean keys and values in fp32 (Hkv, dense, D) (None without merging)."""
+    def _select(self, k: Tensor, v: Tensor, scores: Tensor | None, pin: Tensor | None = None) -> tuple[Tensor, ...]:
+        """``select`` plus the dense chunks' mean keys and values in fp32 (Hkv, dense, D) (None without merging).
+
+        ``pin`` (T,) fp32, 1 at positions to keep (at most the top slots' count, ``_pin_vector``), 0 elsewhere: after
+        pooling, those positions' scores are raised by each head's highest score plus 1, so every head keeps them
+        above any other position, and they keep that lead as decoding decays all scores alike."""
         n_kv, t, d = k.shape
         b, tail, dense = self.budget, self.tail, (self.dense if self.policy == "merge" else 0)
         n_top = b - dense - tail
         scores = pool_scores(scores, self.score_pool)  # SnapKV-style max over neighbours (identity when None)
+        if pin is not None:
+            scores = scores + pin * (scores.amax(-1, keepdim=True) + 1.0)
         head = scores[:, : t - tail]
         # highest scores, ties to the earlier position (a stable sort; topk's tie order is unspecified)
         order = (stable_argsort_desc(head) if torch.compiler.is_compiling() else
@@ -248,9 +263,11 @@ class ZeroMergeCache(KVCache):
         """Row ``row`` of the buffers a selection writes: k, v (Hkv, B, D), w, s (Hkv, B), dense_k, dense_v."""
         return self.k[row], self.v[row], self.w[row], self.s[row], self.dense_k[row], self.dense_v[row]
 
-    def _write_into(self, dst: tuple[Tensor, ...], k: Tensor, v: Tensor, scores: Tensor | None) -> None:
-        """The selection of k, v (Hkv, T, D) by ``scores`` written into ``dst`` (``row_buffers``)."""
-        kc, vc, wc, sc, kd, vd = self._select(k, v, scores)
+    def _write_into(self, dst: tuple[Tensor, ...], k: Tensor, v: Tensor, scores: Tensor | None,
+                    pin: Tensor | None = None) -> None:
+        """The selection of k, v (Hkv, T, D) by ``scores`` (and ``pin``, see ``_select``) written into ``dst``
+        (``row_buffers``)."""
+        kc, vc, wc, sc, kd, vd = self._select(k, v, scores, pin)
         dk, dv, dw, ds, ddk, ddv = dst
         dk.copy_(kc)
         dv.copy_(vc)
@@ -312,6 +329,40 @@ class ZeroMergeCache(KVCache):
         """Rows whose prompt is stashed, each with (draft tokens, of which greedy) (see the section comment)."""
         return {row: (self.lookahead, self.lookahead_greedy or self.lookahead) for row in self._pending}
 
+    def pin_count(self) -> int:
+        """How many prompt positions a draft's source may pin: ``lookahead_pin`` of the top slots, floored."""
+        n_top = self.budget - self.tail - (self.dense if self.policy == "merge" else 0)
+        return math.floor(self.lookahead_pin * n_top) if self.lookahead_pin else 0
+
+    def pin_positions(self, t: int, spans: Sequence[tuple[int, int]]) -> list[int]:
+        """The positions of a prompt of t tokens that ``spans`` pin: the first ``lookahead_pin_spans`` spans, each
+        extended by ``lookahead_pin_extend`` positions and clipped to the positions before the tail (which is kept
+        anyway), taken a position of every span at a time (each span's first, then each one's second, ...) until
+        ``pin_count`` positions are taken, so that several spans share the count and none is left out."""
+        cap, end = self.pin_count(), t - self.tail
+        ranges = [range(max(a, 0), min(b + self.lookahead_pin_extend, end))
+                  for a, b in list(spans)[: self.lookahead_pin_spans]]
+        out: list[int] = []
+        seen: set[int] = set()
+        for j in range(max((len(r) for r in ranges), default=0)):
+            for r in ranges:
+                if j < len(r) and r[j] not in seen and len(out) < cap:
+                    seen.add(r[j])
+                    out.append(r[j])
+        return sorted(out)
+
+    def draft_source(self, row: int, spans: Sequence[tuple[int, int]]) -> None:
+        """The prompt positions ``row``'s draft was looked up from (``prompt_lookup_spans``): with ``lookahead_pin``,
+        the rescore keeps them (``pin_positions``) as single slots in every head."""
+        st = self._pending.get(row)
+        if st is None or not self.lookahead_pin:
+            return
+        at = self.pin_positions(st["t"], spans)
+        if at:
+            pin = torch.zeros(st["t"], dtype=torch.float32, device=st["s"].device)
+            pin[torch.tensor(at, dtype=torch.int64)] = 1.0
+            st["pin"] = pin
+
     @torch.no_grad()
     def rescore(self, q: Tensor, k: Tensor, v: Tensor, row: int) -> Tensor:
         """Draft tokens at positions T .. T + N - 1 of ``row``: q (1, H, N, D), k/v (1, Hkv, N, D). Returns their
@@ -324,15 +375,16 @@ class ZeroMergeCache(KVCache):
         Three steps, which the model's compiled rescore (``zmzoo.models.transformer.rescore_layer``) calls apart so
         that the middle one runs inside its graph: ``rescore_inputs`` (the stash's bookkeeping), ``rescore_tensors``
         (a function of tensors and this cache's settings only) and ``rescore_done``."""
-        kbuf, vbuf, s = self.rescore_inputs(row, q.shape[2])
-        out, s = self.rescore_tensors(q, k, v, kbuf, vbuf, s, self.row_buffers(row))
+        kbuf, vbuf, s, pin = self.rescore_inputs(row, q.shape[2])
+        out, s = self.rescore_tensors(q, k, v, kbuf, vbuf, s, self.row_buffers(row), pin)
         self.rescore_done(row, s)
         return out
 
-    def rescore_inputs(self, row: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    def rescore_inputs(self, row: int, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Row ``row``'s stash for a draft of ``n`` tokens: its keys and values (1, Hkv, T + lookahead + 1, D) on the
-        device, the prompt in positions 0 .. T - 1 (brought back from the host if it was stashed there), and its
-        scores (Hkv, T). The stash is consumed by its last round."""
+        device, the prompt in positions 0 .. T - 1 (brought back from the host if it was stashed there), its
+        scores (Hkv, T), and the positions to pin (T,) (``draft_source``: 1 at each; zeros where nothing was looked up;
+        None without ``lookahead_pin``). The stash is consumed by its last round."""
         st = self._pending.get(row)
         if st is None:
             raise RuntimeError(f"{self.method} cache: rescore of row {row}, whose prompt is not stashed")
@@ -341,8 +393,11 @@ class ZeroMergeCache(KVCache):
         st["rounds"] -= 1
         if st["rounds"] == 0:
             del self._pending[row]
+        pin = st.pop("pin", None)  # a further round pins what its own draft's lookup gives
+        if pin is None and self.lookahead_pin:  # nothing looked up: a pin of zeros, so that one graph serves both
+            pin = torch.zeros(st["t"], dtype=torch.float32, device=st["s"].device)
         if "ready" not in st:
-            return st["k"], st["v"], st["s"]
+            return st["k"], st["v"], st["s"], pin
         # on the host: to the device, after the prefill's copy is done, into a buffer laid out as the device stash
         t = st["t"]
         dev = st["s"].device
@@ -352,15 +407,17 @@ class ZeroMergeCache(KVCache):
             buf = torch.empty(1, self.n_kv_heads, self._stash_len(t), self.head_dim, dtype=host.dtype, device=dev)
             buf[:, :, :t].copy_(host, non_blocking=True)
             bufs.append(buf)
-        return bufs[0], bufs[1], st["s"]
+        return bufs[0], bufs[1], st["s"], pin
 
     def rescore_tensors(self, q: Tensor, k: Tensor, v: Tensor, kbuf: Tensor, vbuf: Tensor, s: Tensor,
-                        dst: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+                        dst: tuple[Tensor, ...], pin: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The rescore's computation: the draft's k, v (1, Hkv, N, D) written after the prompt into ``kbuf``, ``vbuf``
         (``rescore_inputs``: T + N <= their length), the draft's attention output over prompt and draft, the prompt's
         scores ``s`` (Hkv, T) with the draft's folded in, and the selection by those scores written into ``dst``
-        (``row_buffers``). Returns (output (1, H, N, D), the new scores). No Python branch on T and no host sync: the
-        model's compiled rescore traces it once for every prompt length."""
+        (``row_buffers``), ``pin`` (T,) (``rescore_inputs``) raising the pinned positions above the rest (``_select``;
+        the scores returned, which a further round adds to, are without it). Returns (output (1, H, N, D), the new
+        scores). No Python branch on T and no host sync: the model's compiled rescore traces it once for every prompt
+        length."""
         t, n = s.shape[1], q.shape[2]
         kk, vv = kbuf[:, :, : t + n], vbuf[:, :, : t + n]
         kk[:, :, t:] = k
@@ -370,7 +427,7 @@ class ZeroMergeCache(KVCache):
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         draft = prefill_scores(q[0], kk[0], decay=self.decay, sm_scale=self.sm_scale, backend=self.backend)
         s = self.decay**n * s + draft[:, :t]
-        self._write_into(dst, kk[0, :, :t], vv[0, :, :t], s)
+        self._write_into(dst, kk[0, :, :t], vv[0, :, :t], s, pin)
         return out, s
 
     def rescore_done(self, row: int, s: Tensor) -> None:

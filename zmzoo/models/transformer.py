@@ -140,10 +140,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, chunk: int = 4096, kern: Pre
     return out
 
 
+LOOKUP_SPANS = 16  # ranges a prefill draft's lookup reports (``prompt_lookup_spans``'s occurrences)
+
+
 def prompt_lookup(prompt: Sequence[int], draft: Sequence[int], n: int, min_match: int = 3, skip_end: int = 32,
                   classes: np.ndarray | None = None, max_match: int = 8, restate: int = 4) -> list[int]:
     """``draft`` extended to ``n`` tokens from ``prompt`` (prompt-lookup drafting), or ``draft`` unchanged where
-    nothing matches.
+    nothing matches: ``prompt_lookup_spans``'s draft."""
+    return prompt_lookup_spans(prompt, draft, n, min_match, skip_end, classes, max_match, restate)[0]
+
+
+def prompt_lookup_spans(prompt: Sequence[int], draft: Sequence[int], n: int, min_match: int = 3, skip_end: int = 32,
+                        classes: np.ndarray | None = None, max_match: int = 8, restate: int = 4,
+                        occurrences: int = 1) -> tuple[list[int], list[tuple[int, int]]]:
+    """``draft`` extended to ``n`` tokens from ``prompt`` (prompt-lookup drafting), or ``draft`` unchanged where
+    nothing matches; and the prompt positions the extension was copied from.
 
     The prompt's last ``skip_end`` tokens (the *tail*: the question, the chat template, an answer prefix the caller
     put after it) followed by the draft are the *source*; the prompt before the tail is the *body*. Looked for: the
@@ -153,7 +164,10 @@ def prompt_lookup(prompt: Sequence[int], draft: Sequence[int], n: int, min_match
     rather than the fact); failing that, the same for the stretches of the source that begin in the tail (an answer
     prefix the prompt ends with, which the draft only continues). Returned: the draft up to the stretch's end (the
     whole draft when the stretch lies in the tail), then what follows the occurrence in the prompt, ``n`` tokens in
-    all.
+    all; and the *spans*, half-open ranges ``(start, end)`` of
+    prompt positions: first the one copied into the draft, then (``occurrences`` > 1) as long a range after each
+    later occurrence of the stretch (not a restatement, in position order), up to ``occurrences`` ranges in all.
+    No match: the draft and no spans.
 
     ``classes`` (vocabulary-sized ints, ``Tokenizer.word_classes``) compares tokens by class, so a key written
     ``numbers`` in the text and ``number`` in the question, or ``The``/`` the``, still match; None compares ids.
@@ -163,7 +177,7 @@ def prompt_lookup(prompt: Sequence[int], draft: Sequence[int], n: int, min_match
     draft = list(draft)
     body = len(prompt) - skip_end
     if body <= min_match:
-        return draft
+        return draft, []
     pr = np.asarray(prompt, dtype=np.int64)
     dr = np.asarray(draft, dtype=np.int64)
     if classes is not None:
@@ -192,13 +206,20 @@ def prompt_lookup(prompt: Sequence[int], draft: Sequence[int], n: int, min_match
             for end in range(m, len(src) + 1):
                 if (end - m >= len(tail)) != in_draft:
                     continue
-                for i in np.flatnonzero(runs[end - 1] >= m):  # the earliest occurrence first
-                    cont = int(i) + 1
-                    if restated(cont):
-                        continue
-                    head = draft[: end - len(tail)] if end > len(tail) else draft
-                    return (head + list(prompt[cont : cont + n - len(head)]))[:n]
-    return draft
+                conts = []  # the occurrences after which the prompt is not restating its tail, in position order
+                for i in np.flatnonzero(runs[end - 1] >= m):
+                    if not restated(int(i) + 1):
+                        conts.append(int(i) + 1)
+                        if len(conts) >= occurrences:
+                            break
+                if not conts:
+                    continue
+                head = draft[: end - len(tail)] if end > len(tail) else draft
+                out = (head + list(prompt[conts[0] : conts[0] + n - len(head)]))[:n]
+                copied = len(out) - len(head)
+                spans = [(c, min(c + copied, len(prompt))) for c in conts] if copied > 0 else []
+                return out, spans
+    return draft, []
 
 
 @torch.no_grad()
@@ -441,15 +462,16 @@ class TransformerBlock(nn.Module):
 
 
 def rescore_layer(layer: TransformerBlock, x: Tensor, cos: Tensor, sin: Tensor, kbuf: Tensor, vbuf: Tensor, s: Tensor,
-                  dst: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+                  dst: tuple[Tensor, ...], pin: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """What ``layer.rescore(x, cos, sin, row)`` computes, as a function of tensors and settings only: the draft x
     (1, N, dim) through the layer with its cache's stash handed in (``ZeroMergeCache.rescore_inputs``: kbuf, vbuf,
-    the prompt's scores s) and the row's buffers ``dst`` to write the new selection into (``row_buffers``). Returns
+    the prompt's scores s, the positions to pin or None) and the row's buffers ``dst`` to write the new selection into
+    (``row_buffers``). Returns
     the residual stream after the layer and the new scores. The stash's bookkeeping stays outside, so that this can
     be compiled once for every layer (the layer's weights are its inputs) and every prompt length (``RescoreStep``)."""
     att = layer.attention
     q, k, v = att._qkv_prefill(layer.attention_norm(x), cos, sin)
-    y, s = att.kv_cache.rescore_tensors(q, k, v, kbuf, vbuf, s, dst)
+    y, s = att.kv_cache.rescore_tensors(q, k, v, kbuf, vbuf, s, dst, pin)
     return layer._mlp(att._rescore_residual(x, y)), s
 
 
@@ -460,16 +482,18 @@ class RescoreStep:
     Generator that compiles: ``Generator.rescore_step``, which says so); later calls with another layer, T or N reuse
     it. Known exceptions: inductor's C++ code (CPU) compiles a second graph once T + N passes 4096, where it sums fp32
     in chunks for accuracy; a draft of one token (a 0/1 size) and another dtype or set of fused projections compile
-    their own. A piece that does not trace raises (fullgraph) rather than running eagerly."""
+    their own, and so does a rescore with a pin vector (``lookahead_pin``, its length T dynamic too) beside one
+    without. A piece that does not trace raises (fullgraph) rather than running eagerly."""
 
     def __init__(self, backend: str | Callable = "inductor"):
         self.fn = torch.compile(rescore_layer, fullgraph=True, backend=backend)
 
     def __call__(self, layer: TransformerBlock, x: Tensor, cos: Tensor, sin: Tensor, kbuf: Tensor, vbuf: Tensor,
-                 s: Tensor, dst: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        for tensor, dim in ((x, 1), (cos, 2), (sin, 2), (kbuf, 2), (vbuf, 2), (s, 1)):
-            torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        return self.fn(layer, x, cos, sin, kbuf, vbuf, s, dst)
+                 s: Tensor, dst: tuple[Tensor, ...], pin: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        for tensor, dim in ((x, 1), (cos, 2), (sin, 2), (kbuf, 2), (vbuf, 2), (s, 1), (pin, 0)):
+            if tensor is not None:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return self.fn(layer, x, cos, sin, kbuf, vbuf, s, dst, pin)
 
 
 class Transformer(nn.Module):
@@ -659,7 +683,9 @@ class Transformer(nn.Module):
         longest stretch of the greedy tokens, or else of the prompt's end, that also occurs earlier in the prompt,
         the prompt's own continuation; tokens compared by ``classes``, a vocabulary-sized array such as
         ``Tokenizer.word_classes``, or by id when None); where nothing matches, the draft is the g greedy tokens. So
-        a draft costs g - 1 decode steps whatever it finds.
+        a draft costs g - 1 decode steps whatever it finds. Before a row's draft is rescored, every cache is told
+        where in the prompt it was looked up (``draft_source``: the copied range, then up to ``LOOKUP_SPANS`` - 1
+        ranges after further occurrences of the matched stretch).
         Every cache's state is restored after the draft's decode steps, so the draft leaves no trace.
 
         ``rescore``: how each layer rescores (``rescore_layer``'s signature; a Generator that compiles passes its
@@ -673,9 +699,11 @@ class Transformer(nn.Module):
             if not requests:
                 break
             with torch.profiler.record_function("zmzoo.draft"):  # named ranges for profiles (bench/probes)
-                drafts = self._draft(first, pos, decode or self.decode, requests, prompts, classes)
+                drafts, spans = self._draft(first, pos, decode or self.decode, requests, prompts, classes)
             with torch.profiler.record_function("zmzoo.rescore"):
                 for row, tokens in sorted(drafts.items()):
+                    for c in self.caches:
+                        c.draft_source(row, spans.get(row, []))
                     args = (torch.tensor([tokens], device=first.device), row, int(pos[row]))
                     self._rescore(*args) if rescore is None else self._rescore(*args, step=rescore)
         for c in self.caches:
@@ -683,8 +711,9 @@ class Transformer(nn.Module):
 
     def _draft(self, first: Tensor, pos: Tensor, decode: Callable[[Tensor, Tensor], Tensor],
                requests: dict[int, tuple[int, int]], prompts: Sequence[Sequence[int]] | None,
-               classes: np.ndarray | None = None) -> dict[int, list[int]]:
-        """The draft tokens of each requesting row (see ``finish_prefill``); the caches are restored afterwards."""
+               classes: np.ndarray | None = None) -> tuple[dict[int, list[int]], dict[int, list[tuple[int, int]]]]:
+        """The draft tokens of each requesting row and where in its prompt they were looked up (see
+        ``finish_prefill``); the caches are restored afterwards."""
         snaps = [c.snapshot() for c in self.caches]
         tok, p = first.clone(), pos.clone()
         steps = [tok]
@@ -698,15 +727,16 @@ class Transformer(nn.Module):
         for _ in range(max(g for _, g in requests.values()) - 1):
             step()
         greedy = torch.stack(steps, 1).tolist()  # (B, g) on the host
-        drafts = {}
+        drafts, spans = {}, {}
         with torch.profiler.record_function("zmzoo.prompt_lookup"):
             for row, (n, g) in requests.items():
                 drafts[row] = greedy[row][:g]
                 if g < n and prompts is not None:  # where nothing matches, the greedy tokens alone
-                    drafts[row] = prompt_lookup(list(prompts[row]), drafts[row], n, classes=classes)
+                    drafts[row], spans[row] = prompt_lookup_spans(list(prompts[row]), drafts[row], n, classes=classes,
+                                                                  occurrences=LOOKUP_SPANS)
         for c, snap in zip(self.caches, snaps):
             c.restore(snap)
-        return drafts
+        return drafts, spans
 
     def _rescore(self, tokens: Tensor, row: int, start: int, step: Callable | None = None) -> None:
         """Draft ``tokens`` (1, N) of ``row`` at positions start .. start + N - 1 through every layer's ``rescore``, or
@@ -721,8 +751,8 @@ class Transformer(nn.Module):
             if step is None or not hasattr(cache, "rescore_tensors"):
                 x = layer.rescore(x, cos, sin, row)
                 continue
-            kbuf, vbuf, s = cache.rescore_inputs(row, n)
-            x, s = step(layer, x, cos, sin, kbuf, vbuf, s, cache.row_buffers(row))
+            kbuf, vbuf, s, pin = cache.rescore_inputs(row, n)
+            x, s = step(layer, x, cos, sin, kbuf, vbuf, s, cache.row_buffers(row), pin)
             cache.rescore_done(row, s)
 
     def decode(self, tokens: Tensor, pos: Tensor) -> Tensor:
