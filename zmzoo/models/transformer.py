@@ -156,18 +156,17 @@ def prompt_lookup_spans(prompt: Sequence[int], draft: Sequence[int], n: int, min
     """``draft`` extended to ``n`` tokens from ``prompt`` (prompt-lookup drafting), or ``draft`` unchanged where
     nothing matches; and the prompt positions the extension was copied from.
 
-    The prompt's last ``skip_end`` tokens (the *tail*: the question, the chat template, an answer prefix the caller
-    put after it) followed by the draft are the *source*; the prompt before the tail is the *body*. Looked for: the
-    longest stretch of the draft (at most ``max_match``, at least ``min_match`` tokens; among equals the earliest)
-    that occurs in the body followed by at least one body token, at its earliest occurrence there that is not a
-    restatement of the tail (the ``restate`` tokens after it occur, in a row, in the tail: the question asked again
-    rather than the fact); failing that, the same for the stretches of the source that begin in the tail (an answer
-    prefix the prompt ends with, which the draft only continues). Returned: the draft up to the stretch's end (the
-    whole draft when the stretch lies in the tail), then what follows the occurrence in the prompt, ``n`` tokens in
-    all; and the *spans*, half-open ranges ``(start, end)`` of
-    prompt positions: first the one copied into the draft, then (``occurrences`` > 1) as long a range after each
-    later occurrence of the stretch (not a restatement, in position order), up to ``occurrences`` ranges in all.
-    No match: the draft and no spans.
+    The prompt's last ``skip_end`` tokens (the *tail*: the question, the chat template, an answer prefix the caller put
+    after it) followed by the draft are the *source*; the prompt before the tail is the *body*. Looked for: the longest
+    stretch of the draft (at most ``max_match``, at least ``min_match`` tokens; among equals the earliest) that occurs
+    in the body followed by at least one body token, at its earliest occurrence there that is not a restatement of the
+    tail (the ``restate`` tokens after it occur, in a row, in the tail: the question asked again rather than the fact);
+    failing that, the same for the stretches of the source that begin in the tail (an answer prefix the prompt ends
+    with, which the draft only continues). Returned: the draft up to the stretch's end (the whole draft when the stretch
+    lies in the tail), then what follows the occurrence in the prompt, ``n`` tokens in all; and the *spans*, half-open
+    ranges ``(start, end)`` of prompt positions: first the one copied into the draft, then (``occurrences`` > 1) as long
+    a range after each later occurrence of the stretch (not a restatement, in position order), up to ``occurrences``
+    ranges in all. No match: the draft and no spans.
 
     ``classes`` (vocabulary-sized ints, ``Tokenizer.word_classes``) compares tokens by class, so a key written
     ``numbers`` in the text and ``number`` in the question, or ``The``/`` the``, still match; None compares ids.
