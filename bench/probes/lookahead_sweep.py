@@ -6,9 +6,10 @@ one line per prompt, a tally at the end (the sweep behind docs/retrieval.md's tu
 
 Arguments: the budget as a fraction of each prompt's tokens; settings sets separated by ``;`` (each a comma-separated
 list of ZeroMerge settings, empty for plain ZeroMerge; short names ``la`` = lookahead, ``pool`` = score_pool,
-``w`` = lookahead_prompt_weight); the prompt lengths. Prompts: ``bench.tasks.passkey`` with the harness's seeds (seed
-0, trial 0, needle style ``passkey``), fillers ``repeat`` and ``prose`` (Python's language reference), depths 0.25,
-0.5 and 0.75; greedy, 14 answer tokens, SmolLM2-135M-Instruct in fp32 on the CPU, eager.
+``w`` = lookahead_prompt_weight; ``true``/``false`` for a switch); the prompt lengths. Prompts:
+``bench.tasks.passkey`` with the harness's seeds (seed 0, trial 0, needle style ``passkey``), fillers ``repeat`` and
+``prose`` (Python's language reference), depths 0.25, 0.5 and 0.75; greedy, 14 answer tokens, SmolLM2-135M-Instruct
+in fp32 on the CPU, eager.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def parse(settings: str) -> dict:
     kw = {}
     for part in filter(None, settings.split(",")):
         k, v = part.split("=")
-        kw[SHORT.get(k, k)] = float(v) if "." in v else int(v)
+        bools = {"true": True, "false": False}
+        kw[SHORT.get(k, k)] = bools[v.lower()] if v.lower() in bools else float(v) if "." in v else int(v)
     return kw
 
 

@@ -95,6 +95,11 @@ def test_retrieval_preset_resolves_and_is_overridable():
     for bad in (dict(lookahead_pin=1.5), dict(lookahead_pin_extend=-1), dict(lookahead_pin_spans=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", **bad)
+    assert pinned.lookahead_pin_copied is True
+    ext = resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead_pin_copied=False)
+    assert ext.cache_kwargs()["lookahead_pin_copied"] is False
+    with pytest.raises(TypeError, match="lookahead_pin_copied"):
+        resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead_pin_copied=0)
     assert resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead=64).lookahead == 64
     with pytest.raises(ValueError, match="lookahead_greedy"):  # the preset's 8 greedy tokens exceed a 3-token draft
         resolve_cache_config(max_seq_len=1000, kv_ratio=0.1, preset="retrieval", lookahead=3)
@@ -630,6 +635,10 @@ def test_pin_positions_share_the_count_and_skip_the_tail():
     assert c.pin_positions(50, []) == []
     off = gen("zeromerge", kv_budget=40, lookahead=8).model.caches[0]
     assert off.pin_count() == 0 and off.pin_positions(50, [(10, 13)]) == []
+    ext = gen("zeromerge", kv_budget=40, lookahead=8, lookahead_pin=0.2, lookahead_pin_extend=3, lookahead_pin_spans=2,
+              lookahead_pin_copied=False).model.caches[0]  # the positions past each span, not the span's own
+    assert ext.pin_positions(50, [(10, 13), (20, 30), (1, 3)]) == [13, 14, 15, 30, 31, 32]
+    assert ext.pin_positions(50, [(40, 45)]) == [45]  # 46.. is the tail
 
 
 def _pinned_run(monkeypatch, pin, span=(40, 46), t=80, budget=20):

@@ -36,7 +36,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "zeromerge": dict(tail=0.1, dense=1, decay=0.98, logw_scale=1.0, metric="dot", score_merge="max",
                       score_window=None, score_pool=None, lookahead=0,
                       lookahead_prompt_weight=1.0, lookahead_rounds=1, lookahead_greedy=0, lookahead_pin=0.0,
-                      lookahead_pin_extend=0, lookahead_pin_spans=1),
+                      lookahead_pin_extend=0, lookahead_pin_spans=1, lookahead_pin_copied=True),
     "h2o": dict(tail=0.1, decay=0.98, score_window=None, score_pool=None),
     "snapkv": dict(tail=0.1, score_window=32, score_pool=5),
     "streaming": dict(sinks=4),
@@ -80,6 +80,7 @@ class CacheConfig:
     lookahead_pin: float = 0.0
     lookahead_pin_extend: int = 0
     lookahead_pin_spans: int = 1
+    lookahead_pin_copied: bool = True
     sinks: int | None = None
     preset: str | None = None
 
@@ -197,10 +198,14 @@ def resolve_cache_config(
             x = vals[key]
             if isinstance(x, bool) or not isinstance(x, int) or x < low:
                 raise ValueError(f"cache setting {key}={x!r} must be a whole number >= {low}")
+        if not isinstance(vals["lookahead_pin_copied"], bool):
+            raise TypeError(f"cache setting lookahead_pin_copied={vals['lookahead_pin_copied']!r} must be True or "
+                            f"False")
         cfg.update(dense=dense, logw_scale=float(vals["logw_scale"]), metric=vals["metric"],
                    score_merge=vals["score_merge"], lookahead=la, lookahead_prompt_weight=float(lpw),
                    lookahead_rounds=rounds, lookahead_greedy=greedy, lookahead_pin=float(pin),
-                   lookahead_pin_extend=vals["lookahead_pin_extend"], lookahead_pin_spans=vals["lookahead_pin_spans"])
+                   lookahead_pin_extend=vals["lookahead_pin_extend"], lookahead_pin_spans=vals["lookahead_pin_spans"],
+                   lookahead_pin_copied=vals["lookahead_pin_copied"])
     else:
         if budget <= tail:
             raise ValueError(f"kv budget {budget} must exceed tail {tail} (max_seq_len {max_seq_len})")

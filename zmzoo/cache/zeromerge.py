@@ -119,6 +119,7 @@ class ZeroMergeCache(KVCache):
         lookahead_pin: float = 0.0,
         lookahead_pin_extend: int = 0,
         lookahead_pin_spans: int = 1,
+        lookahead_pin_copied: bool = True,
         **kw,
     ):
         super().__init__(**kw)
@@ -131,9 +132,10 @@ class ZeroMergeCache(KVCache):
         self.lookahead_rounds, self.lookahead_greedy = lookahead_rounds, lookahead_greedy
         # the prompt positions a looked-up draft was copied from (``draft_source``), kept as single slots: at most
         # lookahead_pin of the top slots, each span extended by lookahead_pin_extend positions, lookahead_pin_spans
-        # spans (the copied one and further occurrences of its stretch)
+        # spans (the copied one and further occurrences of its stretch); without lookahead_pin_copied only the
+        # extensions (the positions past each span)
         self.lookahead_pin, self.lookahead_pin_extend = lookahead_pin, lookahead_pin_extend
-        self.lookahead_pin_spans = lookahead_pin_spans
+        self.lookahead_pin_spans, self.lookahead_pin_copied = lookahead_pin_spans, lookahead_pin_copied
         self.extra_positions = lookahead  # the draft runs at positions T .. T + lookahead - 1
         self._pending: dict[int, dict] = {}  # row -> its stashed prompt, waiting for the lookahead's rescore
         self._copy_stream = None  # CUDA side stream of the stash's copies to the host
@@ -336,11 +338,12 @@ class ZeroMergeCache(KVCache):
 
     def pin_positions(self, t: int, spans: Sequence[tuple[int, int]]) -> list[int]:
         """The positions of a prompt of t tokens that ``spans`` pin: the first ``lookahead_pin_spans`` spans, each
-        extended by ``lookahead_pin_extend`` positions and clipped to the positions before the tail (which is kept
-        anyway), taken a position of every span at a time (each span's first, then each one's second, ...) until
-        ``pin_count`` positions are taken, so that several spans share the count and none is left out."""
+        extended by ``lookahead_pin_extend`` positions (without ``lookahead_pin_copied``: those positions alone, not
+        the span's own) and clipped to the positions before the tail (which is kept anyway), taken a position of
+        every span at a time (each span's first, then each one's second, ...) until ``pin_count`` positions are taken,
+        so that several spans share the count and none is left out."""
         cap, end = self.pin_count(), t - self.tail
-        ranges = [range(max(a, 0), min(b + self.lookahead_pin_extend, end))
+        ranges = [range(max(a if self.lookahead_pin_copied else b, 0), min(b + self.lookahead_pin_extend, end))
                   for a, b in list(spans)[: self.lookahead_pin_spans]]
         out: list[int] = []
         seen: set[int] = set()
