@@ -51,7 +51,7 @@ from bench.probes.ops import probe_device
 from bench.timing import copy_bandwidth
 from zmzoo.environment import environment
 from zmzoo.ops._launch import launch, next_pow2, time_graph
-from zmzoo.ops.gemv import Config, _input_tile
+from zmzoo.ops.gemv import Config, _epilogue, _input_tile
 from zmzoo.ops.qgemv import INT4_CANDIDATES, INT8_CANDIDATES, qgemv, qgemv_ref
 from zmzoo.ops.quant import QTensor, dequantize_ref, quantize_int4, quantize_int8
 
@@ -119,15 +119,8 @@ def _old_int4_kernel(
             sq += x2_lo + x2_hi
         acc += x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
     y = tl.sum(acc, axis=2)
-    sq_sum = tl.sum(sq, axis=1)
-    if NORM:
-        y = y * tl.rsqrt(sq_sum / K + eps)[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    if RESIDUAL:
-        y += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_y, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_y)
+    _epilogue(y, tl.sum(sq, axis=1), offs_m, offs_n, mask_m, mask_n, s_ptr, 0, b_ptr, r_ptr, stride_rm, y_ptr,
+              stride_ym, K, eps, False, NORM, HAS_BIAS, RESIDUAL)
 
 
 def old_int4(x: torch.Tensor, w: QTensor, cfg: Config) -> torch.Tensor:

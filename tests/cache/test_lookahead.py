@@ -33,6 +33,18 @@ def gen(method="full", **kw):
                       compile=False, max_seq_len=128, method=method, seed=3, verbose=False, **kw)
 
 
+def assert_caches_match(eager, comp, names, t):
+    """Every layer's cache buffers ``names`` of two Generators: the weights and ring base equal, the rest within
+    fp32 tolerance (the compiled rescore sums in another order)."""
+    for layer, (a, b) in enumerate(zip(eager.model.caches, comp.model.caches)):
+        for name in names:
+            want, got = getattr(a, name), getattr(b, name)
+            if name in ("w", "base"):
+                assert torch.equal(got, want), (t, layer, name)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"t={t} layer {layer} {name}")
+
+
 @pytest.mark.parametrize("n,pool,weight", [(5, None, 1.0), (9, 3, 0.25), (1, None, 0.0)])
 def test_lookahead_selection_matches_reference(n, pool, weight):
     prompt = [int(x) for x in torch.randint(1, 128, (45,), generator=torch.Generator().manual_seed(1))]
@@ -608,13 +620,7 @@ def test_compiled_rescore_matches_eager_with_one_graph(monkeypatch, capsys):
         for gen in (eager, comp):
             gen.prefill([ids])
         assert lengths[-2:] == ([32, 32] if t % 2 else [8, 8])  # the draft's length, eager and compiled
-        for layer, (a, b) in enumerate(zip(eager.model.caches, comp.model.caches)):
-            for name in names:
-                want, got = getattr(a, name), getattr(b, name)
-                if name in ("w", "base"):
-                    assert torch.equal(got, want), (t, layer, name)
-                else:
-                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"t={t} layer {layer} {name}")
+        assert_caches_match(eager, comp, names, t)
         torch.testing.assert_close(comp.score(ids, cont), eager.score(ids, cont), rtol=1e-5, atol=1e-5)
         graphs = len(_debug_get_cache_entry_list(rescore_layer.__code__))
         assert graphs == 1 if t + 32 <= 4096 else graphs <= 2, (t, graphs)
@@ -712,13 +718,7 @@ def test_compiled_pinned_rescore_matches_eager(monkeypatch):
         cont = torch.randint(0, 128, (6,), generator=g).tolist()
         for gen_ in (eager, comp):
             gen_.prefill([ids])
-        for layer, (a, b) in enumerate(zip(eager.model.caches, comp.model.caches)):
-            assert a.pin_count() == 28  # floor(0.5 * (64 - 6 - 1))
-            for name in ("k", "v", "w", "s", "dense_k", "dense_v", "base"):
-                want, got = getattr(a, name), getattr(b, name)
-                if name in ("w", "base"):
-                    assert torch.equal(got, want), (t, layer, name)
-                else:
-                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"t={t} layer {layer} {name}")
+        assert all(c.pin_count() == 28 for c in eager.model.caches)  # floor(0.5 * (64 - 6 - 1))
+        assert_caches_match(eager, comp, ("k", "v", "w", "s", "dense_k", "dense_v", "base"), t)
         torch.testing.assert_close(comp.score(ids, cont), eager.score(ids, cont), rtol=1e-5, atol=1e-5)
     assert len(_debug_get_cache_entry_list(rescore_layer.__code__)) == 1 and counter.frame_count == 1

@@ -163,6 +163,24 @@ def _input_at(x_ptrs, g_ptrs, mask_x, mask_g, K, SILU: tl.constexpr, NORM: tl.co
     return x, x2
 
 
+def _epilogue(y, sq_sum, offs_m, offs_n, mask_m, mask_n, s_ptr, stride_sn, b_ptr, r_ptr, stride_rm, y_ptr,
+              stride_ym, K, eps, ROW_SCALE: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+              RESIDUAL: tl.constexpr):
+    """The GEMV kernels' epilogue: y (BLOCK_M, BLOCK_N), the sums over all of K, times the rows' scales (``ROW_SCALE``:
+    zmzoo.ops.qgemv's int8 with one scale a row) and the RMSNorm's rsqrt of ``sq_sum`` (BLOCK_M, the squares of x
+    summed over K), plus bias and residual, stored in y's dtype."""
+    if ROW_SCALE:
+        y = y * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if NORM:
+        y = y * tl.rsqrt(sq_sum / K + eps)[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if RESIDUAL:
+        y += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_y, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
@@ -190,14 +208,8 @@ def _gemv_kernel(
             sq += x2
         acc += x[:, None, :] * w[None, :, :]
     y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
-    if NORM:
-        y = y * tl.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    if RESIDUAL:
-        y += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_y, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_y)
+    _epilogue(y, tl.sum(sq, axis=1), offs_m, offs_n, mask_m, mask_n, w_ptr, 0, b_ptr, r_ptr, stride_rm, y_ptr,
+              stride_ym, K, eps, False, NORM, HAS_BIAS, RESIDUAL)
 
 
 def _gemv_impl(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor], residual: Optional[Tensor],  # noqa: UP045
@@ -216,6 +228,7 @@ def _gemv_impl(x: Tensor, w: Tensor, b: Optional[Tensor], norm: Optional[Tensor]
 if triton is not None:
     _input_at = triton.jit(_input_at)  # called from the kernels (which are jitted on first launch, see _launch)
     _input_tile = triton.jit(_input_tile)
+    _epilogue = triton.jit(_epilogue)
     # zmzoo::gemv(Tensor x, Tensor w, Tensor? b, Tensor? norm, Tensor? residual, float eps, bool silu, int block_n,
     #             int block_k, int num_warps, int num_stages) -> Tensor
     _gemv_op = torch.library.triton_op("zmzoo::gemv", _gemv_impl, mutates_args=())

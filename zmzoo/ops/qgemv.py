@@ -30,6 +30,7 @@ from zmzoo.ops.gemv import (
     MAX_ROWS,
     Config,
     Split,
+    _epilogue,
     _input_at,
     _input_tile,
     for_rows,
@@ -80,23 +81,6 @@ def _nibble_dot(dot, xs, sqs, v, MASK: tl.constexpr, MAGIC, BIAS: tl.constexpr, 
     input added to ``xs``, its square to ``sqs``."""
     x, x2 = _input_at(x_ptrs, g_ptrs, mask_x, mask_g, K, SILU, NORM)
     return dot + _nibble(v, MASK, MAGIC, BIAS) * x, xs + x, sqs + x2
-
-
-def _epilogue(y, sq_sum, offs_m, offs_n, mask_m, mask_n, s_ptr, stride_sn, b_ptr, r_ptr, stride_rm, y_ptr,
-              stride_ym, K, eps, ROW_SCALE: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-              RESIDUAL: tl.constexpr):
-    """y (BLOCK_M, BLOCK_N), the sums over all of K, times the rows' scales (``ROW_SCALE``: int8 with one scale a
-    row) and the RMSNorm's rsqrt of ``sq_sum`` (BLOCK_M), plus bias and residual, stored in y's dtype."""
-    if ROW_SCALE:
-        y = y * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if NORM:
-        y = y * tl.rsqrt(sq_sum / K + eps)[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    if RESIDUAL:
-        y += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_y, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
 def _qgemv_kernel(
@@ -336,7 +320,6 @@ REDUCE_BLOCK = 256  # outputs a program of _qgemv_reduce finishes (N = 4096: 16 
 if triton is not None:
     _nibble = triton.jit(_nibble)  # called from the kernel (jitted on first launch, see _launch)
     _nibble_dot = triton.jit(_nibble_dot)
-    _epilogue = triton.jit(_epilogue)
     # zmzoo::qgemv(Tensor x, Tensor q, Tensor scale, Tensor? zero, Tensor? b, Tensor? norm, Tensor? residual,
     #              float eps, bool silu, int group, int bits, int block_n, int block_k, int num_warps,
     #              int num_stages, int split=1) -> Tensor
