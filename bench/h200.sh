@@ -29,6 +29,12 @@
 #            needs .carry/a and .carry/b from scripts/gpu_carry.sh (the GGUF in two halves and the gguf wheel); $QUALITY_TASKS picks
 #            the tasks (default passkey,nll,attn); $QUALITY_QUANTIZE the weights (default none: dequantized bf16, as
 #            before; gguf: the file's Q4_1 kept; int8 / int4)
+#   ruler    RULER's 11 tasks (bench/tasks/ruler.py) on SmolLM2 at 1K-8K ($RULER_LENGTHS), $RULER_SAMPLES samples
+#            (default 2), every configuration of $QUALITY_METHODS at 5/10/20 %: one process per (task, length),
+#            $RULER_JOBS (default 14) at a time on the one GPU (the eager harness is bound by the CPU's launches), each
+#            in ruler_parts/TASK-LENGTH/ with --resume; then merged (bench.quality --merge) into ruler/. A run the
+#            deadline stops goes on in the next call from RULER_FROM (a copy of the earlier ruler_parts/). Needs the
+#            GGUF as quality does
 #   profile  bench/probes/profile_decode.py: kernel-by-kernel profile and CUDA-graph timeline of the step
 #            ($PROFILE_LAYERS layers at 7B widths, default 2; $PROFILE_CONTEXT, default 16K; $PROFILE_GEMV, default
 #            auto; $PROFILE_CODE set: inductor's generated code in profile/code_METHOD.txt)
@@ -40,6 +46,9 @@
 #            $QUANT_MODES (default "none int8 int4"; int4 at group $QUANT_GROUP, default 64): ZeroMerge (kv_budget 2048)
 #            at 40K and the full cache at 4K, decode tok/s and prefill time (quant_MODE_zeromerge/, quant_MODE_full/).
 #            About 5 minutes a mode (two loads, two compiles, the GEMV tuning): one or two modes a call
+#   quant4k  the same at 4K in one call a mode: the full cache and ZeroMerge (kv_budget 2048) for each of $QUANT_MODES
+#            (default "int8 none int4"), gpt-fast beside int8 ($QUANT4K_PEERS, default gptfast; needs .peers/gpt-fast):
+#            the peer at int8 and the prefill time against bf16 at 4K
 #   quant-tests  the quantization tests on CUDA (the qgemv and dequantize kernels compiled against their references,
 #            the decode step compiled with CUDA graphs through them): ZMZOO_TEST_DEVICE=cuda pytest
 #   quant70b llama2-70b shapes on one GPU, random weights built and quantized tensor by tensor, ZeroMerge (kv_budget
@@ -63,6 +72,30 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OF
 deadline=$((SECONDS + ${DEADLINE:-570}))
 py=${PYTHON:-python3}
 decode=(-m bench.decode --model llama2-7b --weights random --batch 1 --kv-budget 2048 --ops triton -v)
+
+quality_methods=${QUALITY_METHODS:-full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv,tova,knorm}
+
+smollm2_gguf() {  # the GGUF that scripts/gpu_carry.sh staged in two halves, joined and checked; its path on stdout
+    local f=${TMPDIR:-/tmp}/smollm2-135m-instruct.gguf
+    if [[ -f .carry/a/model.gguf.part && -f .carry/b/model.gguf.part ]]; then
+        cat .carry/a/model.gguf.part .carry/b/model.gguf.part >"$f"
+    fi
+    if [[ ! -f $f ]] || [[ $(sha256sum "$f" | cut -d' ' -f1) != $(cat .carry/a/model.gguf.sha256) ]]; then
+        echo "=== quality skipped: no intact GGUF (scripts/gpu_carry.sh, then carry .carry/a and .carry/b)" |
+            tee -a "$out/summary.log" >&2
+        return 1
+    fi
+    if ! "$py" -c "import gguf" 2>/dev/null; then
+        local w deps=()
+        for w in .carry/a/deps/*.whl; do  # gguf's requirements that this Python lacks
+            [[ -f $w ]] || continue
+            local name=${w##*/}
+            "$py" -c "import importlib.metadata as m; m.version('${name%%-*}')" 2>/dev/null || deps+=("$w")
+        done
+        "$py" -m pip install --quiet --no-deps --no-index .carry/a/gguf-*.whl "${deps[@]}" >&2
+    fi
+    echo "$f"
+}
 
 run() {  # run NAME CMD...: the command under the time left, its output in OUTDIR/NAME.log
     local name=$1 left=$((deadline - SECONDS))
@@ -126,21 +159,35 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             --methods zeromerge,full --gemv "${GEMV:-torch}" --peers none --out "$out/gemv_${GEMV:-torch}"
         ;;
     quality)
-        gguf_file=${TMPDIR:-/tmp}/smollm2-135m-instruct.gguf
-        if [[ -f .carry/a/model.gguf.part && -f .carry/b/model.gguf.part ]]; then
-            cat .carry/a/model.gguf.part .carry/b/model.gguf.part >"$gguf_file"
-        fi
-        if [[ ! -f $gguf_file ]] || [[ $(sha256sum "$gguf_file" | cut -d' ' -f1) != $(cat .carry/a/model.gguf.sha256) ]]
-        then
-            echo "=== quality skipped: no intact GGUF (scripts/gpu_carry.sh, then carry .carry/a and .carry/b)" |
-                tee -a "$out/summary.log"
-        else
-            "$py" -c "import gguf" 2>/dev/null || "$py" -m pip install --quiet --no-deps --no-index .carry/a/gguf-*.whl
+        if gguf_file=$(smollm2_gguf); then
             run quality "$py" -m bench.quality --model "$gguf_file" \
-                --methods full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv,tova,knorm --budgets 0.05,0.1,0.2 \
+                --methods "$quality_methods" --budgets 0.05,0.1,0.2 \
                 --tasks "${QUALITY_TASKS:-passkey,nll,attn}" --lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 1 \
                 --quantize "${QUALITY_QUANTIZE:-none}" \
                 --filler both --answer-tokens 14 --nll-samples 4 --nll-prompt 4096 --nll-cont 256 --out "$out/quality"
+        fi
+        ;;
+    ruler)
+        if gguf_file=$(smollm2_gguf); then
+            parts=$out/ruler_parts
+            mkdir -p "$parts"
+            [[ -n ${RULER_FROM:-} ]] && cp -r "$RULER_FROM"/. "$parts"/
+            export gguf_file parts py quality_methods
+            ruler_job() {  # ruler_job TASK LENGTH: one (task, length) of the table, resuming what its folder holds
+                OMP_NUM_THREADS=1 "$py" -m bench.quality --model "$gguf_file" --tasks ruler --ruler-tasks "$1" \
+                    --lengths "$2" --budgets 0.05,0.1,0.2 --methods "$quality_methods" \
+                    --ruler-samples "${RULER_SAMPLES:-2}" --quantize "${QUALITY_QUANTIZE:-none}" --threads 1 \
+                    --no-plot --resume --out "$parts/$1-$2" >>"$parts/$1-$2.log" 2>&1
+                echo "$1 at $2: rc=$? $(grep -c '^\[quality\] ruler [0-9]' "$parts/$1-$2.log") prompts logged"
+            }
+            export -f ruler_job
+            for n in ${RULER_LENGTHS:-8192 4096 2048 1024}; do  # the longest first: the last jobs to start are short
+                for t in ${RULER_TASKS:-s1 s2 s3 mk1 mk2 mk3 mv mq vt cwe fwe}; do echo "$t $n"; done
+            done >"$parts/jobs.txt"
+            deadline=$((deadline - 40))  # the merge's time
+            run ruler_jobs xargs -P "${RULER_JOBS:-14}" -L 1 bash -c 'ruler_job "$@"' _ <"$parts/jobs.txt"
+            deadline=$((deadline + 40))
+            run ruler_merge "$py" -m bench.quality --merge "$parts"/*/ --out "$out/ruler"
         fi
         ;;
     peers)
@@ -177,6 +224,15 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
                 "${group[@]}" --steps 32 --repeats 3 --peers none --out "$out/quant_${q}_zeromerge"
             run "quant_${q}_full" "$py" "${decode[@]}" --contexts 4096 --methods full --quantize "$q" "${group[@]}" \
                 --steps 32 --repeats 3 --peers none --out "$out/quant_${q}_full"
+        done
+        ;;
+    quant4k)
+        for q in ${QUANT_MODES:-int8 none int4}; do
+            group=() peers=none
+            [[ $q == int4 ]] && group=(--group-size "${QUANT_GROUP:-64}")
+            [[ $q == int8 ]] && peers=${QUANT4K_PEERS:-gptfast}
+            run "quant4k_$q" "$py" "${decode[@]}" --contexts 4096 --methods full,zeromerge --quantize "$q" \
+                "${group[@]}" --steps 32 --repeats 3 --peers "$peers" --out "$out/quant4k_$q"
         done
         ;;
     quant-tests)

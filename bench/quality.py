@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "task's max_new_tokens; default) or prompt (bench/ruler.py's: prompt + answer prefix)")
     p.add_argument("--resume", action="store_true",
                    help="keep the RULER rows of OUT/quality.json and run only the samples and configurations missing")
+    p.add_argument("--merge", action="extend", nargs="+", metavar="QUALITY_JSON",
+                   help="no model loaded: the RULER results of these files (runs of the same measurement "
+                        "over disjoint samples, e.g. one per task in parallel) merged into OUT/quality.json, with "
+                        "its tables and plot")
     p.add_argument("--nll-samples", type=int)
     p.add_argument("--nll-prompt", type=int, help="NLL prompt tokens")
     p.add_argument("--nll-cont", type=int, help="NLL continuation tokens")
@@ -294,9 +298,44 @@ def compile_arg(value: str) -> bool | str:
     return {"none": False, "auto": True}.get(value, value)
 
 
+def merge_files(paths: list[str], out: Path, argv: list[str], plot: bool = True) -> int:
+    """``--merge``: the RULER results of ``paths`` (``quality.json`` files, or folders holding one) as one result in
+    ``out/quality.json``; the first file's environment and settings, the parts' commands in ``merged_from``."""
+    parts = []
+    for p in paths:
+        f = Path(p) / "quality.json" if Path(p).is_dir() else Path(p)
+        d = json.loads(f.read_text())
+        if not d.get("ruler"):
+            raise SystemExit(f"--merge {f}: no RULER results in it")
+        if d.get("error"):
+            print(f"[quality] --merge {f}: that run failed ({d['error'].splitlines()[0]}); its rows are kept")
+        parts.append((f, d))
+    labels = list(dict.fromkeys(lab for _, d in parts for lab in d["config"]["configs"]))
+    try:
+        merged = ruler_task.merge([d["ruler"] for _, d in parts], labels)
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
+    first = parts[0][1]
+    results = {"env": {**first["env"], "merged_by": " ".join([PROG, *argv])},
+               "config": {**first["config"], "configs": labels, "tasks": ["ruler"], "ruler_tasks": merged["tasks"],
+                          "lengths": merged["lengths"]},
+               "merged_from": [{"file": str(f), "command": d["env"].get("command"), "wall_s": d.get("wall_s"),
+                                "complete": d["ruler"].get("complete"), "error": d.get("error")} for f, d in parts],
+               "ruler": merged, "wall_s": max(d.get("wall_s", 0.0) for _, d in parts)}
+    out.mkdir(parents=True, exist_ok=True)
+    print_tables(results, labels)
+    write_json(out / "quality.json", results)
+    written = quality_plots(results, out, labels) if plot else []
+    print(f"\n[quality] merged {len(parts)} files; wrote {out / 'quality.json'}"
+          + "".join(f", {out / w}" for w in written))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
+    if ns.merge:
+        return merge_files(ns.merge, Path(ns.out), argv, plot=not ns.no_plot)
     t_all = time.perf_counter()
     if ns.threads:
         torch.set_num_threads(ns.threads)

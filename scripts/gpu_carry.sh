@@ -20,6 +20,9 @@ PY
 )
 rm -rf .carry && mkdir -p .carry/a .carry/b
 $py -m pip download --quiet --no-deps --only-binary=:all: --dest .carry/a gguf
+# gguf's own requirements, for the device's Python (3.12, x86_64); installed there only where missing
+$py -m pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+    --dest .carry/a/deps pyyaml requests tqdm  # numpy: torch brings it
 half=$(( ($(stat -c %s "$src") + 1) / 2 ))
 head -c "$half" "$src" >.carry/a/model.gguf.part
 tail -c +"$((half + 1))" "$src" >.carry/b/model.gguf.part

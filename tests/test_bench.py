@@ -468,6 +468,36 @@ def test_quality_ruler_end_to_end_and_resume(tiny_chat_ckpt, tmp_path):
         quality.main(again[:again.index("python-docs")] + ["installed"] + again[again.index("python-docs") + 1 :])
 
 
+def test_quality_merge_of_parallel_parts_equals_one_run(tiny_chat_ckpt, tmp_path):
+    """--merge: two runs over one task each (as bench/h200.sh's ruler stage runs them in parallel) merge into what one
+    run over both measures (same rows, scores and summary); parts measured otherwise or overlapping are refused."""
+    base = ["--model", str(tiny_chat_ckpt), "--tasks", "ruler", "--lengths", "400", "--methods", "full,zeromerge",
+            "--budgets", "0.25", "--ruler-samples", "1", "--ruler-prose", "python-docs", "--threads", "1", "--no-plot"]
+    for name, tasks in (("both", "niah_single_1,fwe"), ("a", "niah_single_1"), ("b", "fwe")):
+        assert quality.main(base + ["--ruler-tasks", tasks, "--out", str(tmp_path / name)]) == 0
+    assert quality.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b" / "quality.json"),
+                         "--out", str(tmp_path / "m")]) == 0
+    one = json.loads((tmp_path / "both" / "quality.json").read_text())["ruler"]
+    merged = json.loads((tmp_path / "m" / "quality.json").read_text())
+    rl = merged["ruler"]
+    key = lambda r: (r["task"], r["seed"], r["label"])
+    assert sorted(rl["rows"], key=key) == sorted(one["rows"], key=key)
+    assert rl["summary"] == one["summary"] and rl["tasks"] == ["niah_single_1", "fwe"] and rl["complete"]
+    assert [m["file"] for m in merged["merged_from"]] == [str(tmp_path / "a" / "quality.json"),
+                                                           str(tmp_path / "b" / "quality.json")]
+    assert merged["config"]["configs"] == ["full", "zeromerge@0.25"] and (tmp_path / "m" / "ruler.png").is_file()
+    with pytest.raises(SystemExit, match="both measured"):
+        quality.main(["--merge", str(tmp_path / "a"), str(tmp_path / "both"), "--out", str(tmp_path / "x")])
+    other = json.loads((tmp_path / "b" / "quality.json").read_text())
+    other["ruler"]["fingerprint"]["dtype"] = "torch.bfloat16"
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="fingerprint"):
+        quality.main(["--merge", str(tmp_path / "a"), str(tmp_path / "c.json"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no RULER results"):
+        (tmp_path / "d.json").write_text(json.dumps({"config": {"configs": []}}))
+        quality.main(["--merge", str(tmp_path / "d.json"), "--out", str(tmp_path / "x")])
+
+
 def test_ruler_length_conventions(tiny_chat_ckpt):
     """total: the templated prompt plus max_new_tokens within the length (RULER's max_seq_length); prompt: the
     sample's own length (bench/ruler.py's); too short a length for a task is a ValueError (a row saying so)."""

@@ -214,6 +214,38 @@ def run(h: Harness, *, tasks: list[str], lengths: list[int], samples: int, seed:
     return snapshot()
 
 
+def merge(parts: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, Any]:
+    """Several results of ``run`` that measured disjoint samples the same way (parallel runs over different tasks or
+    lengths, as ``bench/h200.sh``'s ``ruler`` stage makes) as one: rows and prompts together, ``summary`` and
+    ``timing`` over all of them. ValueError when the parts were measured otherwise (their ``fingerprint``, prose or
+    length convention differ) or two parts both hold a row of the same (task, length, seed, configuration)."""
+    if not parts:
+        raise ValueError("merge: no RULER results given")
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        for k in ("fingerprint", "prose", "length_convention"):
+            if p.get(k) != first.get(k):
+                raise ValueError(f"merge: part {i} was measured with {k} {p.get(k)!r}, part 0 with "
+                                 f"{first.get(k)!r}")
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple, int] = {}
+    for i, p in enumerate(parts):
+        for r in p["rows"]:
+            k = _key(r)
+            if k in seen:
+                raise ValueError(f"merge: parts {seen[k]} and {i} both measured {k}")
+            seen[k] = i
+            rows.append(r)
+    prompts = [q for p in parts for q in p.get("prompts", [])]
+    out = {k: v for k, v in first.items() if k not in ("rows", "prompts", "summary", "timing")}
+    out.update(tasks=[t for t in ruler.TASKS if any(t in p["tasks"] for p in parts)],
+               lengths=sorted({n for p in parts for n in p["lengths"]}),
+               complete=all(p.get("complete") for p in parts), rows=rows, prompts=prompts,
+               summary=summary(rows, labels), timing=timing(prompts),
+               seconds=sum(p.get("seconds", 0.0) for p in parts))
+    return out
+
+
 def summary(rows: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, Any]:
     """Mean scores (0-100): ``cells`` per (configuration, length, task) over samples; ``by_length`` per
     (configuration, length) over the tasks it has cells for (``tasks``; ``complete`` when that is every task measured
