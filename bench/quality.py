@@ -46,6 +46,11 @@ Texts: by default English prose that ships with Python: the language reference o
 history section of Python's LICENSE.txt, filtered to prose paragraphs (no indented code, no headings, few code
 symbols). ``--text FILE`` (repeatable) uses your files instead. The output names the texts used.
 
+Parallel runs: ``--merge A B ...`` (files or folders of ``quality.json``; no model is loaded) merges the RULER results
+of runs that measured disjoint samples the same way (e.g. one process per task and length, as ``bench/h200.sh``'s
+``ruler`` stage runs them) into ``OUT/quality.json``, its tables and ``ruler.png``; parts measured otherwise (model,
+dtype, ops, cache settings, prose) or overlapping are refused.
+
 Writes ``OUT/quality.json`` and PNGs (``passkey.png``, ``ruler.png``, ``nll.png``, ``attn_error.png``); prints tables.
 ``quality.json`` is rewritten (whole, through a temporary file: never half written) after the passkey task, after
 every RULER sample and at the end, so an interrupted run keeps what it measured. ``--resume`` reads the RULER rows of
