@@ -30,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import zmzoo.ops.qgemv as Q
+import zmzoo.ops.qgemv_a8 as A8
 
 K = 4096  # LLaMA-2-7B's width: the products the lists were chosen for
 DIVISIBLE = ("K", "stride_xm", "stride_qn", "stride_rm", "stride_ym")
@@ -63,6 +64,25 @@ def build(bits: int, group: int, block_n: int, block_k: int, warps: int, split: 
         else:
             sig[n] = "i32"
     aligned = [n for n in names if n.endswith("_ptr") or n in DIVISIBLE] + (["stride_sn"] if group else [])
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()},
+                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=1))
+
+
+def build_a8(bits: int, group: int, block_n: int, block_k: int, warps: int, split: int = 1, norm: bool = False,
+             silu: bool = False, residual: bool = False, xdtype: str = "bf16", arch: int = 90):
+    """``zmzoo.ops.qgemv_a8._qgemv_a8_kernel`` compiled as ``build`` compiles ``_qgemv_kernel`` (``silu`` has no
+    effect there: the gate is applied by the activations' quantization kernel)."""
+    kernel = triton.jit(A8._qgemv_a8_kernel)
+    names = list(inspect.signature(A8._qgemv_a8_kernel).parameters)
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=bits == 4, HAS_BIAS=False, NORM=norm, RESIDUAL=residual,
+                 BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, FULL=True, SPLIT=split, ASM=True)
+    types = dict(xq_ptr="*i32", q_ptr="*i32", xsq_ptr="*i32", dx_ptr="*fp32", xs_ptr="*fp32", sq_ptr="*fp32",
+                 p_ptr="*fp32", psq_ptr="*fp32", s_ptr="*fp32" if group == 0 else "*fp16", z_ptr="*fp16")
+    sig = {n: "constexpr" if n in const else types.get(n, f"*{xdtype}" if n.endswith("_ptr") else
+                                                          "fp32" if n == "eps" else "i32") for n in names}
+    aligned = [n for n in names if n.endswith("_ptr") or n in ("K", "stride_qn", "stride_rm", "stride_ym")]
+    aligned += ["stride_sn"] if group else []
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()},
                     attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=1))
@@ -102,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", nargs="*", default=["plain", "norm"], choices=("plain", "norm", "silu", "residual"))
     p.add_argument("--group", type=int, default=64, help="int4's group")
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--kernel", choices=("qgemv", "a8"), default="qgemv",
+                   help="qgemv: zmzoo.ops.qgemv's kernel; a8: zmzoo.ops.qgemv_a8's (int8 activations)")
     ns = p.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{ns.arch}, K = {K}, batch 1, bf16 input")
     print(f"{'bits':>4} {'setting':<18} {'fusion':<8} {'instr/elem':>10} {'regs':>5} {'stack':>5} {'BAR':>4} "
@@ -111,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             cfgs = [Q.Config(*[int(v) for v in s.split(",")[:3]], 1, *[int(v) for v in s.split(",")[3:4]])
                     for s in ns.settings]
         else:
-            cfgs = list(Q.candidates(bits))
+            cfgs = list(Q.candidates(bits) if ns.kernel == "qgemv" else A8.a8_candidates(bits))
         for cfg in cfgs:
             for fusion in ns.fusion:
-                ck = build(bits, ns.group if bits == 4 else 0, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.split,
+                ck = (build if ns.kernel == "qgemv" else build_a8)(bits, ns.group if bits == 4 else 0, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.split,
                            norm=fusion == "norm", silu=fusion == "silu", residual=fusion == "residual",
                            arch=ns.arch)
                 ops, res = loop_ops(ck), resources(ck)

@@ -54,6 +54,7 @@ from zmzoo.ops._launch import launch, next_pow2, time_graph
 from zmzoo.ops.gemv import Config, _epilogue, _input_tile
 from zmzoo.ops.qgemv import INT4_CANDIDATES, INT8_CANDIDATES, qgemv, qgemv_ref
 from zmzoo.ops.quant import QTensor, dequantize_ref, quantize_int4, quantize_int8
+import zmzoo.ops.qgemv_a8 as A8
 
 try:
     import triton
@@ -283,6 +284,97 @@ def product_baselines(name: str, n: int, k: int, device, cpu: bool, bw: float, f
     return out
 
 
+# each product with the fusion the decode step gives it (zmzoo.models.transformer): the RMSNorm into q|k|v, gate|up
+# and the LM head, the residual into o, the SiLU gate and the residual into down
+DECODE_FUSION = {"wqkv": ("norm",), "wo": ("residual",), "w13": ("norm",), "w2": ("silu", "residual"),
+                 "output": ("norm",)}
+
+
+def product_a8(name: str, n: int, k: int, device, cpu: bool, bw: float, failures: list) -> list:
+    """int8 activations (``zmzoo.ops.qgemv_a8``) against the fp32-activation kernel, both with the product's decode
+    fusion (DECODE_FUSION), int4 g64 and int8 per channel, at every candidate of each. The a8 call's time includes
+    its activation-quantization kernel; "a8-quant" and "a8-product" time the two kernels apart (at the fastest
+    setting). Parity: the kernel against ``qgemv_a8_ref`` (1e-2 of max |y|: bf16 output) and the reference against
+    exact activations within ``a8_error_bound`` (plus 1e-2 of max |y| for the bf16 rounding)."""
+    out = []
+    fusion = DECODE_FUSION.get(name, ())
+    g = torch.Generator(device=device).manual_seed(k + 7)
+    width = 2 * k if "silu" in fusion else k
+    x = torch.randn(1, width, device=device, generator=g).to(torch.bfloat16)
+    kw: dict[str, Any] = {}
+    if "norm" in fusion:
+        kw["norm"] = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(torch.bfloat16)
+    if "silu" in fusion:
+        kw["silu"] = True
+    if "residual" in fusion:
+        kw["residual"] = torch.randn(1, n, device=device, generator=g).to(torch.bfloat16)
+    tag = "+".join(fusion) or "plain"
+    for fmt_name, quantize, bits in (("int4-g64", lambda w: quantize_int4(w, 64), 4), ("int8-row", quantize_int8, 8)):
+        probe_w = quantize(torch.zeros(8, k, device=device).to(torch.bfloat16))
+        nbytes = n * probe_w.nbytes() // 8 + 2 * width
+        ws = make_weights(n, k, n_copies(nbytes, cpu), device, quantize, seed=5 * n + k + bits)
+        exact = qgemv_ref(x, ws[0], **kw).float()
+        ref = A8.qgemv_a8_ref(x, ws[0], **kw).float()
+        bound = A8.a8_error_bound(x, ws[0], norm=kw.get("norm"), silu=kw.get("silu", False))
+        scale = max(exact.abs().max().item(), 1e-30)
+        ref_ok = bool(((ref - exact).abs() <= bound + 1e-2 * scale).all())
+        if not ref_ok:
+            failures.append(f"{name} {fmt_name} a8 reference outside its error bound")
+        best: tuple[float, Config] | None = None
+        for kernel, settings in (("triton-a8", A8.a8_candidates(bits)), ("triton-fp32", candidates_for(bits))):
+            for cfg in settings:
+                def call(w, c=cfg, kernel=kernel):
+                    if kernel == "triton-a8":
+                        return A8.qgemv_a8(x, w, backend="triton", config=c, **kw)
+                    return qgemv(x, w, backend="triton", config=c, **kw)
+
+                rec = {"product": name, "n": n, "k": k, "format": f"{fmt_name}:{tag}", "kernel": kernel,
+                       "setting": setting(cfg), "bytes": nbytes, "a8_bound_max": bound.max().item() / scale,
+                       "a8_ref_err_exact": rel_err(ref, exact), "a8_ref_within_bound": ref_ok}
+                try:
+                    got = call(ws[0]).float()
+                    rec["rel_err_exact"] = rel_err(got, exact)
+                    rec["rel_diff_ref"] = rel_err(got, ref if kernel == "triton-a8" else exact)
+                    rec["ok"] = rec["rel_diff_ref"] <= 1e-2
+                except Exception as e:
+                    rec["ok"], rec["error"] = False, f"{type(e).__name__}: {e}"
+                if not rec["ok"]:
+                    failures.append(f"{name} {fmt_name} {kernel} {setting(cfg)}")
+                    log(f"PARITY FAILED: {name} {fmt_name} {kernel} {setting(cfg)}: {rec}")
+                rec["seconds"], err = timed([lambda w=w: call(w) for w in ws], cpu)
+                if err:
+                    rec["error"] = err
+                if kernel == "triton-a8" and rec["seconds"] and (best is None or rec["seconds"] < best[0]):
+                    best = (rec["seconds"], cfg)
+                out.append(row(rec, bw))
+                log(fmt(rec))
+        if best is not None:  # the two kernels of the fastest a8 setting, apart
+            cfg = A8.a8_kernel_config(best[1])
+            a = A8.quantize_act(x, kw.get("norm"), kw.get("silu", False))
+            w0 = ws[0]
+            res = kw.get("residual")
+            for kernel, fn in (
+                ("a8-quant", lambda: A8.quantize_act(x, kw.get("norm"), kw.get("silu", False))),
+                ("a8-product", lambda: A8.qgemv_a8_launch(a, w0.q, w0.scale, w0.zero, None, "norm" in kw, res, 1e-6,
+                                                          w0.group, w0.bits, *cfg)),
+            ):
+                rec = {"product": name, "n": n, "k": k, "format": f"{fmt_name}:{tag}", "kernel": kernel,
+                       "setting": setting(best[1]), "bytes": nbytes if kernel == "a8-product" else 2 * width}
+                rec["seconds"], err = timed([fn], cpu)
+                if err:
+                    rec["error"] = err
+                out.append(row(rec, bw))
+                log(fmt(rec))
+        del ws
+        if not cpu:
+            torch.cuda.empty_cache()
+    return out
+
+
+def candidates_for(bits: int) -> tuple:
+    return INT4_CANDIDATES if bits == 4 else INT8_CANDIDATES
+
+
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     """Per product and format: the fastest setting of each kernel."""
     best: dict[tuple, dict] = {}
@@ -304,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="no GPU: Triton's interpreter, tiny shapes, parity only")
     p.add_argument("--products", default=",".join(PRODUCTS), help="comma-separated subset of " + ",".join(PRODUCTS))
     p.add_argument("--no-old", action="store_true", help="leave out the previous int4 kernel")
+    p.add_argument("--a8-only", action="store_true",
+                   help="only the int8-activation comparison (product_a8), every product with its decode fusion")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="skip the groups after the first (64) once the run has taken this long")
     ns = p.parse_args(argv)
@@ -324,7 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     def save():
         (ns.out / "qgemv_speed.json").write_text(json.dumps(report, indent=1, default=str))
 
-    for group in GROUPS:
+    for name, (n, k) in shapes.items():
+        try:
+            report["rows"] += product_a8(name, n, k, device, cpu, bw, report["failures"])
+        except Exception as e:
+            traceback.print_exc()
+            report["failures"].append(f"{name} a8: {type(e).__name__}: {e}")
+        save()
+    for group in () if ns.a8_only else GROUPS:
         if group != GROUPS[0] and time.perf_counter() - T0 > ns.budget_s:
             log(f"budget of {ns.budget_s:.0f} s reached: group {group} skipped")
             report.setdefault("skipped", []).append(f"int4-g{group}")
