@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zmzoo.load's quantize: auto (a GGUF keeps its quantization on CUDA, else full precision), "
                         "none, int8 (per output channel), int4 (per --group-size columns), gguf")
     p.add_argument("--group-size", type=int, help="int4 columns per scale: 32, 64 (default) or 128")
+    p.add_argument("--act-quant", default="none", choices=["none", "int8"],
+                   help="zmzoo.load's act_quant: int8 quantizes the quantized products' activations (W8A8 / W4A8)")
     p.add_argument("--compile", default="auto",
                    help="auto (the Generator's: inductor, CUDA graphs on CUDA), none (eager), or a backend name")
     p.add_argument("--layers", type=int, help="override the number of layers (e.g. 4: 7B widths, quick compiles)")
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         base = zmzoo.load(ns.model, weights=ns.weights, device=device, dtype=dtype, compile=compile_arg(ns),
                           max_seq_len=64, max_batch_size=ns.batch, ops=ns.ops, gemv=ns.gemv, seed=ns.seed,
                           quantize=None if ns.quantize == "none" else ns.quantize, group_size=ns.group_size,
-                          args_overrides=overrides or None)
+                          act_quant=None if ns.act_quant == "none" else ns.act_quant, args_overrides=overrides or None)
     wn = base.model.weight_nbytes()
     backend = base.backend
     gemv_report(base.model.gemv_tuning)
@@ -342,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                    "cache_settings": ns.cache_settings, "batch": ns.batch, "compile": ns.compile,
                    "tensor_parallel": base.model.tp.world if base.model.tp is not None else 1,
                    "gemv": ns.gemv, "gemv_ran": base.gemv, "ops": ns.ops, "warmup": ns.warmup, "seed": ns.seed,
-                   "quantize": ns.quantize, "group_size": ns.group_size, "quantization": base.model.quantization,
+                   "quantize": ns.quantize, "group_size": ns.group_size, "act_quant": ns.act_quant,
+                   "quantization": base.model.quantization,
                    "weight_bytes_in_memory": wn["weight_bytes"], "weight_bytes_per_step": wn["weight_bytes_per_step"],
                    "model_args": {k: getattr(args, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads",
                                                                  "head_dim", "intermediate_size", "vocab_size",

@@ -46,6 +46,8 @@
 #            $QUANT_MODES (default "none int8 int4"; int4 at group $QUANT_GROUP, default 64): ZeroMerge (kv_budget 2048)
 #            at 40K and the full cache at 4K, decode tok/s and prefill time (quant_MODE_zeromerge/, quant_MODE_full/).
 #            About 5 minutes a mode (two loads, two compiles, the GEMV tuning): one or two modes a call
+#            QUANT_ACT=int8: every quant stage (quant, quant4k, quant70b) with --act-quant int8 (W8A8 / W4A8; its
+#            folders and logs named _aint8), QUANT_NO_FULL=1: quant without its full-cache run
 #   quant4k  the same at 4K in one call a mode: the full cache and ZeroMerge (kv_budget 2048) for each of $QUANT_MODES
 #            (default "int8 none int4"), gpt-fast beside int8 ($QUANT4K_PEERS, default gptfast; needs .peers/gpt-fast):
 #            the peer at int8 and the prefill time against bf16 at 4K
@@ -72,6 +74,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OF
 deadline=$((SECONDS + ${DEADLINE:-570}))
 py=${PYTHON:-python3}
 decode=(-m bench.decode --model llama2-7b --weights random --batch 1 --kv-budget 2048 --ops triton -v)
+act=() a8=""  # the quant stages with QUANT_ACT=int8: the quantized products' activations int8 too (--act-quant)
+if [[ -n ${QUANT_ACT:-} ]]; then
+    act=(--act-quant "$QUANT_ACT") a8="_a$QUANT_ACT"
+fi
 
 quality_methods=${QUALITY_METHODS:-full,zeromerge,zeromerge:retrieval,h2o,streaming,snapkv,tova,knorm}
 
@@ -220,10 +226,11 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
         for q in ${QUANT_MODES:-none int8 int4}; do
             group=()
             [[ $q == int4 ]] && group=(--group-size "${QUANT_GROUP:-64}")
-            run "quant_${q}_zeromerge" "$py" "${decode[@]}" --contexts 40960 --methods zeromerge --quantize "$q" \
-                "${group[@]}" --steps 32 --repeats 3 --peers none --out "$out/quant_${q}_zeromerge"
-            run "quant_${q}_full" "$py" "${decode[@]}" --contexts 4096 --methods full --quantize "$q" "${group[@]}" \
-                --steps 32 --repeats 3 --peers none --out "$out/quant_${q}_full"
+            run "quant_${q}${a8}_zeromerge" "$py" "${decode[@]}" --contexts 40960 --methods zeromerge --quantize "$q" \
+                "${group[@]}" "${act[@]}" --steps 32 --repeats 3 --peers none --out "$out/quant_${q}${a8}_zeromerge"
+            [[ -n ${QUANT_NO_FULL:-} ]] && continue
+            run "quant_${q}${a8}_full" "$py" "${decode[@]}" --contexts 4096 --methods full --quantize "$q" \
+                "${group[@]}" "${act[@]}" --steps 32 --repeats 3 --peers none --out "$out/quant_${q}${a8}_full"
         done
         ;;
     quant4k)
@@ -231,12 +238,12 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             group=() peers=none
             [[ $q == int4 ]] && group=(--group-size "${QUANT_GROUP:-64}")
             [[ $q == int8 ]] && peers=${QUANT4K_PEERS:-gptfast}
-            run "quant4k_$q" "$py" "${decode[@]}" --contexts 4096 --methods full,zeromerge --quantize "$q" \
-                "${group[@]}" --steps 32 --repeats 3 --peers "$peers" --out "$out/quant4k_$q"
+            run "quant4k_$q$a8" "$py" "${decode[@]}" --contexts 4096 --methods full,zeromerge --quantize "$q" \
+                "${group[@]}" "${act[@]}" --steps 32 --repeats 3 --peers "$peers" --out "$out/quant4k_$q$a8"
         done
         ;;
     quant-tests)
-        run quant_tests env ZMZOO_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider tests/ops/test_quant.py \
+        run quant_tests env ZMZOO_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider tests/ops/test_quant.py tests/ops/test_qgemv_a8.py \
             tests/ops/test_qgemv.py tests/models/test_quantized.py
         ;;
     quant70b)
@@ -244,8 +251,8 @@ torch.cuda.get_device_name())'; $py -c 'import transformers; print(\"transformer
             group=()
             [[ $q == int4 ]] && group=(--group-size "${QUANT_GROUP:-64}")
             run "quant70b_$q" "$py" -m bench.decode --model llama2-70b --weights random --batch 1 --kv-budget 2048 \
-                --ops triton -v --contexts 40960 --methods zeromerge --quantize "$q" "${group[@]}" --steps 16 \
-                --repeats 3 --peers none --out "$out/quant70b_$q"
+                --ops triton -v --contexts 40960 --methods zeromerge --quantize "$q" "${group[@]}" "${act[@]}" \
+                --steps 16 --repeats 3 --peers none --out "$out/quant70b_$q$a8"
         done
         ;;
     tp1)

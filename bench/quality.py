@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="none", help="none (eager decode, default), auto, or a backend name")
     p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4", "gguf"],
                    help="zmzoo.load's quantize (docs/quantization.md): auto keeps a GGUF's quantization on CUDA")
+    p.add_argument("--act-quant", default="none", choices=["none", "int8"],
+                   help="zmzoo.load's act_quant: int8 quantizes the quantized products' activations (W8A8 / W4A8)")
     p.add_argument("--group-size", type=int, help="int4 columns per scale: 32, 64 (default) or 128")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     gen = zmzoo.load(ns.model, weights=ns.weights, method="full", device=ns.device, dtype=ns.dtype, compile=False,
                      max_seq_len=64, ops=ns.ops, seed=ns.seed, quantize=None if ns.quantize == "none" else ns.quantize,
-                     group_size=ns.group_size)
+                     group_size=ns.group_size, act_quant=None if ns.act_quant == "none" else ns.act_quant)
     if gen.tokenizer is None:
         raise SystemExit(f"{ns.model} has no tokenizer: the quality harness needs text (use a checkpoint with one)")
     harness.gen = gen
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                    "ruler_samples": ns.ruler_samples, "ruler_prose": ns.ruler_prose, "ruler_length": ns.ruler_length,
                    "cache_settings": ns.settings,
                    "compile": ns.compile, "ops": ns.ops, "seed": ns.seed, "quantize": ns.quantize,
-                   "group_size": ns.group_size, "quantization": gen.model.quantization},
+                   "group_size": ns.group_size, "act_quant": ns.act_quant, "quantization": gen.model.quantization},
         "texts": text_info,
     }
     try:

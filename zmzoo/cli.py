@@ -49,7 +49,8 @@ def _generate(ns: argparse.Namespace) -> int:
     kw.update(parse_setting(x) for x in ns.cache_setting)
     gen = zmzoo.load(ns.model, method=ns.method, device=ns.device, dtype=ns.dtype, max_seq_len=ns.max_seq_len,
                      compile=compile, preset=ns.preset, revision=ns.revision, quantize=quantize,
-                     group_size=ns.group_size, tp="auto" if ns.tp == "auto" else False, **kw)  # prints what it loaded
+                     group_size=ns.group_size, act_quant=None if ns.act_quant == "none" else ns.act_quant,
+                     tp="auto" if ns.tp == "auto" else False, **kw)  # prints what it loaded
     tp = gen.model.tp
     if tp is not None and not tp.is_first:  # under torchrun every rank generates the same tokens; rank 0 prints
         return _run_quietly(gen, prompt, ns)
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                         "Q4_1 tensors on CUDA, full precision otherwise; none; int8 (per channel); int4 (per group); "
                         "gguf = keep a GGUF's quantization on any device")
     g.add_argument("--group-size", type=int, help="int4 columns per scale: 32, 64 (default) or 128")
+    g.add_argument("--act-quant", choices=["none", "int8"], default="none",
+                   help="int8: the decode step's quantized products also quantize their activations (W8A8 / W4A8; "
+                        "zmzoo.load's act_quant); needs quantized weights")
     g.add_argument("--tp", choices=["auto", "off"], default="auto",
                    help="tensor parallelism (zmzoo.load's tp): auto = sharded over torchrun's ranks when started by "
                         "torchrun (rank 0 prints), off = every process loads the whole model")

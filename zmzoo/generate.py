@@ -258,8 +258,8 @@ class Generator:
                               dtype=self.dtype, max_seq_len=max_seq_len or self.max_seq_len,
                               max_batch_size=max_batch_size or self.max_batch_size,
                               compile=self.compile if compile is None else compile, backend=self.backend,
-                              gemv=self.gemv, verbose=self.verbose, method=method, kv_ratio=kv_ratio,
-                              kv_budget=kv_budget, preset=preset, **cache_settings)
+                              gemv=self.gemv, verbose=self.verbose, act_quant=self.model.act_quant, method=method,
+                              kv_ratio=kv_ratio, kv_budget=kv_budget, preset=preset, **cache_settings)
 
     def _seed(self, temperature: float, seed: int | None) -> int | None:
         """The sampling seed: ``seed``, or for a tensor-parallel model sampling without one, a seed drawn on rank 0

@@ -28,6 +28,7 @@ from zmzoo.models.quant import (
 from zmzoo.models.transformer import PrefillKernels, Transformer
 from zmzoo.ops import resolve_backend
 from zmzoo.ops.gemv import BACKENDS
+from zmzoo.ops.qgemv_a8 import check_act_quant
 from zmzoo.parallel import TensorParallel, resolve_tensor_parallel
 
 
@@ -124,6 +125,15 @@ def resolve_gemv(gemv: str, device: torch.device, backend: str) -> str:
     return gemv
 
 
+def resolve_act_quant(act_quant: str | None, mode: str | None) -> None:
+    """``act_quant`` checked against the weights' quantization ``mode`` (see ``load``)."""
+    check_act_quant(act_quant)
+    if act_quant is not None and mode is None:
+        raise ValueError(f"act_quant={act_quant!r} quantizes the activations of quantized weights' products, and these "
+                         "weights load at full precision: pass quantize='int8' or 'int4' (or quantize='gguf' for a "
+                         "Q8_0/Q4_0/Q4_1 GGUF file; 'auto' keeps a GGUF quantized on CUDA only)")
+
+
 def resolve_compile(compile: bool | str | Callable, device: torch.device) -> bool | str | Callable:
     """``compile="auto"``: on CUDA, True (the decode step compiled and replayed as a CUDA graph); elsewhere False."""
     if compile == "auto":
@@ -133,7 +143,8 @@ def resolve_compile(compile: bool | str | Callable, device: torch.device) -> boo
 
 def make_generator(model: Transformer, tokenizer: Any, args: ModelArgs, *, device: torch.device, dtype: torch.dtype,
                    max_seq_len: int | None, max_batch_size: int, compile: bool | str | Callable, backend: str,
-                   gemv: str, verbose: bool = False, method: str | None = None, kv_ratio: float | None = None,
+                   gemv: str, verbose: bool = False, act_quant: str | None = None, method: str | None = None,
+                   kv_ratio: float | None = None,
                    kv_budget: int | None = None, preset: str | None = None, **cache_settings: Any) -> Generator:
     """Caches for ``model`` (which must hold none) and the Generator around it: what ``load`` does once the weights
     are in place, and ``Generator.with_cache`` on a shared copy of a loaded model."""
@@ -159,6 +170,7 @@ def make_generator(model: Transformer, tokenizer: Any, args: ModelArgs, *, devic
                           device=device, sliding_window=local.sliding_window, backend=backend)
     model.setup_caches(caches, max_seq_len)
     model.set_quant_backend(backend)
+    model.set_act_quant(act_quant)
     model.set_gemv(gemv, rows=(max_batch_size,))
     # the prompt's elementwise work in compiled kernels where compile is on and the GPU makes it pay (on the CPU the
     # prompt is bound by its matrix products, and a first prefill would wait for the compiler)
@@ -229,6 +241,7 @@ def load(
     gemv: str = "auto",
     quantize: str | None = "auto",
     group_size: int | None = None,
+    act_quant: str | None = None,
     preset: str | None = None,
     seed: int = 0,
     revision: str | None = None,
@@ -273,6 +286,10 @@ def load(
             Weights are quantized one tensor at a time as they are read (or drawn, with ``weights="random"``), so
             the full-precision model never exists on the device.
         group_size: int4 columns per scale: 32, 64 (default) or 128; it must divide every layer's in_features.
+        act_quant: None (default), or "int8": the decode step's products by quantized weights also quantize their
+            activations, to int8 per 32 columns (one fp32 scale each, round to nearest), and multiply integers
+            (``zmzoo.ops.qgemv_a8``: W8A8 / W4A8, docs/quantization.md); the prompt's products stay weight-only.
+            Needs quantized weights (``quantize`` "int8", "int4", or a GGUF kept quantized).
         preset: a named set of ZeroMerge settings (``zmzoo.cache.PRESETS``); explicit settings override them.
         seed: the seed of ``weights="random"``.
         revision, token: the hub revision (branch, tag or commit) and access token for hub downloads.
@@ -311,12 +328,14 @@ def load(
         args = _args_for_random(name_or_path)
         source = "random weights"
         mode, group = resolve_quantize(quantize, group_size, gguf=False, device=dev)
+        resolve_act_quant(act_quant, mode)
     else:
         from zmzoo.hub import resolve
         from zmzoo.tokenizer import Tokenizer
 
         res = resolve(name_or_path, revision=revision, token=token)
         mode, group = resolve_quantize(quantize, group_size, gguf=res.kind == "gguf", device=dev)
+        resolve_act_quant(act_quant, mode)
         spec = QuantSpec(mode, group) if mode in ("int8", "int4") else None
         if res.kind == "gguf":
             from zmzoo.models.weights import load_gguf
@@ -371,9 +390,12 @@ def load(
     model.set_tensor_parallel(tpar)
     model.fuse_projections()
     model.quantization = describe_quantization(model, mode, group)
+    if act_quant is not None:
+        model.quantization += f"; decode activations {act_quant} per 32 columns"
     gen = make_generator(model, tokenizer, args, device=dev, dtype=dt, max_seq_len=max_seq_len,
                          max_batch_size=max_batch_size, compile=compile, backend=backend, gemv=gemv,
-                         verbose=verbose, method=method, kv_ratio=kv_ratio, kv_budget=kv_budget, preset=preset,
+                         verbose=verbose, act_quant=act_quant, method=method, kv_ratio=kv_ratio, kv_budget=kv_budget,
+                         preset=preset,
                          **cache_settings)
     if verbose:
         print(_describe(gen, source, time.perf_counter() - t0), file=sys.stderr, flush=True)

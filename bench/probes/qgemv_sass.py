@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             cfgs = list(Q.candidates(bits) if ns.kernel == "qgemv" else A8.a8_candidates(bits))
         for cfg in cfgs:
             for fusion in ns.fusion:
-                ck = (build if ns.kernel == "qgemv" else build_a8)(bits, ns.group if bits == 4 else 0, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.split,
+                ck = (build if ns.kernel == "qgemv" else build_a8)(bits, ns.group if bits == 4 else 0, cfg.block_n,
+                                                                   cfg.block_k, cfg.num_warps, cfg.split,
                            norm=fusion == "norm", silu=fusion == "silu", residual=fusion == "residual",
                            arch=ns.arch)
                 ops, res = loop_ops(ck), resources(ck)

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import zmzoo.ops.qgemv_a8 as A8
 from bench.probes.ops import probe_device
 from bench.timing import copy_bandwidth
 from zmzoo.environment import environment
@@ -54,7 +55,6 @@ from zmzoo.ops._launch import launch, next_pow2, time_graph
 from zmzoo.ops.gemv import Config, _epilogue, _input_tile
 from zmzoo.ops.qgemv import INT4_CANDIDATES, INT8_CANDIDATES, qgemv, qgemv_ref
 from zmzoo.ops.quant import QTensor, dequantize_ref, quantize_int4, quantize_int8
-import zmzoo.ops.qgemv_a8 as A8
 
 try:
     import triton

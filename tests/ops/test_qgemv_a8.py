@@ -20,7 +20,6 @@ import torch
 from tests.ops.test_qgemv import FIDS, FUSIONS, exact, fused_inputs, weights
 from tests.ops.test_quant import formats
 from zmzoo.ops.gemv import Config, for_rows
-from zmzoo.ops.quant import quantize_int8
 from zmzoo.ops.qgemv_a8 import (
     A8_INT4_CANDIDATES,
     A8_INT8_CANDIDATES,
@@ -35,6 +34,7 @@ from zmzoo.ops.qgemv_a8 import (
     quantize_act,
     quantize_act_ref,
 )
+from zmzoo.ops.quant import quantize_int8
 
 DEVICE = os.environ.get("ZMZOO_TEST_DEVICE", "cpu")
 NAMES = list(formats())
@@ -140,13 +140,15 @@ def test_qgemv_a8_every_tuning_candidate(cfg, m):
 
 
 ODD = [(c, n, k) for c in (Config(16, 64, 4, 1), Config(16, 64, 4, 1, 3), Config(32, 128, 4, 1, 2))
-       for n, k in ((3, 64), (130, 448), (37, 1024))] + [(Config(8, 32, 1, 1), 3, 64)]  # (the last: slow in the interpreter)
+       for n, k in ((3, 64), (130, 448), (37, 1024))] + [(Config(8, 32, 1, 1), 3, 64)]  # the last: slow interpreted
 
 
-@pytest.mark.parametrize("cfg,n,k", ODD, ids=lambda v: "n{}k{}w{}s{}x{}".format(*v) if isinstance(v, Config) else str(v))
+@pytest.mark.parametrize("cfg,n,k", ODD,
+                         ids=lambda v: "n{}k{}w{}s{}x{}".format(*v) if isinstance(v, Config) else str(v))
 @pytest.mark.parametrize("name", ["int8-row", "int8-g32", "int4-sym-g32", "int4-g32"])
 def test_qgemv_a8_odd_sizes_and_splits(name, cfg, n, k):
-    """N of 3 and past BLOCK_N, K of two blocks and of 14 (not a multiple of BLOCK_K = 128), split across 2 and 3 programs
+    """N of 3 and past BLOCK_N, K of two blocks and of 14 (not a multiple of BLOCK_K = 128), split across 2 and 3
+    programs
     (``_qgemv_reduce`` finishes), with the SiLU gate and the residual (the down projection's fusion), 2 rows."""
     fusion = dict(norm=False, silu=True, residual=True)
     qt, x, b, kw = product_case(name, 2, n, k, fusion, torch.float32, seed=n + k)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from zmzoo.ops.gemv import MAX_ROWS
 from zmzoo.ops.qgemv import qgemv
+from zmzoo.ops.qgemv_a8 import ACT_BLOCK, check_act_quant, qgemv_a8
 from zmzoo.ops.quant import INT4_GROUPS, QTensor, check_group, check_qtensor, dequantize, quantize_int4, quantize_int8
 
 MODES = ("auto", None, "int8", "int4", "gguf")
@@ -110,7 +111,9 @@ class QuantLinear(nn.Module):
     """``y = x @ dequantize(w).T (+ bias)`` with w a ``QTensor`` kept as buffers ``q``, ``scale``, ``zero``.
 
     ``dtype``: the compute dtype (what the prompt path dequantizes to). ``backend``: "triton" dequantizes the prompt's
-    matrices with the kernel, "torch" with the reference (``Transformer.set_quant_backend``)."""
+    matrices with the kernel, "torch" with the reference (``Transformer.set_quant_backend``). ``act_quant``: None, or
+    "int8": products of at most ``MAX_ROWS`` rows (the decode step's) quantize the activations to int8 per 32 columns
+    first (``zmzoo.ops.qgemv_a8``; ``set_act_quant``); the prompt's products stay weight-only."""
 
     def __init__(self, w: QTensor, bias: Tensor | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -122,6 +125,15 @@ class QuantLinear(nn.Module):
         self.group, self.bits, self.dtype = w.group, w.bits, dtype
         self.out_features, self.in_features = w.shape
         self.backend = "torch"
+        self.act_quant: str | None = None
+
+    def set_act_quant(self, act_quant: str | None) -> None:
+        """None, or "int8" (in_features must be a multiple of 32, one activation scale per 32 columns)."""
+        check_act_quant(act_quant)
+        if act_quant is not None and self.in_features % ACT_BLOCK:
+            raise ValueError(f"act_quant={act_quant!r} needs in_features a multiple of {ACT_BLOCK}; this "
+                             f"{self.out_features} x {self.in_features} layer's is not")
+        self.act_quant = act_quant
 
     @property
     def qtensor(self) -> QTensor:
@@ -138,15 +150,19 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The prompt path: the weight dequantized to x's dtype for this one product (freed after), then F.linear; a
         few rows (a one-token prompt's last position) by the decode kernel when the backend is "triton"."""
-        if self.backend == "triton" and x.shape[-1] and x.numel() // x.shape[-1] <= MAX_ROWS:
+        few = x.shape[-1] and x.numel() // x.shape[-1] <= MAX_ROWS
+        if few and self.act_quant:
+            return qgemv_a8(x, self, self.bias, backend=self.backend)
+        if few and self.backend == "triton":
             return qgemv(x, self, self.bias, backend="triton")
         return F.linear(x, self.dense(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         zero = " with zero" if self.zero is not None else ""
         group = "per output channel" if self.scale.shape[1] == 1 else f"group {self.group}"
+        a8 = f", activations {self.act_quant} (decode)" if self.act_quant else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} {group}{zero}, "
-                f"scale {str(self.scale.dtype).replace('torch.', '')}")
+                f"scale {str(self.scale.dtype).replace('torch.', '')}{a8}")
 
 
 class QuantEmbedding(nn.Module):

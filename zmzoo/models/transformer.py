@@ -37,6 +37,7 @@ from zmzoo.ops.gemv import (
     tuning_key,
 )
 from zmzoo.ops.qgemv import qgemv
+from zmzoo.ops.qgemv_a8 import check_act_quant, qgemv_a8
 from zmzoo.parallel import TensorParallel
 
 Plan = Config | Split | None  # how a decode-step product runs (``zmzoo.ops.gemv``): None is the torch composition
@@ -269,8 +270,11 @@ def weight_of(linear: nn.Module) -> Tensor | QuantLinear:
 
 def product(x: Tensor, w: Tensor | QuantLinear, b: Tensor | None = None, plan: Plan = None, **fusion) -> Tensor:
     """A decode-step product by ``w`` run as ``plan`` says: ``gemv`` for a dense weight, ``qgemv`` for a quantized
-    one (the same fusions, launch settings and plans)."""
-    return (qgemv if isinstance(w, QuantLinear) else gemv)(x, w, b, **fusion, **_gemv_kw(plan))
+    one (the same fusions, launch settings and plans), ``qgemv_a8`` for a quantized one whose activations are
+    quantized too (``QuantLinear.act_quant``)."""
+    if isinstance(w, QuantLinear):
+        return (qgemv_a8 if w.act_quant else qgemv)(x, w, b, **fusion, **_gemv_kw(plan))
+    return gemv(x, w, b, **fusion, **_gemv_kw(plan))
 
 
 def _linear(x: Tensor, w: Tensor | QuantLinear) -> Tensor:
@@ -508,6 +512,7 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self.prefill_kernels: PrefillKernels | None = None  # the prompt's elementwise work compiled (see there)
         self.gemv = "torch"  # the decode step's products (set_gemv)
+        self.act_quant: str | None = None  # the quantized products' activations (set_act_quant)
         self.gemv_plan: dict[str, Plan] = {}  # "output": the LM head's product (see Attention.gemv_plan)
         self.gemv_tuning: dict[tuple, Tuned] = {}  # what zmzoo.ops.gemv.tune measured on this model's weights
         self.quantization: str | None = None  # what zmzoo.load quantized, in words (None: full precision)
@@ -525,6 +530,22 @@ class Transformer(nn.Module):
     def set_prefill_kernels(self, kernels: PrefillKernels | None) -> None:
         """Run the prompt's RMSNorm, RoPE and SiLU gate through ``kernels`` (compiled), or eagerly with None."""
         self.prefill_kernels = kernels
+
+    def set_act_quant(self, act_quant: str | None) -> None:
+        """None, or "int8": the decode step's products by quantized weights (every ``QuantLinear``: the fused and
+        unfused projections, a quantized LM head) quantize their activations to int8 per 32 columns and multiply
+        integers (``zmzoo.ops.qgemv_a8``: W8A8 / W4A8); dense products and the prompt's products (more than
+        ``MAX_ROWS`` rows) are unchanged. Refused for a model with no quantized layer. Set it before ``set_gemv``
+        (the tuning table's keys carry it) and before the decode step is compiled."""
+        check_act_quant(act_quant)
+        quantized = [m for m in self.modules() if isinstance(m, QuantLinear)]
+        if act_quant is not None and not quantized:
+            raise ValueError(f"act_quant={act_quant!r} quantizes the activations of quantized weights' products, and "
+                             "this model has none: load it with quantize='int8' or 'int4' (or a Q8_0/Q4_0/Q4_1 GGUF "
+                             "kept quantized)")
+        for w in quantized:
+            w.set_act_quant(act_quant)
+        self.act_quant = act_quant
 
     def set_gemv(self, backend: str, rows: tuple[int, ...] = (1,)) -> None:
         """Backend of the decode step's matrix-vector products (q|k|v, output projection, gate|up, down, LM head):

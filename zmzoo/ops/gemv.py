@@ -251,11 +251,12 @@ PLAIN = Fusion()
 def tuning_key(m: int, w, fusion: Fusion = PLAIN) -> tuple:
     """The tuning table's key of a product of ``m`` rows by ``w`` with ``fusion``. ``w``: a dense weight, or a
     quantized one (``zmzoo.models.quant.QuantLinear``), whose key's dtype part is its ``QFormat`` (bits, group, zero,
-    scale dtype and the activations' dtype)."""
+    scale dtype, the activations' dtype and whether they are quantized: its ``act_quant``)."""
     if _is_quantized(w):
         from zmzoo.ops.quant import qformat
 
-        return next_pow2(m), w.shape[0], w.shape[1], qformat(w, w.dtype), w.q.device, fusion
+        return (next_pow2(m), w.shape[0], w.shape[1], qformat(w, w.dtype, getattr(w, "act_quant", None)), w.q.device,
+                fusion)
     return next_pow2(m), w.shape[0], w.shape[1], w.dtype, w.device, fusion
 
 
@@ -352,9 +353,12 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
 
     Quantized weights (``zmzoo.models.quant.QuantLinear``) are timed the same way with ``zmzoo.ops.qgemv``: the
     composition is ``qgemv_ref`` compiled (dequantize, then F.linear), the kernel ``zmzoo::qgemv``; their key's dtype
-    part is the weight's ``QFormat``."""
+    part is the weight's ``QFormat``. Those whose ``act_quant`` is "int8" are timed with ``zmzoo.ops.qgemv_a8``: the
+    composition ``qgemv_a8_ref`` compiled, the kernels ``zmzoo::qgemv_a8`` (the activations' quantization launch
+    included) at ``a8_candidates``, no ``Split`` (the quantization kernel computes the prologue)."""
     from zmzoo.ops.qgemv import candidates as qcandidates  # (zmzoo.ops.qgemv imports this module)
     from zmzoo.ops.qgemv import kernel_config, qcomposite
+    from zmzoo.ops.qgemv_a8 import a8_candidates, a8_composite, a8_kernel_config
 
     groups: dict[tuple, list] = {}
     for item in products:
@@ -368,6 +372,7 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
     out = {}
     composite = torch.compile(_composite, fullgraph=True, dynamic=False)
     qcomposite = torch.compile(qcomposite, fullgraph=True, dynamic=False)
+    a8_composite = torch.compile(a8_composite, fullgraph=True, dynamic=False)
     pro = torch.compile(prologue, fullgraph=True, dynamic=False)  # a Split's prologue: one graph, not one per setting
     limit = dict(recompile_limit=max(64, torch._dynamo.config.recompile_limit))  # one graph per shape and fusion
     for (shape, dtype, device, fusion), ws in groups.items():
@@ -375,6 +380,7 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
         n, k = shape
         quant = _is_quantized(ws[0])
         act = dtype.act_dtype if quant else dtype
+        a8 = quant and dtype.act_quant == "int8"
         for m in sorted({next_pow2(r) for r in rows if 0 < r <= MAX_ROWS}):
             key = tuning_key(m, ws[0], fusion)
             if known and key in known:
@@ -392,7 +398,8 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
                 if not quant:
                     return composite(*a, fusion.silu)
                 x, w, _, nw, r = a
-                return qcomposite(x, w.q, w.scale, w.zero, nw, r, fusion.silu, w.group, w.bits)
+                return (a8_composite if a8 else qcomposite)(x, w.q, w.scale, w.zero, nw, r, fusion.silu, w.group,
+                                                            w.bits)
 
             def kernel_call(a, cfg, split=False):
                 x, w, b, nw, r = a
@@ -401,16 +408,26 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
                     x, nw, silu = pro(x, nw, 1e-6, silu), None, False
                 if not quant:
                     return torch.ops.zmzoo.gemv(x, w, b, nw, r, 1e-6, silu, *cfg[:4])
+                if a8:
+                    return torch.ops.zmzoo.qgemv_a8(x, w.q, w.scale, w.zero, b, nw, r, 1e-6, silu, w.group, w.bits,
+                                                    *cfg)
                 return torch.ops.zmzoo.qgemv(x, w.q, w.scale, w.zero, None, nw, r, 1e-6, silu, w.group, w.bits,
                                              *kernel_config(cfg, w.bits))
 
             with torch._dynamo.config.patch(**limit):
                 times: dict = {"torch": time_graph([lambda a=a: torch_call(a) for a in args])}
-            cands = candidates if candidates is not None else qcandidates(ws[0].bits) if quant else CANDIDATES
+            if candidates is not None:
+                cands = candidates
+            elif quant:
+                cands = a8_candidates(ws[0].bits) if a8 else qcandidates(ws[0].bits)
+            else:
+                cands = CANDIDATES
             settings = list(dict.fromkeys(for_rows(c, m) for c in cands))
-            if quant:
+            if a8:
+                settings = list(dict.fromkeys(a8_kernel_config(c) for c in settings))
+            elif quant:
                 settings = list(dict.fromkeys(kernel_config(c, ws[0].bits) for c in settings))
-            splits = [Split(c) for c in settings] if fusion.silu or (fusion.norm and quant) else []
+            splits = [Split(c) for c in settings] if not a8 and (fusion.silu or (fusion.norm and quant)) else []
             for cfg in settings + splits:
                 if isinstance(cfg, Split):
                     calls_ = [lambda a=a, c=cfg.config: kernel_call(a, c, True) for a in args]

@@ -144,6 +144,12 @@ def qgemv_a8_ref(x: Tensor, w, b: Tensor | None = None, *, norm: Tensor | None =
     return y.reshape(*lead, y.shape[-1])
 
 
+def a8_composite(x: Tensor, q: Tensor, scale: Tensor, zero: Optional[Tensor], norm: Optional[Tensor],  # noqa: UP045
+                 residual: Optional[Tensor], silu: bool, group: int, bits: int) -> Tensor:  # noqa: UP045
+    """``qgemv_a8_ref`` on a weight's tensors (what ``gemv.tune`` compiles and times as the torch composition)."""
+    return qgemv_a8_ref(x, QTensor(q, scale, zero, group, bits), norm=norm, silu=silu, residual=residual)
+
+
 def a8_error_bound(x: Tensor, w, *, norm: Tensor | None = None, eps: float = 1e-6, silu: bool = False) -> Tensor:
     """(M, N): the most the activations' rounding can move each output from the product with exact activations,
     sum_i |w~_i| dx_c(i) / 2 (w~: ``centred``'s integer part, times the row scale for int8 per channel), times the
@@ -447,9 +453,12 @@ def qgemv_a8(x: Tensor, w, b: Tensor | None = None, *, norm: Tensor | None = Non
              silu: bool = False, residual: Tensor | None = None, backend: str = "torch",
              config: Config | None = None) -> Tensor:
     """``qgemv_a8_ref`` (``backend="torch"``) or the kernels (``"triton"``, x of at most ``MAX_ROWS`` rows; more
-    run the reference). ``w``: a ``QTensor`` or a ``QuantLinear``; K a multiple of 32."""
+    run the reference) at ``config`` (default ``a8_config``; a ``Split`` is refused: the quantization kernel computes
+    the prologue). ``w``: a ``QTensor`` or a ``QuantLinear``; K a multiple of 32."""
     if backend not in ("torch", "triton"):
         raise ValueError(f"qgemv_a8 backend {backend!r} is not one of ('torch', 'triton')")
+    if config is not None and not isinstance(config, Config):
+        raise ValueError(f"qgemv_a8 takes a Config, not {config!r} (the prologue is inside the quantization kernel)")
     qt = _qt(w)
     if qt.shape[1] % ACT_BLOCK:
         raise ValueError(f"act_quant='int8': the weight's K = {qt.shape[1]} is not a multiple of {ACT_BLOCK}")

@@ -79,18 +79,20 @@ class QFormat(NamedTuple):
     zero: bool
     scale_dtype: torch.dtype
     act_dtype: torch.dtype
+    act_quant: Optional[str] = None  # noqa: UP045  # "int8": the activations quantized too (zmzoo.ops.qgemv_a8)
 
     def __str__(self) -> str:
         g = "row" if self.group == 0 else f"g{self.group}"
+        a8 = f" x {self.act_quant}" if self.act_quant else ""
         return (f"int{self.bits}{g}{'+zero' if self.zero else ''}/{str(self.scale_dtype).replace('torch.', '')}"
-                f"->{str(self.act_dtype).replace('torch.', '')}")
+                f"->{str(self.act_dtype).replace('torch.', '')}{a8}")
 
 
-def qformat(w, act_dtype: torch.dtype) -> QFormat:
+def qformat(w, act_dtype: torch.dtype, act_quant: str | None = None) -> QFormat:
     """The ``QFormat`` of a QTensor (or anything with its fields, e.g. a ``QuantLinear``) multiplied by activations of
-    ``act_dtype``."""
+    ``act_dtype`` (quantized to ``act_quant`` first, if set)."""
     per_row = w.scale.shape[1] == 1
-    return QFormat(w.bits, 0 if per_row else w.group, w.zero is not None, w.scale.dtype, act_dtype)
+    return QFormat(w.bits, 0 if per_row else w.group, w.zero is not None, w.scale.dtype, act_dtype, act_quant)
 
 
 def is_quantized(w) -> bool:
