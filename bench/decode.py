@@ -119,7 +119,7 @@ def gemv_report(tuning: dict, show: bool = True) -> list[dict[str, Any]]:
         rows.append(row)
         if show:
             print(f"[gemv] rows={m} {n} x {k} {fusion}: torch {row['torch_us']:.1f} us, kernel {row['triton_us']:.1f} "
-                  f"us at (BLOCK_N, BLOCK_K, warps, stages)={row['triton_setting']} -> {row['choice']}")
+                  f"us at (BLOCK_N, BLOCK_K, warps, stages, split, fuse)={row['triton_setting']} -> {row['choice']}")
     return rows
 
 

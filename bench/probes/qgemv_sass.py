@@ -70,18 +70,21 @@ def build(bits: int, group: int, block_n: int, block_k: int, warps: int, split: 
 
 
 def build_a8(bits: int, group: int, block_n: int, block_k: int, warps: int, split: int = 1, norm: bool = False,
-             silu: bool = False, residual: bool = False, xdtype: str = "bf16", arch: int = 90):
-    """``zmzoo.ops.qgemv_a8._qgemv_a8_kernel`` compiled as ``build`` compiles ``_qgemv_kernel`` (``silu`` has no
-    effect there: the gate is applied by the activations' quantization kernel)."""
+             silu: bool = False, residual: bool = False, xdtype: str = "bf16", arch: int = 90, fuse: int = 0):
+    """``zmzoo.ops.qgemv_a8._qgemv_a8_kernel`` compiled as ``build`` compiles ``_qgemv_kernel`` (``fuse``: its FUSED
+    variant, which quantizes x itself; unfused, ``silu`` has no effect: the gate is applied by the activations'
+    quantization kernel)."""
     kernel = triton.jit(A8._qgemv_a8_kernel)
     names = list(inspect.signature(A8._qgemv_a8_kernel).parameters)
-    const = dict(BITS=bits, GROUP=group, HAS_ZERO=bits == 4, HAS_BIAS=False, NORM=norm, RESIDUAL=residual,
-                 BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, FULL=True, SPLIT=split, ASM=True)
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=bits == 4, HAS_BIAS=False, NORM=norm, SILU=silu and bool(fuse),
+                 RESIDUAL=residual, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, FULL=True, SPLIT=split,
+                 FUSED=bool(fuse), ASM=True)
     types = dict(xq_ptr="*i32", q_ptr="*i32", xsq_ptr="*i32", dx_ptr="*fp32", xs_ptr="*fp32", sq_ptr="*fp32",
                  p_ptr="*fp32", psq_ptr="*fp32", s_ptr="*fp32" if group == 0 else "*fp16", z_ptr="*fp16")
     sig = {n: "constexpr" if n in const else types.get(n, f"*{xdtype}" if n.endswith("_ptr") else
                                                           "fp32" if n == "eps" else "i32") for n in names}
-    aligned = [n for n in names if n.endswith("_ptr") or n in ("K", "stride_qn", "stride_rm", "stride_ym")]
+    aligned = [n for n in names if n.endswith("_ptr") or n in ("K", "stride_xm", "stride_qn", "stride_rm",
+                                                                 "stride_ym")]
     aligned += ["stride_sn"] if group else []
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()},
                     attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
@@ -118,7 +121,8 @@ def resources(compiled) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.probes.qgemv_sass", description=__doc__.split("\n")[0])
     p.add_argument("--bits", type=int, choices=(4, 8), nargs="*", default=[4, 8])
-    p.add_argument("--settings", nargs="*", help="BLOCK_N,BLOCK_K,num_warps[,split] (default: the candidate lists)")
+    p.add_argument("--settings", nargs="*",
+                   help="BLOCK_N,BLOCK_K,num_warps[,split[,fuse]] (default: the candidate lists; fuse: --kernel a8)")
     p.add_argument("--fusion", nargs="*", default=["plain", "norm"], choices=("plain", "norm", "silu", "residual"))
     p.add_argument("--group", type=int, default=64, help="int4's group")
     p.add_argument("--arch", type=int, default=90)
@@ -126,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="qgemv: zmzoo.ops.qgemv's kernel; a8: zmzoo.ops.qgemv_a8's (int8 activations)")
     ns = p.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{ns.arch}, K = {K}, batch 1, bf16 input")
-    print(f"{'bits':>4} {'setting':<18} {'fusion':<8} {'instr/elem':>10} {'regs':>5} {'stack':>5} {'BAR':>4} "
+    print(f"{'bits':>4} {'setting':<24} {'fusion':<8} {'instr/elem':>10} {'regs':>5} {'stack':>5} {'BAR':>4} "
           f"{'LDL+STL':>7} {'MUFU':>5}")
     for bits in ns.bits:
         if ns.settings:
-            cfgs = [Q.Config(*[int(v) for v in s.split(",")[:3]], 1, *[int(v) for v in s.split(",")[3:4]])
+            cfgs = [Q.Config(*[int(v) for v in s.split(",")[:3]], 1, *[int(v) for v in s.split(",")[3:5]])
                     for s in ns.settings]
         else:
             cfgs = list(Q.candidates(bits) if ns.kernel == "qgemv" else A8.a8_candidates(bits))
@@ -139,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                 ck = (build if ns.kernel == "qgemv" else build_a8)(bits, ns.group if bits == 4 else 0, cfg.block_n,
                                                                    cfg.block_k, cfg.num_warps, cfg.split,
                            norm=fusion == "norm", silu=fusion == "silu", residual=fusion == "residual",
-                           arch=ns.arch)
+                           arch=ns.arch, **({"fuse": cfg.fuse} if ns.kernel == "a8" else {}))
                 ops, res = loop_ops(ck), resources(ck)
                 elems = cfg.block_n * cfg.block_k // (32 * cfg.num_warps)
                 setting = f"({cfg.block_n}, {cfg.block_k}, {cfg.num_warps})" + (
-                    f" x{cfg.split}" if cfg.split > 1 else "")
-                print(f"{bits:>4} {setting:<18} {fusion:<8} {sum(ops.values()) / elems:>10.2f} {res.get('reg', 0):>5} "
+                    f" x{cfg.split}" if cfg.split > 1 else "") + (" fused" if cfg.fuse else "")
+                print(f"{bits:>4} {setting:<24} {fusion:<8} {sum(ops.values()) / elems:>10.2f} {res.get('reg', 0):>5} "
                       f"{res.get('stack', 0):>5} {ops['BAR']:>4} {ops['LDL'] + ops['STL']:>7} {ops['MUFU']:>5}")
     return 0
 

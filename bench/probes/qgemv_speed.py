@@ -23,6 +23,11 @@ Groups 32 and 128 time the new kernel only.
    element-by-element loop it replaced was timed on 2026-12-02, docs/results/qgemv-speed-h200.json). Settings with a
    split (``Config.split``) include the second kernel that adds the ranges up.
 
+First (alone with ``--a8-only``), every product with int8 activations (``product_a8``, ``zmzoo.ops.qgemv_a8``) and
+its decode fusion: the two kernels a product ("triton-a8": the activations' quantization, then the integer products)
+and the fused kernel ("triton-a8f", settings marked "f": one kernel that quantizes x itself) at every setting of
+``a8_candidates``, beside the fp32-activation kernel; the summary gives the fastest of each.
+
 GB/s counts the bytes each call must read (integers, scales, zeros or the bf16 matrix, and x; the output's writes
 are not counted); the fractions are of 4.0 TB/s and of the measured copy bandwidth (read + write). Writes
 OUT/qgemv_speed.json and prints one table row per (product, format, kernel, setting).
@@ -200,7 +205,7 @@ def fmt(rec: dict[str, Any]) -> str:
 
 
 def setting(cfg: Config) -> str:
-    return "n{}k{}w{}s{}".format(*cfg) + (f"x{cfg.split}" if cfg.split > 1 else "")
+    return "n{}k{}w{}s{}".format(*cfg) + (f"x{cfg.split}" if cfg.split > 1 else "") + ("f" if cfg.fuse else "")
 
 
 def product_int4(name: str, n: int, k: int, group: int, device, cpu: bool, bw: float, failures: list,
@@ -292,10 +297,13 @@ DECODE_FUSION = {"wqkv": ("norm",), "wo": ("residual",), "w13": ("norm",), "w2":
 
 def product_a8(name: str, n: int, k: int, device, cpu: bool, bw: float, failures: list) -> list:
     """int8 activations (``zmzoo.ops.qgemv_a8``) against the fp32-activation kernel, both with the product's decode
-    fusion (DECODE_FUSION), int4 g64 and int8 per channel, at every candidate of each. The a8 call's time includes
-    its activation-quantization kernel; "a8-quant" and "a8-product" time the two kernels apart (at the fastest
-    setting). Parity: the kernel against ``qgemv_a8_ref`` (1e-2 of max |y|: bf16 output) and the reference against
-    exact activations within ``a8_error_bound`` (plus 1e-2 of max |y| for the bf16 rounding)."""
+    fusion (DECODE_FUSION), int4 g64 and int8 per channel, at every candidate of each. "triton-a8" (the unfused
+    candidates) times the two kernels a product, the activation-quantization kernel included; "triton-a8f" (the
+    fused ones, ``Config.fuse``) the one kernel that quantizes x itself, at the same settings; "a8-quant" and
+    "a8-product" time the unfused two apart (at the fastest unfused setting). Parity: the kernel against
+    ``qgemv_a8_ref`` (1e-2 of max |y|: bf16 output), a fused setting also against the unfused one at the same
+    setting (``rel_diff_unfused``, the same bound: the same x^, the blocks' fp32 sums in another order), and the
+    reference against exact activations within ``a8_error_bound`` (plus 1e-2 of max |y| for the bf16 rounding)."""
     out = []
     fusion = DECODE_FUSION.get(name, ())
     g = torch.Generator(device=device).manual_seed(k + 7)
@@ -321,10 +329,13 @@ def product_a8(name: str, n: int, k: int, device, cpu: bool, bw: float, failures
         if not ref_ok:
             failures.append(f"{name} {fmt_name} a8 reference outside its error bound")
         best: tuple[float, Config] | None = None
-        for kernel, settings in (("triton-a8", A8.a8_candidates(bits)), ("triton-fp32", candidates_for(bits))):
+        a8 = A8.a8_candidates(bits)
+        unfused: dict[Config, torch.Tensor] = {}  # the unfused kernel's output at each setting (parity of fused)
+        for kernel, settings in (("triton-a8", [c for c in a8 if not c.fuse]),
+                                 ("triton-a8f", [c for c in a8 if c.fuse]), ("triton-fp32", candidates_for(bits))):
             for cfg in settings:
                 def call(w, c=cfg, kernel=kernel):
-                    if kernel == "triton-a8":
+                    if kernel in ("triton-a8", "triton-a8f"):
                         return A8.qgemv_a8(x, w, backend="triton", config=c, **kw)
                     return qgemv(x, w, backend="triton", config=c, **kw)
 
@@ -334,8 +345,14 @@ def product_a8(name: str, n: int, k: int, device, cpu: bool, bw: float, failures
                 try:
                     got = call(ws[0]).float()
                     rec["rel_err_exact"] = rel_err(got, exact)
-                    rec["rel_diff_ref"] = rel_err(got, ref if kernel == "triton-a8" else exact)
+                    rec["rel_diff_ref"] = rel_err(got, exact if kernel == "triton-fp32" else ref)
                     rec["ok"] = rec["rel_diff_ref"] <= 1e-2
+                    if kernel == "triton-a8":
+                        unfused[cfg] = got
+                    twin = unfused.get(cfg._replace(fuse=0))
+                    if kernel == "triton-a8f" and twin is not None:
+                        rec["rel_diff_unfused"] = rel_err(got, twin)
+                        rec["ok"] = rec["ok"] and rec["rel_diff_unfused"] <= 1e-2
                 except Exception as e:
                     rec["ok"], rec["error"] = False, f"{type(e).__name__}: {e}"
                 if not rec["ok"]:
@@ -348,7 +365,7 @@ def product_a8(name: str, n: int, k: int, device, cpu: bool, bw: float, failures
                     best = (rec["seconds"], cfg)
                 out.append(row(rec, bw))
                 log(fmt(rec))
-        if best is not None:  # the two kernels of the fastest a8 setting, apart
+        if best is not None:  # the two kernels of the fastest unfused a8 setting, apart
             cfg = A8.a8_kernel_config(best[1])
             a = A8.quantize_act(x, kw.get("norm"), kw.get("silu", False))
             w0 = ws[0]
@@ -356,7 +373,7 @@ def product_a8(name: str, n: int, k: int, device, cpu: bool, bw: float, failures
             for kernel, fn in (
                 ("a8-quant", lambda: A8.quantize_act(x, kw.get("norm"), kw.get("silu", False))),
                 ("a8-product", lambda: A8.qgemv_a8_launch(a, w0.q, w0.scale, w0.zero, None, "norm" in kw, res, 1e-6,
-                                                          w0.group, w0.bits, *cfg)),
+                                                          w0.group, w0.bits, *cfg[:5])),
             ):
                 rec = {"product": name, "n": n, "k": k, "format": f"{fmt_name}:{tag}", "kernel": kernel,
                        "setting": setting(best[1]), "bytes": nbytes if kernel == "a8-product" else 2 * width}

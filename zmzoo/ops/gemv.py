@@ -52,6 +52,7 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     split: int = 1  # ranges of K computed by separate programs, their sums added by a second kernel (qgemv only)
+    fuse: int = 0  # qgemv_a8 only: 1 = quantize the activations inside the product kernel (no launch before it)
 
 
 # Launch settings tune() tries at 1 row (at 2 and 4 rows BLOCK_K shrinks to keep the accumulator's size): the fp32
@@ -354,8 +355,9 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
     Quantized weights (``zmzoo.models.quant.QuantLinear``) are timed the same way with ``zmzoo.ops.qgemv``: the
     composition is ``qgemv_ref`` compiled (dequantize, then F.linear), the kernel ``zmzoo::qgemv``; their key's dtype
     part is the weight's ``QFormat``. Those whose ``act_quant`` is "int8" are timed with ``zmzoo.ops.qgemv_a8``: the
-    composition ``qgemv_a8_ref`` compiled, the kernels ``zmzoo::qgemv_a8`` (the activations' quantization launch
-    included) at ``a8_candidates``, no ``Split`` (the quantization kernel computes the prologue)."""
+    composition ``qgemv_a8_ref`` compiled, the kernels ``zmzoo::qgemv_a8`` at ``a8_candidates``: each setting both
+    unfused (the activations' quantization launch included) and fused (``Config.fuse``: one kernel), no ``Split``
+    (the quantization computes the prologue)."""
     from zmzoo.ops.qgemv import candidates as qcandidates  # (zmzoo.ops.qgemv imports this module)
     from zmzoo.ops.qgemv import kernel_config, qcomposite
     from zmzoo.ops.qgemv_a8 import a8_candidates, a8_composite, a8_kernel_config
@@ -412,7 +414,7 @@ def tune(products: Iterable[Tensor | tuple[Tensor, Fusion]], rows: Sequence[int]
                     return torch.ops.zmzoo.qgemv_a8(x, w.q, w.scale, w.zero, b, nw, r, 1e-6, silu, w.group, w.bits,
                                                     *cfg)
                 return torch.ops.zmzoo.qgemv(x, w.q, w.scale, w.zero, None, nw, r, 1e-6, silu, w.group, w.bits,
-                                             *kernel_config(cfg, w.bits))
+                                             *kernel_config(cfg, w.bits)[:5])
 
             with torch._dynamo.config.patch(**limit):
                 times: dict = {"torch": time_graph([lambda a=a: torch_call(a) for a in args])}

@@ -427,5 +427,5 @@ def qgemv(x: Tensor, w, b: Tensor | None = None, *, norm: Tensor | None = None, 
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
     y = torch.ops.zmzoo.qgemv(x2, qt.q, qt.scale, qt.zero, b, norm, r2, float(eps), bool(silu), int(qt.group),
-                              int(qt.bits), *config)
+                              int(qt.bits), *config[:5])
     return y.reshape(*x.shape[:-1], qt.shape[0])

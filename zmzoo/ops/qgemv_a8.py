@@ -25,11 +25,24 @@ reference and the kernel to it). For int4 weights this is small beside the weigh
 1/15 of a group's range, an 8-bit activation step 1/254 of a block's), for int8 weights comparable to it;
 docs/quantization.md gives the measured ΔNLL.
 
-Two kernels a product: ``_act_quant_kernel`` (x -> x^, dx, X^, X and the squares, one program per (row, 8 blocks))
-and ``_qgemv_a8_kernel`` (the integer products, split over K like ``_qgemv_kernel``, finished by its
-``_qgemv_reduce``). Under Triton's interpreter (``TRITON_INTERPRET=1``, CPU tests) ``dp4a`` is emulated with shifts
-and integer products (the interpreter runs no inline PTX): the same integers, so the same sums; on CUDA it is one
-``dp4a`` instruction, which only the GPU tests reach.
+Two ways to run a product, chosen per product by ``Config.fuse`` (``gemv.tune`` times both, ``a8_config`` is the
+first):
+
+- two kernels (fuse 0): ``_act_quant_kernel`` (x -> x^, dx, X^, X and the squares, one program per (row, 8 blocks))
+  writes the quantized activations to memory, then ``_qgemv_a8_kernel`` (the integer products, split over K like
+  ``_qgemv_kernel``, finished by its ``_qgemv_reduce``) reads them;
+- one kernel (fuse 1): ``_qgemv_a8_kernel`` with FUSED reads x itself and every program quantizes the blocks of its
+  K range as it goes, in registers (each step's BLOCK_K columns of its rows: the prologue, then ``_quantize``, the
+  formula ``_act_quant_kernel`` uses too, then ``_pack_words``: x^ into the int32 words the dp4a loop reads), then
+  runs the same loop and epilogue; a split's partial squares take the same path to ``_qgemv_reduce``. It saves the
+  quantization's launch and the gap before the product at the cost of that recomputation (N / BLOCK_N programs each
+  quantize their range) and of moving x^ into the products' layout in each step.
+
+Both compute the same x^ (the same operations in the same order on the same x'), and under the interpreter the same
+results bit for bit (tests/ops/test_qgemv_a8.py); compiled, the blocks' fp32 sums (X, the squares) may differ in
+their last bits, summed in another order across threads. Under Triton's interpreter (``TRITON_INTERPRET=1``, CPU tests)
+``dp4a`` is emulated with shifts and integer products (the interpreter runs no inline PTX): the same integers, so the
+same sums; on CUDA it is one ``dp4a`` instruction, which only the GPU tests reach.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ import torch
 from torch import Tensor
 
 from zmzoo.ops._launch import launch, next_pow2
-from zmzoo.ops.gemv import MAX_ROWS, Config, _epilogue, for_rows
+from zmzoo.ops.gemv import MAX_ROWS, Config, _epilogue, _input_at, for_rows
 from zmzoo.ops.qgemv import REDUCE_BLOCK, _check, _qgemv_reduce, _qt
 from zmzoo.ops.quant import QTensor, unpack_int4
 
@@ -205,6 +218,17 @@ def _quarters(t, D1: tl.constexpr, D2: tl.constexpr):
     return w0, w1, w2, w3
 
 
+def _quantize(x, AXIS: tl.constexpr):
+    """``quantize_act_ref`` of a tile of x' in fp32 whose ``AXIS`` runs over a block's 32 columns: x^ (int32, in
+    -127..127), and per block dx, X^ and X (the tile without ``AXIS``). The one formula both ways of quantizing use
+    (``_act_quant_kernel``, ``_qgemv_a8_kernel``'s FUSED branch), so the two give the same integers."""
+    amax = tl.max(tl.abs(x), axis=AXIS)
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    v = tl.floor(x * tl.expand_dims(inv, AXIS) + 0.5)
+    vi = tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int32)
+    return vi, amax / 127.0, tl.sum(vi, axis=AXIS), tl.sum(x, axis=AXIS)
+
+
 def _act_quant_kernel(x_ptr, g_ptr, xq_ptr, dx_ptr, xsq_ptr, xs_ptr, sq_ptr, K, stride_xm,
                       NORM: tl.constexpr, SILU: tl.constexpr, CB: tl.constexpr):
     """Program (m, p) quantizes blocks [p CB, (p + 1) CB) of row m (``quantize_act_ref``); K a multiple of 32."""
@@ -215,40 +239,45 @@ def _act_quant_kernel(x_ptr, g_ptr, xq_ptr, dx_ptr, xsq_ptr, xs_ptr, sq_ptr, K, 
     cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
     mb = blk < C
     mask = mb[:, None]
-    x = tl.load(x_ptr + m * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    if SILU:
-        up = tl.load(x_ptr + m * stride_xm + K + cols, mask=mask, other=0.0).to(tl.float32)
-        x = x / (1.0 + tl.exp(-x)) * up
-    sq = tl.sum(x * x, axis=1)
-    if NORM:
-        x = x * tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    v = tl.floor(x * inv[:, None] + 0.5)
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-    vi = v.to(tl.int32)
+    x, x2 = _input_at(x_ptr + m * stride_xm + cols, g_ptr + cols, mask, mask, K, SILU, NORM)
+    vi, dx, xsq, xs = _quantize(x, 1)
     tl.store(xq_ptr + m * K + cols, vi.to(tl.int8), mask=mask)
-    tl.store(dx_ptr + m * C + blk, amax / 127.0, mask=mb)
-    tl.store(xsq_ptr + m * C + blk, tl.sum(vi, axis=1), mask=mb)
-    tl.store(xs_ptr + m * C + blk, tl.sum(x, axis=1), mask=mb)
-    tl.store(sq_ptr + m * C + blk, sq, mask=mb)
+    tl.store(dx_ptr + m * C + blk, dx, mask=mb)
+    tl.store(xsq_ptr + m * C + blk, xsq, mask=mb)
+    tl.store(xs_ptr + m * C + blk, xs, mask=mb)
+    tl.store(sq_ptr + m * C + blk, tl.sum(x2, axis=1), mask=mb)
+
+
+def _pack_words(vi, D1: tl.constexpr):
+    """x^ (D0, D1, 32) int32 -> its 8 words a block as ``_act_quant_kernel`` stores them (word j: columns 4j..4j+3,
+    column 4j + b in byte b, signed bytes, little-endian), as two (D0, D1, 1, 4) tiles: words [0, 4) and [4, 8), the
+    tiles ``_qgemv_a8_kernel`` loads x^'s words in."""
+    D0: tl.constexpr = vi.shape[0]
+    b0, b1, b2, b3 = _quarters(tl.reshape(vi, (D0, D1, 8, 4)), D1, 8)  # (D0, D1, 8): byte b of each word
+    words = (b0 & 0xFF) | ((b1 & 0xFF) << 8) | ((b2 & 0xFF) << 16) | (b3 << 24)
+    lo, hi = tl.split(tl.permute(tl.reshape(words, (D0, D1, 2, 4)), (0, 1, 3, 2)))
+    return tl.reshape(lo, (D0, D1, 1, 4)), tl.reshape(hi, (D0, D1, 1, 4))
 
 
 def _qgemv_a8_kernel(
-    xq_ptr, dx_ptr, xsq_ptr, xs_ptr, sq_ptr, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, p_ptr, psq_ptr,
-    M, N, K, KT, stride_qn, stride_sn, stride_rm, stride_ym, eps,
+    x_ptr, g_ptr, xq_ptr, dx_ptr, xsq_ptr, xs_ptr, sq_ptr, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, p_ptr, psq_ptr,
+    M, N, K, KT, stride_xm, stride_qn, stride_sn, stride_rm, stride_ym, eps,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-    RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr,
+    SILU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, ASM: tl.constexpr,
 ):
     """Program (p, s) computes y[:, p BLOCK_N : (p+1) BLOCK_N] over columns [s R, (s+1) R), R = KT BLOCK_K, as
     ``zmzoo.ops.qgemv._qgemv_kernel`` does (SPLIT > 1: partial sums for ``_qgemv_reduce``), from the activations
-    quantized by ``_act_quant_kernel`` (``xq_ptr`` an int32 view of x^: 8 words a block). Tiles are (BLOCK_M, NC,
-    BLOCK_N, 4): NC = BLOCK_K / 32 blocks, 4 words of a block of one weight row a thread (4 bits: word j of block c
-    holds bytes 16c + 4j .. +3, columns 32c + 4j + b in their low nibbles and 16 further in the high ones; 8 bits:
-    a block's 8 words, columns 32c + 4j + b, as two tiles). A block's integer dot product, the dp4a of each word
-    with the activations' word at its columns chained over the block's words, is exact; it is scaled once per
-    (row, block): dx_c, then the group's scale (and z' times the block's exact sum)."""
+    quantized by ``_act_quant_kernel`` (``xq_ptr`` an int32 view of x^: 8 words a block) or, ``FUSED``, from x
+    itself (``x_ptr``, ``g_ptr``: the norm weight; rows of ``stride_xm``, gate|up with ``SILU``): each step quantizes
+    the NC blocks it multiplies, with ``_act_quant_kernel``'s prologue and formula (``_input_at``, ``_quantize``),
+    and packs x^ into the same words in registers (``_pack_words``), so the loop below runs on the same integers; the
+    squares of a split's range reach ``_qgemv_reduce`` through ``psq_ptr`` as the loaded ones do. Tiles are
+    (BLOCK_M, NC, BLOCK_N, 4): NC = BLOCK_K / 32 blocks, 4 words of a block of one weight row a thread (4 bits: word
+    j of block c holds bytes 16c + 4j .. +3, columns 32c + 4j + b in their low nibbles and 16 further in the high
+    ones; 8 bits: a block's 8 words, columns 32c + 4j + b, as two tiles). A block's integer dot product, the dp4a of
+    each word with the activations' word at its columns chained over the block's words, is exact; it is scaled once
+    per (row, block): dx_c, then the group's scale (and z' times the block's exact sum)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * KT * BLOCK_K
@@ -272,6 +301,8 @@ def _qgemv_a8_kernel(
     x_ptrs = xq_ptr + m3[:, :, :, None] * XW + blk4 * 8 + j4
     a_offs = m3 * C + blk3  # (BLOCK_M, NC, 1): the blocks' statistics
     s_rows = rows3 * stride_sn
+    cols3 = blk3 * 32 + tl.arange(0, 32)[None, None, :]  # FUSED: (1, NC, 32) the step's columns of x, from k0
+    xf_ptrs = x_ptr + m3 * stride_xm + cols3
     # masks: None where FULL (N a multiple of BLOCK_N, M = BLOCK_M) and EVEN_K leave nothing out of range
     mask_w = mask_n[None, None, :, None]
     mask_x = mask_m[:, None, None, None]
@@ -294,9 +325,28 @@ def _qgemv_a8_kernel(
             mx = mask_x & ok3[:, :, :, None]
             ma = mask_a & ok3
             ms = mask_s & ok3
-        w = _ld(q_ptrs + c0 * WB, mw, NOMASK)
-        xw = _ld(x_ptrs + c0 * 8, mx, NOMASK)
-        xh = _ld(x_ptrs + c0 * 8 + 4, mx, NOMASK)
+        if FUSED:  # x^, its words and the blocks' statistics (BLOCK_M, NC, 1) from x, as _act_quant_kernel does
+            if NOMASK:  # (the norm weight's columns are all in range where EVEN_K)
+                xv, xv2 = _input_at(xf_ptrs + k0, g_ptr + k0 + cols3, None, None, K, SILU, NORM)
+            elif EVEN_K:
+                xv, xv2 = _input_at(xf_ptrs + k0, g_ptr + k0 + cols3, ma, None, K, SILU, NORM)
+            else:
+                xv, xv2 = _input_at(xf_ptrs + k0, g_ptr + k0 + cols3, ma, ok3, K, SILU, NORM)
+            vi, dx, xsq, xs = _quantize(xv, 2)
+            xw, xh = _pack_words(vi, NC)
+            dx = dx[:, :, None]
+            xsq = xsq[:, :, None]
+            xs = xs[:, :, None]
+            if NORM:
+                sq_c = tl.sum(xv2, axis=2)
+            # the weights' words loaded after x: Triton's layout pass then moves x^'s small tiles (its words and
+            # statistics) into the products' layout; loaded first, the (BLOCK_M, NC, BLOCK_N) products moved into
+            # the statistics' layout and back, twice a step (SASS of bench/probes/qgemv_sass.py, sm_90)
+            w = _ld(q_ptrs + c0 * WB, mw, NOMASK)
+        else:  # x^'s words as _act_quant_kernel stored them (its statistics are loaded where they are used)
+            w = _ld(q_ptrs + c0 * WB, mw, NOMASK)
+            xw = _ld(x_ptrs + c0 * 8, mx, NOMASK)
+            xh = _ld(x_ptrs + c0 * 8 + 4, mx, NOMASK)
         x0, x1, x2, x3 = _quarters(xw, NC, 1)
         y0, y1, y2, y3 = _quarters(xh, NC, 1)
         # the block's dot product chained through dp4a's accumulator word by word (a thread holds the 4 words of
@@ -311,7 +361,7 @@ def _qgemv_a8_kernel(
             dh = _dp4a(h0, y0, zero, False, ASM)
             dh = _dp4a(h3, y3, _dp4a(h2, y2, _dp4a(h1, y1, dh, False, ASM), False, ASM), False, ASM)
             d = dl + (dh >> 4)
-            d -= 8 * _ld(xsq_ptr + a_offs + c0, ma, NOMASK)  # the weights centred: q - 8
+            d -= 8 * (xsq if FUSED else _ld(xsq_ptr + a_offs + c0, ma, NOMASK))  # the weights centred: q - 8
         else:
             v = _ld(q_ptrs + c0 * WB + 4, mw, NOMASK)
             w0, w1, w2, w3 = _quarters(w, NC, BLOCK_N)
@@ -320,7 +370,7 @@ def _qgemv_a8_kernel(
             d = _dp4a(w3, x3, _dp4a(w2, x2, _dp4a(w1, x1, d, True, ASM), True, ASM), True, ASM)
             d = _dp4a(v0, y0, d, True, ASM)
             d = _dp4a(v3, y3, _dp4a(v2, y2, _dp4a(v1, y1, d, True, ASM), True, ASM), True, ASM)
-        t = d.to(tl.float32) * _ld(dx_ptr + a_offs + c0, ma, NOMASK)  # (BLOCK_M, NC, BLOCK_N)
+        t = d.to(tl.float32) * (dx if FUSED else _ld(dx_ptr + a_offs + c0, ma, NOMASK))  # (BLOCK_M, NC, BLOCK_N)
         if GROUP == 0:
             acc += t
         else:
@@ -329,9 +379,9 @@ def _qgemv_a8_kernel(
             acc += t * s
             if HAS_ZERO:
                 zp = _ld(z_ptr + s_offs, ms, NOMASK).to(tl.float32) + 8.0 * s
-                acc += _ld(xs_ptr + a_offs + c0, ma, NOMASK) * zp
+                acc += (xs if FUSED else _ld(xs_ptr + a_offs + c0, ma, NOMASK)) * zp
         if NORM:
-            sq += tl.sum(_ld(sq_ptr + a_offs + c0, ma, NOMASK), axis=2)
+            sq += sq_c if FUSED else tl.sum(_ld(sq_ptr + a_offs + c0, ma, NOMASK), axis=2)
     y = tl.sum(acc, axis=1)
     sq_sum = tl.sum(sq, axis=1)
     if SPLIT > 1:
@@ -372,9 +422,30 @@ def qgemv_a8_launch(a: ActQ, q: Tensor, scale: Tensor, zero: Optional[Tensor], b
     """The product of activations already quantized (``quantize_act``) by ``_qgemv_a8_kernel`` (and
     ``_qgemv_reduce`` when split): ``qgemv_a8_from`` on the GPU. Apart from ``_qgemv_a8_impl`` so the probes can
     time the product without the quantization."""
-    m, k = a.xq.shape
+    return _product(None, a, q, scale, zero, b, None, norm, residual, eps, False, group, bits, block_n, block_k,
+                    num_warps, num_stages, split, out_dtype)
+
+
+def qgemv_a8_fused_launch(x: Tensor, q: Tensor, scale: Tensor, zero: Optional[Tensor],  # noqa: UP045
+                          b: Optional[Tensor], norm: Optional[Tensor], residual: Optional[Tensor],  # noqa: UP045
+                          eps: float, silu: bool, group: int, bits: int, block_n: int, block_k: int, num_warps: int,
+                          num_stages: int, split: int = 1) -> Tensor:
+    """The whole product in one launch (``_qgemv_a8_kernel`` with FUSED: each program quantizes the blocks of x it
+    multiplies; ``_qgemv_reduce`` after it when split): x (M, K) contiguous rows, or (M, 2K) with ``silu``."""
+    return _product(x, None, q, scale, zero, b, norm, norm is not None, residual, eps, silu, group, bits, block_n,
+                    block_k, num_warps, num_stages, split, x.dtype)
+
+
+def _product(x: Tensor | None, a: ActQ | None, q: Tensor, scale: Tensor, zero: Tensor | None, b: Tensor | None,
+             g: Tensor | None, norm: bool, residual: Tensor | None, eps: float, silu: bool, group: int, bits: int,
+             block_n: int, block_k: int, num_warps: int, num_stages: int, split: int,
+             out_dtype: torch.dtype) -> Tensor:
+    """``_qgemv_a8_kernel`` on quantized activations ``a`` or (``a`` None: FUSED) on x with its prologue (``g``
+    the norm weight, ``silu``)."""
+    fused = a is None
+    m, k = (x.shape[0], x.shape[1] // (2 if silu else 1)) if fused else a.xq.shape
     n = q.shape[0]
-    dev = a.xq.device
+    dev = q.device
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     row_scale = scale.shape[1] == 1 and bits == 8
     if q.stride(0) * q.element_size() % 4 or q.storage_offset() * q.element_size() % 4:
@@ -385,16 +456,19 @@ def qgemv_a8_launch(a: ActQ, q: Tensor, scale: Tensor, zero: Optional[Tensor], b
     if splits > 1:
         partial = torch.empty((splits, m, n), dtype=torch.float32, device=dev)
         psq = torch.empty((splits, m), dtype=torch.float32, device=dev)
+    if fused:  # the activations' pointers of the unfused kernel unused (any tensor)
+        acts = (x, g if g is not None else x, scale, scale, scale, scale, scale)
+    else:  # x and the norm weight unused
+        acts = (a.dx, a.dx, a.xq.view(torch.int32), a.dx, a.xsum_q, a.xsum, a.sq)
     launch(_qgemv_a8_kernel, (triton.cdiv(n, block_n), splits),
-           a.xq.view(torch.int32), a.dx, a.xsum_q, a.xsum, a.sq, q.view(torch.int32), scale,
-           zero if zero is not None else scale, b if b is not None else scale,
+           *acts, q.view(torch.int32), scale, zero if zero is not None else scale, b if b is not None else scale,
            residual if residual is not None else y, y, partial, psq,
-           m, n, k, kt, q.stride(0) * q.element_size() // 4, scale.stride(0),
+           m, n, k, kt, x.stride(0) if fused else 0, q.stride(0) * q.element_size() // 4, scale.stride(0),
            residual.stride(0) if residual is not None else 0, y.stride(0), eps,
            BITS=bits, GROUP=0 if row_scale else group, HAS_ZERO=zero is not None, HAS_BIAS=b is not None,
-           NORM=norm, RESIDUAL=residual is not None, BLOCK_M=next_pow2(m), BLOCK_N=block_n,
+           NORM=norm, SILU=silu and fused, RESIDUAL=residual is not None, BLOCK_M=next_pow2(m), BLOCK_N=block_n,
            BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-           FULL=n % block_n == 0 and m == next_pow2(m), SPLIT=splits, ASM=not _interpreting(),
+           FULL=n % block_n == 0 and m == next_pow2(m), SPLIT=splits, FUSED=fused, ASM=not _interpreting(),
            num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         launch(_qgemv_reduce, (triton.cdiv(n, REDUCE_BLOCK),), partial, psq, scale, b if b is not None else scale,
@@ -408,7 +482,10 @@ def qgemv_a8_launch(a: ActQ, q: Tensor, scale: Tensor, zero: Optional[Tensor], b
 def _qgemv_a8_impl(x: Tensor, q: Tensor, scale: Tensor, zero: Optional[Tensor], b: Optional[Tensor],  # noqa: UP045
                    norm: Optional[Tensor], residual: Optional[Tensor], eps: float, silu: bool,  # noqa: UP045
                    group: int, bits: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
-                   split: int = 1) -> Tensor:
+                   split: int = 1, fuse: int = 0) -> Tensor:
+    if fuse:
+        return qgemv_a8_fused_launch(x, q, scale, zero, b, norm, residual, eps, silu, group, bits, block_n, block_k,
+                                     num_warps, num_stages, split)
     return qgemv_a8_launch(quantize_act(x, norm, silu), q, scale, zero, b, norm is not None, residual, eps, group,
                            bits, block_n, block_k, num_warps, num_stages, split, out_dtype=x.dtype)
 
@@ -417,22 +494,34 @@ if triton is not None:
     _dp4a = triton.jit(_dp4a)
     _quarters = triton.jit(_quarters)
     _ld = triton.jit(_ld)
-    # zmzoo::qgemv_a8: the signature of zmzoo::qgemv
+    _quantize = triton.jit(_quantize)
+    _pack_words = triton.jit(_pack_words)
+    # zmzoo::qgemv_a8(Tensor x, Tensor q, Tensor scale, Tensor? zero, Tensor? b, Tensor? norm, Tensor? residual,
+    #                 float eps, bool silu, int group, int bits, int block_n, int block_k, int num_warps,
+    #                 int num_stages, int split=1, int fuse=0) -> Tensor: zmzoo::qgemv's signature and ``fuse``
     _qgemv_a8_op = torch.library.triton_op("zmzoo::qgemv_a8", _qgemv_a8_impl, mutates_args=())
 
 
 # Launch settings gemv.tune tries (at 1 row; ``for_rows`` shrinks BLOCK_K at more). A thread holds a row's WC words of
 # one block (16 bytes at 4 bits, 32 at 8) and its 8 words of activations, reused for the R = BLOCK_N * NC / (32 *
-# num_warps) rows it holds.
-A8_INT4_CANDIDATES = (
+# num_warps) rows it holds. Each is tried both ways (``Config.fuse``): after the quantization kernel, and fused, which
+# saves that launch and the gap before the product (1.7-6.9 us a product on the H200) but has every program quantize
+# the blocks it multiplies (each step: x's BLOCK_M x BLOCK_K tile spread over the program's threads, then x^'s words
+# and statistics moved into the products' layout through shared memory: in the SASS for sm_90, Triton 3.9, at 1 row,
+# 4 to 14 barriers a step, no spills, and 1.5-2.4 instructions a weight element at 4 bits against 1.15-1.4 unfused,
+# 1.0-2.3 at 8 bits against 0.53-0.58 unfused (0.66-2.41 at BLOCK_N = 32): bench/probes/qgemv_sass.py --kernel a8);
+# which is faster per product is for the GPU to say.
+_A8_INT4 = (
     Config(32, 512, 4, 1), Config(64, 512, 4, 1), Config(64, 1024, 8, 1), Config(128, 512, 8, 1),
     Config(32, 512, 4, 1, 4), Config(64, 512, 4, 1, 4), Config(64, 512, 4, 1, 8), Config(128, 256, 4, 1, 8),
     Config(128, 512, 8, 1, 4),
 )
-A8_INT8_CANDIDATES = (
+_A8_INT8 = (
     Config(32, 256, 4, 1), Config(64, 256, 4, 1), Config(64, 512, 8, 1),
     Config(32, 256, 4, 1, 4), Config(64, 256, 4, 1, 2), Config(64, 256, 4, 1, 4), Config(32, 512, 4, 1, 8),
 )
+A8_INT4_CANDIDATES = _A8_INT4 + tuple(c._replace(fuse=1) for c in _A8_INT4)
+A8_INT8_CANDIDATES = _A8_INT8 + tuple(c._replace(fuse=1) for c in _A8_INT8)
 
 
 def a8_candidates(bits: int) -> tuple[Config, ...]:
@@ -440,7 +529,7 @@ def a8_candidates(bits: int) -> tuple[Config, ...]:
 
 
 def a8_config(m: int, bits: int) -> Config:
-    """The untuned setting at ``m`` rows."""
+    """The untuned setting at ``m`` rows (unfused: the two kernels' path, the one measured on the H200)."""
     return for_rows(Config(64, 512, 4, 1) if bits == 4 else Config(64, 256, 4, 1), m)
 
 
@@ -453,8 +542,9 @@ def qgemv_a8(x: Tensor, w, b: Tensor | None = None, *, norm: Tensor | None = Non
              silu: bool = False, residual: Tensor | None = None, backend: str = "torch",
              config: Config | None = None) -> Tensor:
     """``qgemv_a8_ref`` (``backend="torch"``) or the kernels (``"triton"``, x of at most ``MAX_ROWS`` rows; more
-    run the reference) at ``config`` (default ``a8_config``; a ``Split`` is refused: the quantization kernel computes
-    the prologue). ``w``: a ``QTensor`` or a ``QuantLinear``; K a multiple of 32."""
+    run the reference) at ``config`` (default ``a8_config``; ``config.fuse``: one kernel, the quantization inside the
+    product's; a ``Split`` is refused: the quantization computes the prologue). ``w``: a ``QTensor`` or a
+    ``QuantLinear``; K a multiple of 32."""
     if backend not in ("torch", "triton"):
         raise ValueError(f"qgemv_a8 backend {backend!r} is not one of ('torch', 'triton')")
     if config is not None and not isinstance(config, Config):
