@@ -280,3 +280,5 @@ def test_qgemv_bad_inputs_are_named():
         qgemv(x, qt, residual=kw["residual"].double(), backend="triton")
     with pytest.raises(ValueError, match="backend"):
         qgemv(x, qt, backend="cublas")
+    with pytest.raises(ValueError, match="fuse=1, which only qgemv_a8 has"):
+        qgemv(x, qt, backend="triton", config=Config(16, 64, 4, 1, 1, 1))

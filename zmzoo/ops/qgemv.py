@@ -418,6 +418,9 @@ def qgemv(x: Tensor, w, b: Tensor | None = None, *, norm: Tensor | None = None, 
         x, config = prologue(x, norm, eps, silu), config.config
         width, silu, norm = x.shape[-1], False, None
     config = kernel_config(config, qt.bits)
+    if config.fuse:
+        raise ValueError(f"qgemv: {config} asks fuse={config.fuse}, which only qgemv_a8 has (the activations quantized "
+                         "inside its product kernel); this kernel keeps them in the compute dtype")
     x2 = x.reshape(m, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

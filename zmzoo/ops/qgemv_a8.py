@@ -529,7 +529,7 @@ def a8_candidates(bits: int) -> tuple[Config, ...]:
 
 
 def a8_config(m: int, bits: int) -> Config:
-    """The untuned setting at ``m`` rows (unfused: the two kernels' path, the one measured on the H200)."""
+    """The untuned setting at ``m`` rows (unfused; ``gemv.tune`` picks the fused kernel where it measures faster)."""
     return for_rows(Config(64, 512, 4, 1) if bits == 4 else Config(64, 256, 4, 1), m)
 
 
