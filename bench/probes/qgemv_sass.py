@@ -70,16 +70,15 @@ def build(bits: int, group: int, block_n: int, block_k: int, warps: int, split: 
 
 
 def build_a8(bits: int, group: int, block_n: int, block_k: int, warps: int, split: int = 1, norm: bool = False,
-             silu: bool = False, residual: bool = False, xdtype: str = "bf16", arch: int = 90, fuse: int = 0,
-             stages: int = 1):
+             silu: bool = False, residual: bool = False, xdtype: str = "bf16", arch: int = 90, fuse: int = 0):
     """``zmzoo.ops.qgemv_a8._qgemv_a8_kernel`` compiled as ``build`` compiles ``_qgemv_kernel`` (``fuse``: its FUSED
     variant, which quantizes x itself; unfused, ``silu`` has no effect: the gate is applied by the activations'
-    quantization kernel; ``stages`` 2: PREFETCH, each step's loads issued before the previous step computes)."""
+    quantization kernel)."""
     kernel = triton.jit(A8._qgemv_a8_kernel)
     names = list(inspect.signature(A8._qgemv_a8_kernel).parameters)
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=bits == 4, HAS_BIAS=False, NORM=norm, SILU=silu and bool(fuse),
                  RESIDUAL=residual, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, FULL=True, SPLIT=split,
-                 FUSED=bool(fuse), PREFETCH=stages > 1, ASM=True)
+                 FUSED=bool(fuse), ASM=True)
     types = dict(xq_ptr="*i32", q_ptr="*i32", xsq_ptr="*i32", dx_ptr="*fp32", xs_ptr="*fp32", sq_ptr="*fp32",
                  p_ptr="*fp32", psq_ptr="*fp32", s_ptr="*fp32" if group == 0 else "*fp16", z_ptr="*fp16")
     sig = {n: "constexpr" if n in const else types.get(n, f"*{xdtype}" if n.endswith("_ptr") else
@@ -127,9 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", nargs="*", default=["plain", "norm"], choices=("plain", "norm", "silu", "residual"))
     p.add_argument("--group", type=int, default=64, help="int4's group")
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--stages", type=int, nargs="*",
-                   help="--kernel a8: num_stages to build each setting at (2: the next step's loads issued first); "
-                        "default: the setting's own")
     p.add_argument("--kernel", choices=("qgemv", "a8"), default="qgemv",
                    help="qgemv: zmzoo.ops.qgemv's kernel; a8: zmzoo.ops.qgemv_a8's (int8 activations)")
     ns = p.parse_args(argv)
@@ -142,19 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                     for s in ns.settings]
         else:
             cfgs = list(Q.candidates(bits) if ns.kernel == "qgemv" else A8.a8_candidates(bits))
-        if ns.stages and ns.kernel == "a8":
-            cfgs = [c._replace(num_stages=st) for c in cfgs for st in ns.stages]
         for cfg in cfgs:
             for fusion in ns.fusion:
                 ck = (build if ns.kernel == "qgemv" else build_a8)(bits, ns.group if bits == 4 else 0, cfg.block_n,
                                                                    cfg.block_k, cfg.num_warps, cfg.split,
                            norm=fusion == "norm", silu=fusion == "silu", residual=fusion == "residual",
-                           arch=ns.arch, **({"fuse": cfg.fuse, "stages": cfg.num_stages} if ns.kernel == "a8" else {}))
+                           arch=ns.arch, **({"fuse": cfg.fuse} if ns.kernel == "a8" else {}))
                 ops, res = loop_ops(ck), resources(ck)
                 elems = cfg.block_n * cfg.block_k // (32 * cfg.num_warps)
                 setting = f"({cfg.block_n}, {cfg.block_k}, {cfg.num_warps})" + (
-                    f" x{cfg.split}" if cfg.split > 1 else "") + (" fused" if cfg.fuse else "") + (
-                    " pf" if ns.kernel == "a8" and cfg.num_stages > 1 else "")
+                    f" x{cfg.split}" if cfg.split > 1 else "") + (" fused" if cfg.fuse else "")
                 print(f"{bits:>4} {setting:<24} {fusion:<8} {sum(ops.values()) / elems:>10.2f} {res.get('reg', 0):>5} "
                       f"{res.get('stack', 0):>5} {ops['BAR']:>4} {ops['LDL'] + ops['STL']:>7} {ops['MUFU']:>5}")
     return 0

@@ -26,8 +26,7 @@ Groups 32 and 128 time the new kernel only.
 First (alone with ``--a8-only``), every product with int8 activations (``product_a8``, ``zmzoo.ops.qgemv_a8``) and
 its decode fusion: the two kernels a product ("triton-a8": the activations' quantization, then the integer products)
 and the fused kernel ("triton-a8f", settings marked "f": one kernel that quantizes x itself) at every setting of
-``a8_candidates``, each also with its weight loads issued a step ahead ("triton-a8p", "triton-a8fp": num_stages 2,
-settings "s2"), beside the fp32-activation kernel; the summary gives the fastest of each.
+``a8_candidates``, beside the fp32-activation kernel; the summary gives the fastest of each.
 
 GB/s counts the bytes each call must read (integers, scales, zeros or the bf16 matrix, and x; the output's writes
 are not counted); the fractions are of 4.0 TB/s and of the measured copy bandwidth (read + write). Writes
@@ -332,14 +331,11 @@ def product_a8(name: str, n: int, k: int, device, cpu: bool, bw: float, failures
         best: tuple[float, Config] | None = None
         a8 = A8.a8_candidates(bits)
         unfused: dict[Config, torch.Tensor] = {}  # the unfused kernel's output at each setting (parity of fused)
-        for kernel, settings in (
-                ("triton-a8", [c for c in a8 if not c.fuse and c.num_stages == 1]),
-                ("triton-a8f", [c for c in a8 if c.fuse and c.num_stages == 1]),
-                ("triton-a8p", [c for c in a8 if not c.fuse and c.num_stages > 1]),
-                ("triton-a8fp", [c for c in a8 if c.fuse and c.num_stages > 1]), ("triton-fp32", candidates_for(bits))):
+        for kernel, settings in (("triton-a8", [c for c in a8 if not c.fuse]),
+                                 ("triton-a8f", [c for c in a8 if c.fuse]), ("triton-fp32", candidates_for(bits))):
             for cfg in settings:
                 def call(w, c=cfg, kernel=kernel):
-                    if kernel.startswith("triton-a8"):
+                    if kernel in ("triton-a8", "triton-a8f"):
                         return A8.qgemv_a8(x, w, backend="triton", config=c, **kw)
                     return qgemv(x, w, backend="triton", config=c, **kw)
 
@@ -353,8 +349,8 @@ def product_a8(name: str, n: int, k: int, device, cpu: bool, bw: float, failures
                     rec["ok"] = rec["rel_diff_ref"] <= 1e-2
                     if kernel == "triton-a8":
                         unfused[cfg] = got
-                    twin = unfused.get(cfg._replace(fuse=0, num_stages=1))
-                    if kernel in ("triton-a8f", "triton-a8p", "triton-a8fp") and twin is not None:
+                    twin = unfused.get(cfg._replace(fuse=0))
+                    if kernel == "triton-a8f" and twin is not None:
                         rec["rel_diff_unfused"] = rel_err(got, twin)
                         rec["ok"] = rec["ok"] and rec["rel_diff_unfused"] <= 1e-2
                 except Exception as e:
@@ -365,8 +361,7 @@ def product_a8(name: str, n: int, k: int, device, cpu: bool, bw: float, failures
                 rec["seconds"], err = timed([lambda w=w: call(w) for w in ws], cpu)
                 if err:
                     rec["error"] = err
-                if kernel in ("triton-a8", "triton-a8p") and rec["seconds"] and (best is None or
-                                                                                 rec["seconds"] < best[0]):
+                if kernel == "triton-a8" and rec["seconds"] and (best is None or rec["seconds"] < best[0]):
                     best = (rec["seconds"], cfg)
                 out.append(row(rec, bw))
                 log(fmt(rec))

@@ -259,50 +259,12 @@ def _pack_words(vi, D1: tl.constexpr):
     return tl.reshape(lo, (D0, D1, 1, 4)), tl.reshape(hi, (D0, D1, 1, 4))
 
 
-def _a8_masks(k0, k_hi, blk3, mask_w, mask_x, mask_a, mask_s, EVEN_K: tl.constexpr):
-    """The masks of ``_qgemv_a8_kernel``'s step at columns [k0, k0 + BLOCK_K): of the weights' words, of x^'s, of the
-    blocks' statistics, of the scales, and ok3, the step's blocks before ``k_hi`` (blocks past it read nothing)."""
-    ok3 = (k0 + blk3 * 32) < k_hi
-    if EVEN_K:
-        mw = mask_w
-        mx = mask_x
-        ma = mask_a
-        ms = mask_s
-    else:
-        mw = mask_w & ok3[:, :, :, None]
-        mx = mask_x & ok3[:, :, :, None]
-        ma = mask_a & ok3
-        ms = mask_s & ok3
-    return mw, mx, ma, ms, ok3
-
-
-def _w_loads(k0, k_hi, q_ptrs, s_ptr, s_rows, z_ptr, blk3, mask_w, mask_s, BITS: tl.constexpr, GROUP: tl.constexpr,
-             HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, NOMASK: tl.constexpr, WB: tl.constexpr):
-    """The weight side of ``_qgemv_a8_kernel``'s step at columns [k0, k0 + BLOCK_K), the bytes read from memory: the
-    words w (8 bits: v, the block's second 4), the group's scale s and z' = zero + 8 s; what a format does not use is
-    ``w`` in its place (never read). Apart from the arithmetic so that the kernel can issue a step's weight loads
-    before the previous step computes (PREFETCH)."""
-    mw, _, _, ms, _ = _a8_masks(k0, k_hi, blk3, mask_w, mask_w, mask_s, mask_s, EVEN_K)
-    c0 = k0 // 32
-    w = _ld(q_ptrs + c0 * WB, mw, NOMASK)
-    v = _ld(q_ptrs + c0 * WB + 4, mw, NOMASK) if BITS == 8 else w
-    s = w
-    zp = w
-    if GROUP != 0:
-        s_offs = s_rows + (k0 + blk3 * 32) // GROUP
-        s = _ld(s_ptr + s_offs, ms, NOMASK).to(tl.float32)
-        if HAS_ZERO:
-            zp = _ld(z_ptr + s_offs, ms, NOMASK).to(tl.float32) + 8.0 * s
-    return w, v, s, zp
-
-
 def _qgemv_a8_kernel(
     x_ptr, g_ptr, xq_ptr, dx_ptr, xsq_ptr, xs_ptr, sq_ptr, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, p_ptr, psq_ptr,
     M, N, K, KT, stride_xm, stride_qn, stride_sn, stride_rm, stride_ym, eps,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
     SILU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, PREFETCH: tl.constexpr,
-    ASM: tl.constexpr,
+    EVEN_K: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, ASM: tl.constexpr,
 ):
     """Program (p, s) computes y[:, p BLOCK_N : (p+1) BLOCK_N] over columns [s R, (s+1) R), R = KT BLOCK_K, as
     ``zmzoo.ops.qgemv._qgemv_kernel`` does (SPLIT > 1: partial sums for ``_qgemv_reduce``), from the activations
@@ -350,64 +312,41 @@ def _qgemv_a8_kernel(
     acc = tl.zeros((BLOCK_M, NC, BLOCK_N), dtype=tl.float32)
     sq = tl.zeros((BLOCK_M, NC), dtype=tl.float32)
     zero = tl.zeros((BLOCK_M, NC, BLOCK_N), dtype=tl.int32)
-    if PREFETCH:  # the first step's weights; each step then issues the next one's before it computes
-        nw, nv, ns, nz = _w_loads(k_lo, k_hi, q_ptrs, s_ptr, s_rows, z_ptr, blk3, mask_w, mask_s, BITS, GROUP,
-                                  HAS_ZERO, EVEN_K, NOMASK, WB)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         c0 = k0 // 32
-        mw, mx, ma, ms, ok3 = _a8_masks(k0, k_hi, blk3, mask_w, mask_x, mask_a, mask_s, EVEN_K)
-        if FUSED:  # x (and up) and the norm weight of the step's columns
-            xp = xf_ptrs + k0
-            if NOMASK:
-                xa = tl.load(xp).to(tl.float32)
-                xb = tl.load(xp + K).to(tl.float32) if SILU else xa
-            else:
-                xa = tl.load(xp, mask=ma, other=0.0).to(tl.float32)
-                xb = tl.load(xp + K, mask=ma, other=0.0).to(tl.float32) if SILU else xa
-            if NORM:
-                if EVEN_K:  # the norm weight's columns are all in range
-                    g = tl.load(g_ptr + k0 + cols3).to(tl.float32)
-                else:
-                    g = tl.load(g_ptr + k0 + cols3, mask=ok3, other=0.0).to(tl.float32)
-        # the weights' words loaded after x: Triton's layout pass then moves x^'s small tiles (its words and
-        # statistics) into the products' layout; loaded first, the (BLOCK_M, NC, BLOCK_N) products moved into the
-        # statistics' layout and back, twice a step (SASS of bench/probes/qgemv_sass.py, sm_90)
-        if PREFETCH:
-            w, v, s, zp = nw, nv, ns, nz
-            # the next step's: past k_hi its masked loads read nothing; without masks (NOMASK) the last step
-            # reloads its own block (from the L2) rather than read past the range
-            kn = k0 + BLOCK_K
-            if NOMASK:
-                kn = tl.minimum(kn, k_hi - BLOCK_K)
-            nw, nv, ns, nz = _w_loads(kn, k_hi, q_ptrs, s_ptr, s_rows, z_ptr, blk3, mask_w, mask_s, BITS, GROUP,
-                                      HAS_ZERO, EVEN_K, NOMASK, WB)
-        else:
-            w, v, s, zp = _w_loads(k0, k_hi, q_ptrs, s_ptr, s_rows, z_ptr, blk3, mask_w, mask_s, BITS, GROUP,
-                                   HAS_ZERO, EVEN_K, NOMASK, WB)
+        if EVEN_K:
+            mw = mask_w
+            mx = mask_x
+            ma = mask_a
+            ms = mask_s
+        else:  # blocks past k_hi read nothing
+            ok3 = (k0 + blk3 * 32) < k_hi
+            mw = mask_w & ok3[:, :, :, None]
+            mx = mask_x & ok3[:, :, :, None]
+            ma = mask_a & ok3
+            ms = mask_s & ok3
         if FUSED:  # x^, its words and the blocks' statistics (BLOCK_M, NC, 1) from x, as _act_quant_kernel does
-            xv = xa
-            if SILU:
-                xv = xv / (1.0 + tl.exp(-xv)) * xb
-            xv2 = xv * xv
-            if NORM:
-                xv = xv * g
-            vi, dxv, xsqv, xsv = _quantize(xv, 2)
+            if NOMASK:  # (the norm weight's columns are all in range where EVEN_K)
+                xv, xv2 = _input_at(xf_ptrs + k0, g_ptr + k0 + cols3, None, None, K, SILU, NORM)
+            elif EVEN_K:
+                xv, xv2 = _input_at(xf_ptrs + k0, g_ptr + k0 + cols3, ma, None, K, SILU, NORM)
+            else:
+                xv, xv2 = _input_at(xf_ptrs + k0, g_ptr + k0 + cols3, ma, ok3, K, SILU, NORM)
+            vi, dx, xsq, xs = _quantize(xv, 2)
             xw, xh = _pack_words(vi, NC)
-            dxv = dxv[:, :, None]
-            xsqv = xsqv[:, :, None]
-            xsv = xsv[:, :, None]
+            dx = dx[:, :, None]
+            xsq = xsq[:, :, None]
+            xs = xs[:, :, None]
             if NORM:
-                sqv = tl.sum(xv2, axis=2)
-        else:  # x^'s words and the blocks' statistics as _act_quant_kernel stored them
+                sq_c = tl.sum(xv2, axis=2)
+            # the weights' words loaded after x: Triton's layout pass then moves x^'s small tiles (its words and
+            # statistics) into the products' layout; loaded first, the (BLOCK_M, NC, BLOCK_N) products moved into
+            # the statistics' layout and back, twice a step (SASS of bench/probes/qgemv_sass.py, sm_90)
+            w = _ld(q_ptrs + c0 * WB, mw, NOMASK)
+        else:  # x^'s words as _act_quant_kernel stored them (its statistics are loaded where they are used)
+            w = _ld(q_ptrs + c0 * WB, mw, NOMASK)
             xw = _ld(x_ptrs + c0 * 8, mx, NOMASK)
             xh = _ld(x_ptrs + c0 * 8 + 4, mx, NOMASK)
-            dxv = _ld(dx_ptr + a_offs + c0, ma, NOMASK)
-            if BITS == 4:
-                xsqv = _ld(xsq_ptr + a_offs + c0, ma, NOMASK)
-            if HAS_ZERO:
-                xsv = _ld(xs_ptr + a_offs + c0, ma, NOMASK)
-            if NORM:
-                sqv = _ld(sq_ptr + a_offs + c0, ma, NOMASK)
         x0, x1, x2, x3 = _quarters(xw, NC, 1)
         y0, y1, y2, y3 = _quarters(xh, NC, 1)
         # the block's dot product chained through dp4a's accumulator word by word (a thread holds the 4 words of
@@ -422,23 +361,27 @@ def _qgemv_a8_kernel(
             dh = _dp4a(h0, y0, zero, False, ASM)
             dh = _dp4a(h3, y3, _dp4a(h2, y2, _dp4a(h1, y1, dh, False, ASM), False, ASM), False, ASM)
             d = dl + (dh >> 4)
-            d -= 8 * xsqv  # the weights centred: q - 8
+            d -= 8 * (xsq if FUSED else _ld(xsq_ptr + a_offs + c0, ma, NOMASK))  # the weights centred: q - 8
         else:
+            v = _ld(q_ptrs + c0 * WB + 4, mw, NOMASK)
             w0, w1, w2, w3 = _quarters(w, NC, BLOCK_N)
             v0, v1, v2, v3 = _quarters(v, NC, BLOCK_N)
             d = _dp4a(w0, x0, zero, True, ASM)
             d = _dp4a(w3, x3, _dp4a(w2, x2, _dp4a(w1, x1, d, True, ASM), True, ASM), True, ASM)
             d = _dp4a(v0, y0, d, True, ASM)
             d = _dp4a(v3, y3, _dp4a(v2, y2, _dp4a(v1, y1, d, True, ASM), True, ASM), True, ASM)
-        t = d.to(tl.float32) * dxv  # (BLOCK_M, NC, BLOCK_N)
+        t = d.to(tl.float32) * (dx if FUSED else _ld(dx_ptr + a_offs + c0, ma, NOMASK))  # (BLOCK_M, NC, BLOCK_N)
         if GROUP == 0:
             acc += t
         else:
+            s_offs = s_rows + (k0 + blk3 * 32) // GROUP
+            s = _ld(s_ptr + s_offs, ms, NOMASK).to(tl.float32)
             acc += t * s
             if HAS_ZERO:
-                acc += xsv * zp
+                zp = _ld(z_ptr + s_offs, ms, NOMASK).to(tl.float32) + 8.0 * s
+                acc += (xs if FUSED else _ld(xs_ptr + a_offs + c0, ma, NOMASK)) * zp
         if NORM:
-            sq += sqv if FUSED else tl.sum(sqv, axis=2)
+            sq += sq_c if FUSED else tl.sum(_ld(sq_ptr + a_offs + c0, ma, NOMASK), axis=2)
     y = tl.sum(acc, axis=1)
     sq_sum = tl.sum(sq, axis=1)
     if SPLIT > 1:
@@ -525,8 +468,8 @@ def _product(x: Tensor | None, a: ActQ | None, q: Tensor, scale: Tensor, zero: T
            BITS=bits, GROUP=0 if row_scale else group, HAS_ZERO=zero is not None, HAS_BIAS=b is not None,
            NORM=norm, SILU=silu and fused, RESIDUAL=residual is not None, BLOCK_M=next_pow2(m), BLOCK_N=block_n,
            BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-           FULL=n % block_n == 0 and m == next_pow2(m), SPLIT=splits, FUSED=fused, PREFETCH=num_stages > 1,
-           ASM=not _interpreting(), num_warps=num_warps, num_stages=1)
+           FULL=n % block_n == 0 and m == next_pow2(m), SPLIT=splits, FUSED=fused, ASM=not _interpreting(),
+           num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         launch(_qgemv_reduce, (triton.cdiv(n, REDUCE_BLOCK),), partial, psq, scale, b if b is not None else scale,
                residual if residual is not None else y, y, m, n, k, splits, scale.stride(0),
@@ -551,8 +494,6 @@ if triton is not None:
     _dp4a = triton.jit(_dp4a)
     _quarters = triton.jit(_quarters)
     _ld = triton.jit(_ld)
-    _a8_masks = triton.jit(_a8_masks)
-    _w_loads = triton.jit(_w_loads)
     _quantize = triton.jit(_quantize)
     _pack_words = triton.jit(_pack_words)
     # zmzoo::qgemv_a8(Tensor x, Tensor q, Tensor scale, Tensor? zero, Tensor? b, Tensor? norm, Tensor? residual,
@@ -579,8 +520,8 @@ _A8_INT8 = (
     Config(32, 256, 4, 1), Config(64, 256, 4, 1), Config(64, 512, 8, 1),
     Config(32, 256, 4, 1, 4), Config(64, 256, 4, 1, 2), Config(64, 256, 4, 1, 4), Config(32, 512, 4, 1, 8),
 )
-A8_INT4_CANDIDATES = tuple(c._replace(fuse=f, num_stages=st) for st in (1, 2) for f in (0, 1) for c in _A8_INT4)
-A8_INT8_CANDIDATES = tuple(c._replace(fuse=f, num_stages=st) for st in (1, 2) for f in (0, 1) for c in _A8_INT8)
+A8_INT4_CANDIDATES = _A8_INT4 + tuple(c._replace(fuse=1) for c in _A8_INT4)
+A8_INT8_CANDIDATES = _A8_INT8 + tuple(c._replace(fuse=1) for c in _A8_INT8)
 
 
 def a8_candidates(bits: int) -> tuple[Config, ...]:
