@@ -722,3 +722,22 @@ def test_compiled_pinned_rescore_matches_eager(monkeypatch):
         assert_caches_match(eager, comp, ("k", "v", "w", "s", "dense_k", "dense_v", "base"), t)
         torch.testing.assert_close(comp.score(ids, cont), eager.score(ids, cont), rtol=1e-5, atol=1e-5)
     assert len(_debug_get_cache_entry_list(rescore_layer.__code__)) == 1 and counter.frame_count == 1
+
+
+def test_lookahead_per_slot_scales_the_draft_with_the_budget():
+    """``lookahead_per_slot = f``: the draft is round(f * B) tokens, at least the greedy ones, at most ``lookahead``,
+    resolved per budget (the harness's budgets are per prompt) into the ``lookahead`` the cache is built with."""
+    from zmzoo.cache import resolve_cache_config
+
+    def draft(budget, **kw):
+        cfg = resolve_cache_config(max_seq_len=4096, kv_budget=budget, lookahead=64, lookahead_greedy=8, **kw)
+        assert "lookahead_per_slot" not in cfg.cache_kwargs()
+        return cfg.cache_kwargs()["lookahead"]
+
+    assert [draft(b, lookahead_per_slot=0.64) for b in (10, 43, 50, 90, 100, 2048)] == [8, 28, 32, 58, 64, 64]
+    assert draft(50) == 64  # off: the fixed length
+    for bad in (-0.5, True, "1"):
+        with pytest.raises(ValueError, match="lookahead_per_slot"):
+            draft(50, lookahead_per_slot=bad)
+    with pytest.raises(ValueError, match="lookahead_per_slot.*lookahead > 0"):
+        resolve_cache_config(max_seq_len=4096, kv_budget=50, lookahead_per_slot=0.5)

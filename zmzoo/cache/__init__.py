@@ -36,7 +36,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "zeromerge": dict(tail=0.1, dense=1, decay=0.98, logw_scale=1.0, metric="dot", score_merge="max",
                       score_window=None, score_pool=None, lookahead=0,
                       lookahead_prompt_weight=1.0, lookahead_rounds=1, lookahead_greedy=0, lookahead_pin=0.0,
-                      lookahead_pin_extend=0, lookahead_pin_spans=1, lookahead_pin_copied=True),
+                      lookahead_pin_extend=0, lookahead_pin_spans=1, lookahead_pin_copied=True, lookahead_per_slot=0.0),
     "h2o": dict(tail=0.1, decay=0.98, score_window=None, score_pool=None),
     "snapkv": dict(tail=0.1, score_window=32, score_pool=5),
     "streaming": dict(sinks=4),
@@ -81,6 +81,7 @@ class CacheConfig:
     lookahead_pin_extend: int = 0
     lookahead_pin_spans: int = 1
     lookahead_pin_copied: bool = True
+    lookahead_per_slot: float = 0.0  # > 0: ``lookahead`` above is already the draft length it resolved to
     sinks: int | None = None
     preset: str | None = None
 
@@ -88,7 +89,7 @@ class CacheConfig:
         """Constructor arguments of the method's cache class."""
         if self.method == "full":
             return {}
-        keys = {"budget"} | set(_DEFAULTS[self.method])
+        keys = ({"budget"} | set(_DEFAULTS[self.method])) - {"lookahead_per_slot"}  # resolved into lookahead
         return {k: v for k, v in asdict(self).items() if k in keys}
 
 
@@ -201,8 +202,17 @@ def resolve_cache_config(
         if not isinstance(vals["lookahead_pin_copied"], bool):
             raise TypeError(f"cache setting lookahead_pin_copied={vals['lookahead_pin_copied']!r} must be True or "
                             f"False")
+        per_slot = vals["lookahead_per_slot"]
+        if isinstance(per_slot, bool) or not isinstance(per_slot, (int, float)) or per_slot < 0:
+            raise ValueError(f"cache setting lookahead_per_slot={per_slot!r} must be a number >= 0 (draft tokens a "
+                             f"slot of the budget)")
+        if per_slot and not la:
+            raise ValueError(f"cache setting lookahead_per_slot={per_slot!r} needs lookahead > 0 (the longest draft)")
+        if per_slot:  # the draft grows with the budget: round(per_slot * budget), within [greedy (1), lookahead]
+            la = min(la, max(greedy or 1, round(per_slot * budget)))
         cfg.update(dense=dense, logw_scale=float(vals["logw_scale"]), metric=vals["metric"],
-                   score_merge=vals["score_merge"], lookahead=la, lookahead_prompt_weight=float(lpw),
+                   score_merge=vals["score_merge"], lookahead=la, lookahead_per_slot=float(per_slot),
+                   lookahead_prompt_weight=float(lpw),
                    lookahead_rounds=rounds, lookahead_greedy=greedy, lookahead_pin=float(pin),
                    lookahead_pin_extend=vals["lookahead_pin_extend"], lookahead_pin_spans=vals["lookahead_pin_spans"],
                    lookahead_pin_copied=vals["lookahead_pin_copied"])
